@@ -1,0 +1,57 @@
+"""Query normalisations for retrieval, including a BatchNorm that respects padding."""
+
+import torch
+from torch import nn
+
+QUERY_NORMS = ("none", "layernorm", "rmsnorm", "batchnorm")
+
+
+class MaskedBatchNorm(nn.Module):
+    """BatchNorm over the feature dim whose batch statistics skip padded tokens.
+
+    Training: normalise with the mean/variance of the real tokens (``mask`` True) and update the
+    running statistics from them; an empty or fully padded batch leaves them unchanged.
+    Eval: normalise with the running statistics, so a token's output never depends on its batch.
+    Runs without host syncs.
+
+    x (T, C), mask (T,) bool or None -> (T, C)
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.eps = eps
+        self.momentum = momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.training or x.shape[0] == 0:
+            mean, var = self.running_mean, self.running_var
+        else:
+            xf = x.float()
+            m = torch.ones_like(xf[:, :1]) if mask is None else mask.reshape(-1, 1).to(xf.dtype)
+            count = m.sum()
+            mean = (xf * m).sum(0) / count.clamp_min(1)
+            var = ((xf - mean).square() * m).sum(0) / count.clamp_min(1)
+            with torch.no_grad():
+                unbiased = var * count / (count - 1).clamp_min(1)
+                seen = count > 0
+                self.running_mean.copy_(torch.where(seen, self.running_mean.lerp(mean, self.momentum), self.running_mean))
+                self.running_var.copy_(torch.where(seen, self.running_var.lerp(unbiased, self.momentum), self.running_var))
+        out = (x.float() - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        return out.to(x.dtype)
+
+
+def make_query_norm(kind: str, heads: int, key_dim: int) -> nn.Module | None:
+    """LayerNorm/RMSNorm act per head over key_dim; BatchNorm per feature of the (heads*key_dim) query."""
+    if kind == "none":
+        return None
+    if kind == "layernorm":
+        return nn.LayerNorm(key_dim)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(key_dim)
+    if kind == "batchnorm":
+        return MaskedBatchNorm(heads * key_dim)
+    raise ValueError(f"query_norm must be one of {QUERY_NORMS}, got {kind!r}")

@@ -1,0 +1,52 @@
+"""Weighted embedding bag: ``out[t] = sum_l weights[t, l] * values[indices[t, l]]``."""
+
+import torch
+
+from .naive import embedding_bag_naive
+from .reference import embedding_bag_reference
+
+__all__ = ["embedding_bag", "embedding_bag_naive", "embedding_bag_reference"]
+
+
+def _check_inputs(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> None:
+    if values.dim() != 2:
+        raise ValueError(f"embedding_bag: values must be a 2-D (N, d) table, got shape {tuple(values.shape)}")
+    if not values.is_floating_point():
+        raise TypeError(f"embedding_bag: values must be floating point, got {values.dtype}")
+    if indices.dim() != 2:
+        raise ValueError(
+            f"embedding_bag: indices must be 2-D (tokens, bag), got shape {tuple(indices.shape)}; "
+            "flatten leading dimensions first, e.g. indices.reshape(-1, indices.shape[-1])"
+        )
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"embedding_bag: indices must be int64 or int32, got {indices.dtype}")
+    if weights.shape != indices.shape:
+        raise ValueError(
+            f"embedding_bag: weights shape {tuple(weights.shape)} must equal indices shape {tuple(indices.shape)}"
+        )
+    if not weights.is_floating_point():
+        raise TypeError(f"embedding_bag: weights must be floating point, got {weights.dtype}")
+    if not (values.device == indices.device == weights.device):
+        raise ValueError(
+            "embedding_bag: values, indices and weights must be on one device, got "
+            f"{values.device}, {indices.device}, {weights.device}; move them with .to(values.device)"
+        )
+
+
+def embedding_bag(
+    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, sparse_grad: bool = False
+) -> torch.Tensor:
+    """Weighted sum of value rows per token, never materialising ``(T, L, d)``.
+
+    Args:
+        values: (N, d) table, fp32/fp16/bf16 (fp64 for gradcheck).
+        indices: (T, L) int64/int32 row ids in [0, N).
+        weights: (T, L) floating weights; differentiable.
+        sparse_grad: give ``values`` a row-sparse COO gradient holding only touched rows
+            (for ``torch.optim.SparseAdam``) instead of a dense (N, d) one.
+
+    Returns:
+        (T, d) in ``values.dtype``, accumulated in float32.
+    """
+    _check_inputs(values, indices, weights)
+    return embedding_bag_reference(values, indices.long(), weights, sparse_grad)

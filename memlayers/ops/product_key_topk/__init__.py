@@ -1,0 +1,33 @@
+"""Exact product-key top-k: ``(q1, q2, K1, K2, k) -> (scores, indices)`` per head."""
+
+import torch
+
+from .reference import product_key_topk as product_key_topk_reference
+
+__all__ = ["product_key_topk", "product_key_topk_reference"]
+
+
+def product_key_topk(q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int):
+    """Exact top-k over the n*n product keys of each head.
+
+    q1, q2 (T, H, h); keys1, keys2 (H, n, h) -> scores (T, H, k) best first, indices (T, H, k) int64.
+    See ``reference.py`` for the tie rule (lower flat index wins).
+    """
+    if q1.dim() != 3 or q1.shape != q2.shape:
+        raise ValueError(
+            f"product_key_topk: q1 and q2 must both be (tokens, heads, half_dim), got {tuple(q1.shape)} and {tuple(q2.shape)}"
+        )
+    if keys1.dim() != 3 or keys1.shape != keys2.shape:
+        raise ValueError(
+            f"product_key_topk: keys1 and keys2 must both be (heads, n, half_dim), got {tuple(keys1.shape)} and {tuple(keys2.shape)}"
+        )
+    H, n, h = keys1.shape
+    if q1.shape[1:] != (H, h):
+        raise ValueError(
+            f"product_key_topk: queries (…, {q1.shape[1]}, {q1.shape[2]}) do not match keys with {H} heads of half_dim {h}"
+        )
+    if not 1 <= k <= n:
+        raise ValueError(f"product_key_topk: k={k} must be in [1, n={n}] (n sub-keys per half)")
+    if not (q1.device == q2.device == keys1.device == keys2.device):
+        raise ValueError("product_key_topk: queries and keys must be on one device")
+    return product_key_topk_reference(q1, q2, keys1, keys2, k)

@@ -1,0 +1,188 @@
+"""Optimisation hygiene for memory layers (DESIGN.md §2).
+
+* values get their own learning rate (default 10x the base) and, with sub-keys, no weight decay:
+  AdamW decay on a table whose rows are rarely read erases them;
+* value gradients are clipped separately from the rest;
+* values can use a row-sparse optimizer (``torch.optim.SparseAdam``: lazy Adam, only touched rows
+  and their moments change) beside dense AdamW for everything else.
+"""
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from .retrieval import ProductKeys
+from .values import ValueTable
+
+VALUE_OPTIMIZERS = ("adamw", "sparse_adam")
+
+
+def _unique(params):
+    seen, out = set(), []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def value_tables(model: nn.Module) -> list[ValueTable]:
+    """Every ValueTable registered in ``model`` (a shared pool counts once)."""
+    return _unique(m for m in model.modules() if isinstance(m, ValueTable))
+
+
+def value_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [t.weight for t in value_tables(model)]
+
+
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float = 0.1, value_lr: float | None = None, value_lr_ratio: float = 10.0
+) -> list[dict]:
+    """Parameter groups, each with a ``name``:
+
+    * ``decay``: matrices (dim >= 2) other than values and sub-keys, at ``lr`` with ``weight_decay``;
+    * ``no_decay``: biases and norm gains, at ``lr``;
+    * ``subkeys``: product-key tables, at ``lr``, no decay;
+    * ``values``: value tables, at ``value_lr`` (default ``value_lr_ratio * lr``), no decay.
+
+    Empty groups are left out.
+    """
+    values = value_parameters(model)
+    subkeys = _unique(m.keys for m in model.modules() if isinstance(m, ProductKeys))
+    special = {id(p) for p in values + subkeys}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in special]
+    groups = [
+        dict(name="decay", params=[p for p in rest if p.dim() >= 2], lr=lr, weight_decay=weight_decay),
+        dict(name="no_decay", params=[p for p in rest if p.dim() < 2], lr=lr, weight_decay=0.0),
+        dict(name="subkeys", params=[p for p in subkeys if p.requires_grad], lr=lr, weight_decay=0.0),
+        dict(
+            name="values",
+            params=[p for p in values if p.requires_grad],
+            lr=value_lr if value_lr is not None else value_lr_ratio * lr,
+            weight_decay=0.0,
+        ),
+    ]
+    return [g for g in groups if g["params"]]
+
+
+class CombinedOptimizer(torch.optim.Optimizer):
+    """Several optimizers stepped as one, so LR schedulers, clipping and checkpoints see one object.
+
+    ``param_groups`` is the concatenation of the parts' groups (the same dicts), so a scheduler
+    that sets ``group["lr"]`` drives every part.
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        # Optimizer.__init__ would copy the groups; we want to share the parts' own dicts.
+        self.optimizers = list(optimizers)
+        self.defaults = {}
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    @property
+    def state(self):
+        return {p: s for opt in self.optimizers for p, s in opt.state.items()}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for opt in self.optimizers:
+            opt.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        parts = state_dict.get("optimizers")
+        if parts is None or len(parts) != len(self.optimizers):
+            raise ValueError(
+                f"CombinedOptimizer.load_state_dict: expected states for {len(self.optimizers)} optimizers, "
+                f"got {None if parts is None else len(parts)}; was the checkpoint saved with another value_optimizer?"
+            )
+        for opt, part in zip(self.optimizers, parts):
+            opt.load_state_dict(part)
+
+    def __repr__(self) -> str:
+        return "CombinedOptimizer(\n" + "\n".join(repr(opt) for opt in self.optimizers) + "\n)"
+
+
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    value_lr: float | None = None,
+    value_lr_ratio: float = 10.0,
+    value_optimizer: str = "adamw",
+) -> torch.optim.Optimizer:
+    """AdamW over ``param_groups(model, ...)``; with ``value_optimizer="sparse_adam"`` the values
+    use ``torch.optim.SparseAdam`` instead (their tables need ``sparse_grad=True``, i.e. layers
+    built with ``MemoryConfig(sparse_values=True)``), so a step touches only the rows read.
+    """
+    if value_optimizer not in VALUE_OPTIMIZERS:
+        raise ValueError(f"value_optimizer must be one of {VALUE_OPTIMIZERS}, got {value_optimizer!r}")
+    tables = value_tables(model)
+    sparse = [t for t in tables if t.sparse_grad]
+    if value_optimizer == "sparse_adam" and len(sparse) != len(tables):
+        raise ValueError(
+            "value_optimizer='sparse_adam' needs row-sparse value gradients: build the memory layers "
+            "with MemoryConfig(sparse_values=True) (or ValueTable(sparse_grad=True))"
+        )
+    if value_optimizer == "adamw" and sparse:
+        raise ValueError(
+            "value tables with sparse_grad=True produce sparse gradients that AdamW cannot take: "
+            "use value_optimizer='sparse_adam', or build the layers with sparse_values=False"
+        )
+    groups = param_groups(model, lr, weight_decay, value_lr, value_lr_ratio)
+    if value_optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    dense = [g for g in groups if g["name"] != "values"]
+    value_groups = [{k: v for k, v in g.items() if k != "weight_decay"} for g in groups if g["name"] == "values"]
+    parts = [torch.optim.AdamW(dense, lr=lr, betas=betas, eps=eps)] if dense else []
+    if value_groups:
+        parts.append(torch.optim.SparseAdam(value_groups, lr=value_groups[0]["lr"], betas=betas, eps=eps))
+    return CombinedOptimizer(parts)
+
+
+def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    norms = []
+    for p in params:
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()  # rows read by several layers of a shared pool must be summed first
+            norms.append(torch.linalg.vector_norm(p.grad._values().float()))
+        else:
+            norms.append(torch.linalg.vector_norm(p.grad.float()))
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+@torch.no_grad()
+def clip_grad_norms(model: nn.Module, max_norm: float | None = 1.0, value_max_norm: float | None = 1.0):
+    """Clip value-table gradients and all other gradients separately (each to its own total norm).
+
+    Handles sparse value gradients. ``None`` skips clipping that part (its norm is still returned).
+    Returns (norm of the other gradients, norm of the value gradients), before clipping, as tensors.
+    """
+    values = {id(p) for p in value_parameters(model)}
+    out = []
+    for part, limit in (
+        ([p for p in model.parameters() if p.grad is not None and id(p) not in values], max_norm),
+        ([p for p in value_parameters(model) if p.grad is not None], value_max_norm),
+    ):
+        norm = _grad_norm(part)
+        if limit is not None and part:
+            scale = (limit / (norm + 1e-6)).clamp(max=1.0)
+            for p in part:
+                p.grad.mul_(scale.to(p.grad.dtype))
+        out.append(norm)
+    return tuple(out)

@@ -1,0 +1,88 @@
+"""Product-key retrieval: token -> (weights, indices) of its top-k memory slots, per head."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .norms import MaskedBatchNorm, make_query_norm
+from .ops import product_key_topk
+
+SCORE_FNS = ("softmax", "relu", "identity")
+
+
+class ProductKeys(nn.Module):
+    """Query projection, normalisation and exact product-key top-k (Lample et al. 2019).
+
+    Per head: ``q = Norm(W_q x)`` split into halves ``q1, q2`` of key_dim/2; sub-key tables
+    ``K1, K2`` of ``n_keys`` rows; slot ``i*n + j`` scores ``K1[i]·q1 + K2[j]·q2``; the top-k
+    slots of all n*n are found exactly and their scores go through ``score_fn`` (softmax over
+    each head's k scores, relu, or identity).
+
+    With ``qk_norm`` the query halves (learned gain) and the sub-keys (no gain) are RMS-normalised
+    and scores scaled by (key_dim/2)^-1/2, as attention's qk-norm; the query gain then acts as a
+    learned inverse temperature.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_keys: int,
+        heads: int,
+        topk: int,
+        key_dim: int,
+        query_bias: bool = True,
+        query_norm: str = "none",
+        qk_norm: bool = False,
+        score_fn: str = "softmax",
+        query_dropout: float = 0.0,
+    ):
+        super().__init__()
+        if score_fn not in SCORE_FNS:
+            raise ValueError(f"score_fn must be one of {SCORE_FNS}, got {score_fn!r}")
+        self.dim, self.n_keys, self.heads, self.topk, self.key_dim = dim, n_keys, heads, topk, key_dim
+        self.score_fn = score_fn
+        half = key_dim // 2
+        self.query = nn.Linear(dim, heads * key_dim, bias=query_bias)
+        self.query_norm = make_query_norm(query_norm, heads, key_dim)
+        self.query_dropout = nn.Dropout(query_dropout)
+        self.qk_norm = nn.RMSNorm(half) if qk_norm else None
+        self.keys = nn.Parameter(torch.empty(heads, 2, n_keys, half))  # (H, half index, n, key_dim/2)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = self.key_dim**-0.5
+        nn.init.uniform_(self.keys, -bound, bound)
+        nn.init.xavier_uniform_(self.query.weight)
+        if self.query.bias is not None:
+            nn.init.zeros_(self.query.bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        """x (T, dim), mask (T,) bool or None -> weights (T, H, k) float32, indices (T, H, k) int64."""
+        T = x.shape[0]
+        q = self.query(x)  # (T, H*key_dim)
+        if isinstance(self.query_norm, MaskedBatchNorm):
+            q = self.query_norm(q, mask)
+        q = q.view(T, self.heads, self.key_dim)
+        if self.query_norm is not None and not isinstance(self.query_norm, MaskedBatchNorm):
+            q = self.query_norm(q)
+        q = self.query_dropout(q)
+        q1, q2 = q.float().view(T, self.heads, 2, self.key_dim // 2).unbind(2)  # (T, H, key_dim/2) each
+        keys = self.keys.float()
+        if self.qk_norm is not None:
+            q1, q2 = self.qk_norm(q1), self.qk_norm(q2)
+            keys = F.rms_norm(keys, keys.shape[-1:]) * keys.shape[-1] ** -0.5
+        scores, indices = product_key_topk(q1, q2, keys[:, 0], keys[:, 1], self.topk)
+        return self._weights(scores), indices
+
+    def _weights(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.score_fn == "softmax":
+            return scores.softmax(dim=-1)
+        if self.score_fn == "relu":
+            return F.relu(scores)
+        return scores
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_keys={self.n_keys} (N={self.n_keys ** 2}), heads={self.heads}, topk={self.topk}, "
+            f"key_dim={self.key_dim}, score_fn={self.score_fn!r}"
+        )

@@ -1,0 +1,240 @@
+import copy
+import io
+
+import pytest
+import torch
+
+import memlayers
+from conftest import rel_err
+from memlayers import MemoryConfig, MemoryLayer, ValueTable, preset
+from memlayers.norms import MaskedBatchNorm
+from memlayers.ops import embedding_bag_naive
+
+
+def small(name="memory", dim=24, **overrides):
+    return MemoryLayer.from_preset(name, dim, **{"n_keys": 16, "heads": 2, "topk": 4, **overrides})
+
+
+@pytest.mark.parametrize("name", sorted(memlayers.PRESETS))
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3), (2, 0)])
+def test_any_leading_shape(name, lead):
+    layer = small(name)
+    x = torch.randn(*lead, 24, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_forward_is_the_weighted_sum_of_retrieved_values():
+    layer = small("memory", dim=24, value_dim=10)  # value_dim != dim: output projection
+    x = torch.randn(7, 24)
+    indices, weights = layer.retrieve(x)
+    assert indices.shape == weights.shape == (7, 2, 4)
+    y = embedding_bag_naive(layer.values.weight, indices.flatten(1), weights.flatten(1))
+    assert rel_err(layer(x), layer.out_proj(y)) < 1e-5
+
+
+def test_memory_plus_gated_output():
+    layer = small("memory_plus")
+    x = torch.randn(7, 24)
+    indices, weights = layer.retrieve(x)
+    y = embedding_bag_naive(layer.values.weight, indices.flatten(1), weights.flatten(1))
+    expected = layer.out_proj(y * torch.nn.functional.silu(layer.gate_proj(x)))
+    assert rel_err(layer(x), expected) < 1e-5
+
+
+@pytest.mark.parametrize("score_fn", ["softmax", "relu", "identity"])
+def test_score_functions(score_fn):
+    layer = small(score_fn=score_fn)
+    _, weights = layer.retrieve(torch.randn(9, 24))
+    assert (weights[..., :-1] >= weights[..., 1:]).all()  # best first
+    if score_fn == "softmax":
+        assert torch.allclose(weights.sum(-1), torch.ones(9, 2))
+    with torch.no_grad():  # make every score negative: q = -1, keys > 0
+        layer.retrieval.query.weight.zero_()
+        layer.retrieval.query.bias.fill_(-1.0)
+        layer.retrieval.keys.abs_()
+    _, weights = layer.retrieve(torch.randn(9, 24))
+    expected = {"softmax": weights > 0, "relu": weights == 0, "identity": weights < 0}[score_fn]
+    assert expected.all()
+
+
+@pytest.mark.parametrize("query_norm", ["none", "layernorm", "rmsnorm", "batchnorm"])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_query_norms_train_and_eval(query_norm, qk_norm):
+    layer = small(query_norm=query_norm, qk_norm=qk_norm)
+    x = torch.randn(3, 5, 24)
+    layer(x).square().mean().backward()
+    assert layer.retrieval.keys.grad.abs().sum() > 0
+    layer.eval()
+    single = layer(x[:1, :1])
+    assert torch.allclose(single, layer(x)[:1, :1], atol=1e-6)  # eval: no dependence on the batch
+
+
+def test_keys_init_range():
+    layer = small(key_dim=36)
+    assert layer.retrieval.keys.abs().max() <= 36**-0.5
+
+
+def test_batchnorm_ignores_padding():
+    torch.manual_seed(1)
+    bn_a, bn_b = MaskedBatchNorm(6), MaskedBatchNorm(6)
+    x = torch.randn(10, 6)
+    mask = torch.tensor([True] * 7 + [False] * 3)
+    padded = x.clone()
+    padded[~mask] = 1e6  # garbage in padded rows must not touch the statistics
+    out_a = bn_a(padded, mask)
+    out_b = bn_b(x[mask])
+    assert torch.allclose(out_a[mask], out_b, atol=1e-5)
+    assert torch.allclose(bn_a.running_mean, bn_b.running_mean) and torch.allclose(bn_a.running_var, bn_b.running_var)
+    bn, ref = MaskedBatchNorm(6), torch.nn.BatchNorm1d(6)  # and it is torch's BatchNorm when nothing is masked
+    assert torch.allclose(bn(x), ref(x), atol=1e-5)
+    assert torch.allclose(bn.running_mean, ref.running_mean) and torch.allclose(bn.running_var, ref.running_var)
+
+
+def test_batchnorm_fully_padded_batch_keeps_running_stats():
+    bn = MaskedBatchNorm(4)
+    bn(torch.randn(5, 4), torch.zeros(5, dtype=torch.bool))
+    assert torch.equal(bn.running_mean, torch.zeros(4)) and torch.equal(bn.running_var, torch.ones(4))
+
+
+def test_layer_mask_keeps_padding_out_of_usage_and_batchnorm():
+    a, b = small("pkm"), small("pkm")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 6, 24)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 3:] = False
+    a(x, mask)
+    b(x[mask])
+    assert torch.allclose(a.retrieval.query_norm.running_mean, b.retrieval.query_norm.running_mean)
+    assert a.usage.summary()["tokens_seen"] == b.usage.summary()["tokens_seen"] == 9
+
+
+def test_usage_tracked_in_training_only():
+    layer = small()
+    layer(torch.randn(4, 24))
+    layer.eval()
+    layer(torch.randn(4, 24))
+    assert layer.usage.summary()["tokens_seen"] == 4
+    assert small(track_usage=False).usage is None
+
+
+# --- shared pools -----------------------------------------------------------------------------
+
+
+def test_shared_pool_is_one_table_saved_once():
+    pool = ValueTable(16 * 16, 24)
+    layers = torch.nn.ModuleList(small("memory_plus", values=pool) for _ in range(3))
+    assert all(layer.values is pool for layer in layers)
+    assert [layer.owns_values for layer in layers] == [True, False, False]
+    keys = [k for k in layers.state_dict() if k.endswith("values.weight")]
+    assert keys == ["0.values.weight"]
+    assert sum(p is pool.weight for p in layers.parameters()) == 1
+    x = torch.randn(5, 24)
+    sum(layer(x).sum() for layer in layers).backward()
+    # the gradient of the pool sums what the three layers read
+    grads = []
+    for layer in layers:
+        pool.weight.grad = None
+        layer(x).sum().backward()
+        grads.append(pool.weight.grad.clone())
+    pool.weight.grad = None
+    sum(layer(x).sum() for layer in layers).backward()
+    assert torch.allclose(pool.weight.grad, sum(grads), atol=1e-6)
+
+
+def test_two_models_are_independent():
+    a = small("memory_plus", values=ValueTable(256, 24))
+    b = small("memory_plus", values=ValueTable(256, 24))
+    assert a.values is not b.values and a.owns_values and b.owns_values
+    c, d = small(), small()
+    assert c.values.weight.data_ptr() != d.values.weight.data_ptr()
+
+
+def _shared_model():
+    pool = ValueTable(16 * 16, 24)
+    return torch.nn.Sequential(small("memory_plus", values=pool), torch.nn.ReLU(), small("memory_plus", values=pool))
+
+
+def test_state_dict_round_trip_with_shared_pool():
+    src, dst = _shared_model(), _shared_model()
+    src[0].usage.update(torch.zeros(1, 2, 4, dtype=torch.long), torch.ones(1, 2, 4))
+    buffer = io.BytesIO()
+    torch.save(src.state_dict(), buffer)
+    buffer.seek(0)
+    dst.load_state_dict(torch.load(buffer))
+    x = torch.randn(4, 24)
+    assert torch.equal(src(x), dst(x))
+    assert dst[2].values is dst[0].values  # still shared after loading
+    assert not any("usage" in k for k in src.state_dict())  # metrics are not checkpoint state
+
+
+def test_deepcopy_and_to_keep_sharing():
+    model = copy.deepcopy(_shared_model()).to(torch.float64)
+    assert model[2].values is model[0].values and model[0].values.weight.dtype == torch.float64
+    assert model(torch.randn(3, 24, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_shared_pool_size_mismatch():
+    with pytest.raises(ValueError, match="shared ValueTable is 256 x 24 but this layer needs"):
+        small(values=ValueTable(256, 24), n_keys=8)
+    with pytest.raises(ValueError, match="same n_keys and value_dim"):
+        small(values=ValueTable(256, 24), value_dim=12)
+    with pytest.raises(TypeError, match="must be a memlayers.ValueTable"):
+        small(values=torch.nn.Embedding(256, 24))
+
+
+# --- configs, presets and bad input ---------------------------------------------------------------
+
+
+def test_presets_scale_with_dim():
+    assert preset("memory", 1024).key_dim == 512 and preset("memory", 1024).value_dim == 1024
+    assert preset("memory_plus", 1024).gated and preset("memory_plus", 1024).num_values == 1024**2
+    pkm = preset("pkm", 1024)
+    assert (pkm.n_keys, pkm.heads, pkm.topk, pkm.key_dim, pkm.query_norm) == (512, 4, 32, 256, "batchnorm")
+    assert preset("memory", 30).key_dim == 14
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(topk=17), "topk: must be in \\[1, n_keys=16\\]"),
+        (dict(topk=0), "topk"),
+        (dict(n_keys=0), "n_keys: must be >= 1"),
+        (dict(key_dim=7), "key_dim: must be even"),
+        (dict(heads=0), "heads"),
+        (dict(value_dim=0), "value_dim"),
+        (dict(query_norm="batch"), "query_norm: unknown 'batch'"),
+        (dict(score_fn="sigmoid"), "score_fn: unknown 'sigmoid'"),
+        (dict(value_dropout=1.0), "value_dropout"),
+        (dict(usage_window=0), "usage_window"),
+    ],
+)
+def test_impossible_configs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MemoryConfig(dim=24, **{"n_keys": 16, "topk": 4, **kwargs})
+
+
+def test_preset_errors():
+    with pytest.raises(ValueError, match="unknown memory preset 'peer'"):
+        preset("peer", 64)
+    with pytest.raises(ValueError, match="unknown MemoryConfig field\\(s\\) \\['nkeys'\\]"):
+        preset("memory", 64, nkeys=3)
+
+
+@pytest.mark.parametrize(
+    "make, err, match",
+    [
+        (lambda: (torch.randn(3, 23), None), ValueError, "expected input of shape \\(..., 24\\)"),
+        (lambda: (torch.randint(0, 3, (3, 24)), None), TypeError, "floating point"),
+        (lambda: (torch.randn(3, 24, device="meta"), None), ValueError, "layer is on cpu"),
+        (lambda: (torch.randn(3, 24), torch.ones(4, dtype=torch.bool)), ValueError, "mask must be a bool tensor of shape \\(3,\\)"),
+        (lambda: (torch.randn(3, 24), torch.ones(3)), ValueError, "mask must be a bool"),
+    ],
+)
+def test_bad_layer_inputs(make, err, match):
+    layer = small()
+    x, mask = make()
+    with pytest.raises(err, match=match):
+        layer(x, mask)

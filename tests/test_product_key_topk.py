@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from memlayers.ops import product_key_topk
+
+
+def brute_force(q1, q2, keys1, keys2, k):
+    """Score all n*n product keys; order by (score desc, flat index asc); keep k."""
+    s1 = torch.einsum("thd,hnd->thn", q1, keys1)
+    s2 = torch.einsum("thd,hnd->thn", q2, keys2)
+    full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (T, H, n*n), index i*n + j
+    order = torch.sort(full, dim=-1, descending=True, stable=True).indices[..., :k]
+    return full.gather(-1, order), order
+
+
+def _random(T, H, n, h, dtype=torch.float32):
+    q1, q2 = torch.randn(2, T, H, h, dtype=dtype).unbind(0)
+    k1, k2 = torch.randn(2, H, n, h, dtype=dtype).unbind(0)
+    return q1, q2, k1, k2
+
+
+@pytest.mark.parametrize("T,H,n,h,k", [(7, 1, 16, 4, 1), (33, 4, 50, 6, 8), (5, 2, 9, 3, 9), (64, 3, 128, 16, 32)])
+def test_matches_brute_force(T, H, n, h, k):
+    q1, q2, k1, k2 = _random(T, H, n, h)
+    scores, indices = product_key_topk(q1, q2, k1, k2, k)
+    ref_scores, ref_indices = brute_force(q1, q2, k1, k2, k)
+    assert scores.shape == indices.shape == (T, H, k) and indices.dtype == torch.int64
+    assert torch.equal(indices, ref_indices)
+    assert torch.equal(scores, ref_scores)
+
+
+def test_matches_full_key_scoring_float64():
+    """Against concatenated full keys [K1[i], K2[j]] scored as one dot product."""
+    T, H, n, h, k = 11, 2, 20, 5, 6
+    q1, q2, k1, k2 = _random(T, H, n, h, torch.float64)
+    full_keys = torch.cat([k1.unsqueeze(2).expand(H, n, n, h), k2.unsqueeze(1).expand(H, n, n, h)], -1).reshape(H, n * n, 2 * h)
+    full = torch.einsum("thd,hnd->thn", torch.cat([q1, q2], -1), full_keys)
+    ref = full.topk(k, dim=-1)
+    scores, indices = product_key_topk(q1, q2, k1, k2, k)
+    assert torch.allclose(scores, ref.values, atol=1e-12)
+    assert torch.equal(indices, ref.indices)  # no ties with continuous random data
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ties_lower_index_wins(seed):
+    torch.manual_seed(seed)
+    T, H, n, h, k = 40, 2, 24, 3, 10
+    # Small integers: exact float sums and many ties, at the per-half boundaries and in the grid.
+    q1, q2 = torch.randint(-1, 2, (2, T, H, h)).float().unbind(0)
+    k1, k2 = torch.randint(-1, 2, (2, H, n, h)).float().unbind(0)
+    scores, indices = product_key_topk(q1, q2, k1, k2, k)
+    ref_scores, ref_indices = brute_force(q1, q2, k1, k2, k)
+    assert torch.equal(indices, ref_indices) and torch.equal(scores, ref_scores)
+
+
+def test_all_scores_equal():
+    q1, q2 = torch.zeros(2, 3, 1, 4).unbind(0)
+    k1, k2 = torch.randn(2, 1, 10, 4).unbind(0)
+    _, indices = product_key_topk(q1, q2, k1, k2, 5)
+    assert torch.equal(indices, torch.arange(5).expand(3, 1, 5))
+
+
+def test_empty_batch():
+    q1, q2, k1, k2 = _random(0, 2, 8, 4)
+    scores, indices = product_key_topk(q1, q2, k1, k2, 3)
+    assert scores.shape == indices.shape == (0, 2, 3)
+
+
+def test_gradients_flow_to_queries_and_keys():
+    q1, q2, k1, k2 = (t.double().requires_grad_() for t in _random(6, 2, 12, 3))
+    assert torch.autograd.gradcheck(lambda *a: product_key_topk(*a, 4)[0], (q1, q2, k1, k2))
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (lambda q1, q2, k1, k2: (q1, q2, k1, k2, 0), "k=0 must be in"),
+        (lambda q1, q2, k1, k2: (q1, q2, k1, k2, 9), "k=9 must be in"),
+        (lambda q1, q2, k1, k2: (q1[0], q2[0], k1, k2, 2), "must both be \\(tokens, heads, half_dim\\)"),
+        (lambda q1, q2, k1, k2: (q1, q2, k1[:, :4], k2, 2), "must both be \\(heads, n, half_dim\\)"),
+        (lambda q1, q2, k1, k2: (q1[..., :2], q2[..., :2], k1, k2, 2), "do not match keys"),
+    ],
+)
+def test_bad_inputs(args, match):
+    with pytest.raises(ValueError, match=match):
+        product_key_topk(*args(*_random(3, 2, 8, 4)))
