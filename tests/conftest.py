@@ -15,3 +15,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+# Tests parametrised over DEVICES also run on CUDA when a GPU is present (CI: CPU only).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import TOL, rel_err
+from conftest import DEVICES, TOL, rel_err
 from memlayers.ops import embedding_bag, embedding_bag_naive
 
 SIZES = [  # (N, d, T, L): odd dims, N and T not powers of two, single-entry bags
@@ -12,10 +12,10 @@ SIZES = [  # (N, d, T, L): odd dims, N and T not powers of two, single-entry bag
 ]
 
 
-def _inputs(N, d, T, L, dtype):
-    values = torch.randn(N, d, dtype=dtype, requires_grad=True)
-    indices = torch.randint(0, N, (T, L))
-    weights = torch.randn(T, L, dtype=dtype, requires_grad=True)
+def _inputs(N, d, T, L, dtype, device="cpu"):
+    values = torch.randn(N, d, dtype=dtype, device=device, requires_grad=True)
+    indices = torch.randint(0, N, (T, L), device=device)
+    weights = torch.randn(T, L, dtype=dtype, device=device, requires_grad=True)
     return values, indices, weights
 
 
@@ -28,12 +28,13 @@ def _oracle(values, indices, weights, grad_out):
     return out, v.grad, w.grad
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,d,T,L", SIZES)
-def test_forward_backward_match_naive(dtype, N, d, T, L):
-    values, indices, weights = _inputs(N, d, T, L, dtype)
+def test_forward_backward_match_naive(dtype, N, d, T, L, device):
+    values, indices, weights = _inputs(N, d, T, L, dtype, device)
     out = embedding_bag(values, indices, weights)
-    grad_out = torch.randn(T, d, dtype=dtype)
+    grad_out = torch.randn(T, d, dtype=dtype, device=device)
     out.backward(grad_out)
     ref_out, ref_dv, ref_dw = _oracle(values, indices, weights, grad_out)
     assert out.dtype == dtype and values.grad.dtype == dtype and weights.grad.dtype == dtype
@@ -47,9 +48,10 @@ def test_int32_indices_match_int64():
     assert torch.equal(embedding_bag(values, indices.int(), weights), embedding_bag(values, indices, weights))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sparse_grad_equals_dense_grad(dtype):
-    values, indices, weights = _inputs(300, 11, 17, 5, dtype)
+def test_sparse_grad_equals_dense_grad(dtype, device):
+    values, indices, weights = _inputs(300, 11, 17, 5, dtype, device)
     embedding_bag(values, indices, weights).sum().backward()
     dense = values.grad
     values.grad = None

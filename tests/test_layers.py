@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import memlayers
-from conftest import rel_err
+from conftest import DEVICES, rel_err
 from memlayers import MemoryConfig, MemoryLayer, ValueTable, preset
 from memlayers.norms import MaskedBatchNorm
 from memlayers.ops import embedding_bag_naive
@@ -24,6 +24,20 @@ def test_any_leading_shape(name, lead):
     assert y.shape == x.shape
     y.sum().backward()
     assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sparse_values", [False, True])
+def test_bf16_values_train_on_device(device, sparse_values):
+    layer = small("memory_plus", sparse_values=sparse_values).to(device)
+    layer.values.to(torch.bfloat16)
+    opt = memlayers.build_optimizer(layer, 1e-3, value_optimizer="sparse_adam" if sparse_values else "adamw")
+    x = torch.randn(2, 9, 24, device=device)
+    before = layer.values.weight.detach().clone()
+    layer(x).square().mean().backward()
+    opt.step()
+    assert layer.values.weight.dtype == torch.bfloat16 and not torch.equal(layer.values.weight, before)
+    assert layer.usage.summary()["tokens_seen"] == 18
 
 
 def test_forward_is_the_weighted_sum_of_retrieved_values():

@@ -294,6 +294,7 @@ def test_int32_indices_and_bf16_weights():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.filterwarnings("ignore:Synchronization debug mode is a prototype")
 def test_cuda_update_never_syncs():
     t = UsageTracker(64, heads=4).cuda()
     indices = torch.randint(0, 64 * 64, (2, 16, 4, 8), device="cuda")

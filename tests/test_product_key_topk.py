@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from conftest import DEVICES
 from memlayers.ops import product_key_topk
 
 
@@ -13,15 +14,16 @@ def brute_force(q1, q2, keys1, keys2, k):
     return full.gather(-1, order), order
 
 
-def _random(T, H, n, h, dtype=torch.float32):
-    q1, q2 = torch.randn(2, T, H, h, dtype=dtype).unbind(0)
-    k1, k2 = torch.randn(2, H, n, h, dtype=dtype).unbind(0)
+def _random(T, H, n, h, dtype=torch.float32, device="cpu"):
+    q1, q2 = torch.randn(2, T, H, h, dtype=dtype, device=device).unbind(0)
+    k1, k2 = torch.randn(2, H, n, h, dtype=dtype, device=device).unbind(0)
     return q1, q2, k1, k2
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("T,H,n,h,k", [(7, 1, 16, 4, 1), (33, 4, 50, 6, 8), (5, 2, 9, 3, 9), (64, 3, 128, 16, 32)])
-def test_matches_brute_force(T, H, n, h, k):
-    q1, q2, k1, k2 = _random(T, H, n, h)
+def test_matches_brute_force(T, H, n, h, k, device):
+    q1, q2, k1, k2 = _random(T, H, n, h, device=device)
     scores, indices = product_key_topk(q1, q2, k1, k2, k)
     ref_scores, ref_indices = brute_force(q1, q2, k1, k2, k)
     assert scores.shape == indices.shape == (T, H, k) and indices.dtype == torch.int64
@@ -41,13 +43,14 @@ def test_matches_full_key_scoring_float64():
     assert torch.equal(indices, ref.indices)  # no ties with continuous random data
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", range(5))
-def test_ties_lower_index_wins(seed):
+def test_ties_lower_index_wins(seed, device):
     torch.manual_seed(seed)
     T, H, n, h, k = 40, 2, 24, 3, 10
     # Small integers: exact float sums and many ties, at the per-half boundaries and in the grid.
-    q1, q2 = torch.randint(-1, 2, (2, T, H, h)).float().unbind(0)
-    k1, k2 = torch.randint(-1, 2, (2, H, n, h)).float().unbind(0)
+    q1, q2 = torch.randint(-1, 2, (2, T, H, h), device=device).float().unbind(0)
+    k1, k2 = torch.randint(-1, 2, (2, H, n, h), device=device).float().unbind(0)
     scores, indices = product_key_topk(q1, q2, k1, k2, k)
     ref_scores, ref_indices = brute_force(q1, q2, k1, k2, k)
     assert torch.equal(indices, ref_indices) and torch.equal(scores, ref_scores)
@@ -84,3 +87,14 @@ def test_gradients_flow_to_queries_and_keys():
 def test_bad_inputs(args, match):
     with pytest.raises(ValueError, match=match):
         product_key_topk(*args(*_random(3, 2, 8, 4)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_top_k_selection_order_matches_stable_sort(dtype):
+    """The packed-key top-k orders exactly like a stable descending sort: ties, signed zeros, infinities."""
+    from memlayers.ops.product_key_topk.reference import _top_k
+
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-38, -1e-38, 3.0, -3.0])
+    scores = special[torch.randint(0, len(special), (50, 40))].to(dtype)
+    expected = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :17]
+    assert torch.equal(_top_k(scores, 17), expected)

@@ -20,7 +20,8 @@ import triton.language as tl
 
 from .triton_forward import accumulation_dtype, tl_dtype
 
-CHUNK = 256  # most entries one program sums for one row before the row is split
+CHUNK = 128  # most entries summed for one row in one pass; longer rows are split into chunks
+SEGS = 16  # segments (rows or chunks) one program of the segment sum walks side by side
 
 
 @triton.jit
@@ -99,40 +100,38 @@ def _segment_sum_kernel(
     GATHER: tl.constexpr,
     ACC: tl.constexpr,
     SEGS: tl.constexpr,
-    BLOCK_E: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """out[dest[k]] = sum_{s in [starts[k], ends[k])} w_s * src[row_s] in a fixed order, for SEGS segments.
+    """out[dest[k]] = sum_{s in [starts[k], ends[k])} w_s * src[row_s], summed in order of s.
 
-    GATHER: row_s = order[s] // L and w_s = weights[order[s]]; else row_s = s and w_s = 1.
+    A program owns SEGS segments and walks them side by side (one entry of each per step), so their
+    loads are in flight together. GATHER: row_s = order[s] // L, w_s = weights[order[s]];
+    else row_s = s, w_s = 1.
     """
+    ks = tl.program_id(0).to(tl.int64) * SEGS + tl.arange(0, SEGS)
+    mask_k = ks < K
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    offs_e = tl.arange(0, BLOCK_E)
-    for i in range(SEGS):
-        k = tl.program_id(0).to(tl.int64) * SEGS + i
-        if k < K:
-            start = tl.load(starts_ptr + k)
-            end = tl.load(ends_ptr + k)
-            acc = tl.zeros((BLOCK_E, BLOCK_D), dtype=ACC)
-            for s0 in range(start, end, BLOCK_E):
-                s = s0 + offs_e
-                mask_e = s < end
-                if GATHER:
-                    entry = tl.load(order_ptr + s, mask=mask_e, other=0)
-                    src_row = entry // L
-                    w = tl.load(weights_ptr + entry, mask=mask_e, other=0).to(ACC)
-                else:
-                    src_row = s
-                    w = tl.full((BLOCK_E,), 1, dtype=ACC)
-                g = tl.load(
-                    src_ptr + src_row[:, None] * D + offs_d[None, :],
-                    mask=mask_e[:, None] & mask_d[None, :],
-                    other=0,
-                ).to(ACC)
-                acc += w[:, None] * g
-            dest = tl.load(dest_ptr + k)
-            tl.store(out_ptr + dest * stride_o + offs_d, tl.sum(acc, axis=0), mask=mask_d)
+    start = tl.load(starts_ptr + ks, mask=mask_k, other=0)
+    count = tl.load(ends_ptr + ks, mask=mask_k, other=0) - start
+    acc = tl.zeros((SEGS, BLOCK_D), dtype=ACC)
+    for j in range(0, tl.max(count, axis=0)):
+        mask_e = j < count
+        if GATHER:
+            entry = tl.load(order_ptr + start + j, mask=mask_e, other=0)
+            src_row = entry // L
+            w = tl.load(weights_ptr + entry, mask=mask_e, other=0).to(ACC)
+        else:
+            src_row = start + j
+            w = tl.full((SEGS,), 1, dtype=ACC)
+        g = tl.load(
+            src_ptr + src_row[:, None] * D + offs_d[None, :],
+            mask=mask_e[:, None] & mask_d[None, :],
+            other=0,
+        ).to(ACC)
+        acc += w[:, None] * g
+    dest = tl.load(dest_ptr + ks, mask=mask_k, other=0)
+    tl.store(out_ptr + dest[:, None] * stride_o + offs_d[None, :], acc, mask=mask_k[:, None] & mask_d[None, :])
 
 
 def _block_d(d: int) -> int:
@@ -221,10 +220,9 @@ def _segment_sum(src, starts, ends, dest, out, order=None, weights=None, L=1) ->
     K = len(starts)
     if K == 0:
         return
-    segs = 4
     block_d = _block_d(d)
     gather = order is not None
-    _segment_sum_kernel[(triton.cdiv(K, segs), triton.cdiv(d, block_d))](
+    _segment_sum_kernel[(triton.cdiv(K, SEGS), triton.cdiv(d, block_d))](
         src,
         order if gather else starts,
         weights if gather else src,
@@ -238,10 +236,9 @@ def _segment_sum(src, starts, ends, dest, out, order=None, weights=None, L=1) ->
         out.stride(0),
         GATHER=gather,
         ACC=tl_dtype(acc),
-        SEGS=segs,
-        BLOCK_E=4,
+        SEGS=SEGS,
         BLOCK_D=block_d,
-        num_warps=max(1, block_d // 128),
+        num_warps=max(1, block_d // 64),
     )
 
 

@@ -1,0 +1,167 @@
+"""Triton embedding bag against the torch reference, run on CPU under ``TRITON_INTERPRET=1``.
+
+The interpreter runs programs one after another, so these tests check indexing, masking and
+arithmetic, not races. It also truncates fp32 -> bf16/fp16 on store (GPUs round to nearest), which
+the 1e-2 tolerance for 16-bit tables absorbs.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from memlayers.ops.embedding_bag import triton_backward  # noqa: E402
+from memlayers.ops.embedding_bag.reference import embedding_bag_reference, value_row_grads  # noqa: E402
+from memlayers.ops.embedding_bag.triton_autograd import embedding_bag_triton  # noqa: E402
+from memlayers.ops.embedding_bag.triton_backward import value_grad_triton, weight_grad_triton  # noqa: E402
+from memlayers.ops.embedding_bag.triton_forward import bag_forward_triton  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_allocations(monkeypatch):
+    """Every float buffer the kernels' wrappers allocate with empty/empty_like starts as NaN."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = (a.to_dense() if a.is_sparse else a).double()
+    b = (b.to_dense() if b.is_sparse else b).double()
+    assert not a.isnan().any()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make(N, T, L, d, dtype, index_dtype=torch.int64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(N, d, generator=g).to(dtype)
+    indices = torch.randint(0, N, (T, L), generator=g).to(index_dtype)
+    weights = torch.randn(T, L, generator=g)
+    grad_out = torch.randn(T, d, generator=g).to(dtype)
+    return values, indices, weights, grad_out
+
+
+def run(fn, values, indices, weights, grad_out):
+    v = values.clone().requires_grad_()
+    w = weights.clone().requires_grad_()
+    out = fn(v, indices, w)
+    return (out, *torch.autograd.grad(out, (v, w), grad_out))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [1, 37, 100])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_forward_matches_reference(dtype, d, index_dtype):
+    values, indices, weights, _ = make(50, 7, 5, d, dtype, index_dtype)
+    out = torch.full((7, d), float("nan"), dtype=dtype)
+    bag_forward_triton(values, indices, weights, out=out)
+    ref = embedding_bag_reference(values.double(), indices.long(), weights.double())
+    assert out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("config", [{"BLOCK_L": 1, "BLOCK_D": 16, "num_warps": 1}, {"BLOCK_L": 8, "BLOCK_D": 64, "num_warps": 2}])
+def test_forward_configs_tile_d_and_l(config):
+    values, indices, weights, _ = make(40, 3, 11, 100, torch.float32)
+    out = bag_forward_triton(values, indices, weights, config=config)
+    assert rel_err(out, embedding_bag_reference(values, indices, weights)) < 1e-5
+
+
+@pytest.mark.parametrize("backward", ["sorted", "atomics"])
+@pytest.mark.parametrize("sparse_grad", [False, True])
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 37), (torch.bfloat16, 100), (torch.float16, 1)])
+def test_autograd_matches_reference(backward, sparse_grad, dtype, d):
+    values, indices, weights, grad_out = make(60, 9, 6, d, dtype, torch.int32)
+    ours = run(lambda v, i, w: embedding_bag_triton(v, i, w, sparse_grad, backward), values, indices, weights, grad_out)
+    ref = run(lambda v, i, w: embedding_bag_reference(v, i.long(), w, sparse_grad), values, indices, weights, grad_out)
+    assert ours[1].is_sparse == sparse_grad
+    assert ours[1].dtype == dtype and ours[2].dtype == weights.dtype
+    for a, b in zip(ours, ref):
+        assert rel_err(a, b) < TOL[dtype]
+    if sparse_grad:
+        assert torch.equal(ours[1].indices(), ref[1].indices())
+
+
+def test_float64_matches_reference():
+    values, indices, weights, grad_out = make(30, 5, 4, 19, torch.float64)
+    ours = run(embedding_bag_triton, values, indices, weights, grad_out)
+    ref = run(embedding_bag_reference, values, indices, weights, grad_out)
+    for a, b in zip(ours, ref):
+        assert rel_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("backward", ["sorted", "atomics"])
+@pytest.mark.parametrize("sparse_grad", [False, True])
+@pytest.mark.parametrize("chunk", [4, 128])
+def test_all_entries_on_one_row(backward, sparse_grad, chunk, monkeypatch):
+    """Heavy collision; chunk=4 splits the row into chunks of chunks (three levels of partial sums)."""
+    monkeypatch.setattr(triton_backward, "CHUNK", chunk)
+    values, indices, weights, grad_out = make(20, 13, 7, 24, torch.float32)
+    indices.fill_(3)
+    ours = run(lambda v, i, w: embedding_bag_triton(v, i, w, sparse_grad, backward), values, indices, weights, grad_out)
+    ref = run(lambda v, i, w: embedding_bag_reference(v, i, w, sparse_grad), values, indices, weights, grad_out)
+    for a, b in zip(ours, ref):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_mixed_heavy_and_light_rows(monkeypatch):
+    monkeypatch.setattr(triton_backward, "CHUNK", 4)
+    _, indices, weights, grad_out = make(30, 11, 6, 33, torch.float32, seed=1)
+    indices[:, :3] = 7  # row 7: 33 entries, the rest spread over 30 rows
+    rows, row_grads = value_grad_triton(indices, weights, grad_out, 30, "sorted", sparse=True)
+    ref_rows, ref_grads = value_row_grads(indices, weights, grad_out)
+    assert torch.equal(rows, ref_rows)
+    assert rel_err(row_grads, ref_grads) < 1e-5
+
+
+def test_sorted_is_bitwise_deterministic(monkeypatch):
+    monkeypatch.setattr(triton_backward, "CHUNK", 4)
+    _, indices, weights, grad_out = make(16, 10, 8, 40, torch.bfloat16, seed=2)
+    indices[::2] = 5
+    first = value_grad_triton(indices, weights, grad_out, 16, "sorted")
+    second = value_grad_triton(indices, weights, grad_out, 16, "sorted")
+    assert torch.equal(first.view(torch.int16), second.view(torch.int16))
+
+
+def test_weight_grad_overwrites_out():
+    values, indices, weights, grad_out = make(25, 6, 9, 300, torch.bfloat16)
+    out = torch.full((6, 9), float("nan"))
+    weight_grad_triton(values, indices, grad_out, out=out)
+    ref = torch.einsum("tld,td->tl", values[indices].double(), grad_out.double())
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backward", ["sorted", "atomics"])
+@pytest.mark.parametrize("sparse_grad", [False, True])
+@pytest.mark.parametrize("T,L", [(0, 4), (3, 0)])
+def test_empty_batch(backward, sparse_grad, T, L):
+    values, indices, weights, grad_out = make(10, T, L, 8, torch.float32)
+    out, dv, dw = run(lambda v, i, w: embedding_bag_triton(v, i, w, sparse_grad, backward), values, indices, weights, grad_out)
+    assert out.shape == (T, 8) and torch.equal(out, torch.zeros(T, 8))
+    assert dv.shape == values.shape and not dv.to_dense().any()
+    assert dw.shape == (T, L)
+
+
+def test_single_entry_bags_and_noncontiguous_inputs():
+    values, indices, weights, grad_out = make(40, 1, 9, 37, torch.float32)
+    indices, weights = indices.t(), weights.t()  # (9, 1) views
+    ours = run(embedding_bag_triton, values, indices, weights, grad_out.expand(9, 37))
+    ref = run(embedding_bag_reference, values, indices, weights, grad_out.expand(9, 37))
+    for a, b in zip(ours, ref):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_rejects_unknown_backward():
+    values, indices, weights, _ = make(4, 2, 2, 3, torch.float32)
+    with pytest.raises(ValueError, match="sorted"):
+        embedding_bag_triton(values, indices, weights, backward="lock")
