@@ -71,7 +71,12 @@ class MemoryLayer(nn.Module):
             raise ValueError(f"MemoryLayer: expected input of shape (..., {dim}), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"MemoryLayer: input must be floating point, got {x.dtype}")
-        param = self.retrieval.keys
+        param = self.retrieval.query.weight
+        if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"MemoryLayer: input is {x.dtype} but the layer's parameters are {param.dtype}; "
+                f"call layer.to({x.dtype}), cast the input, or run under torch.autocast"
+            )
         if x.device != param.device:
             raise ValueError(f"MemoryLayer: input is on {x.device} but the layer is on {param.device}; call layer.to({x.device!s:s}) or move the input")
         if self.values.weight.device != param.device:

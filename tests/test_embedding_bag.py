@@ -115,6 +115,27 @@ def test_bad_inputs(make, match):
         embedding_bag(*make(v, i, w))
 
 
+@pytest.mark.parametrize("backward", ["sorted", "atomics"])
+def test_triton_dispatch_matches_reference(backward):
+    pytest.importorskip("triton")
+    values, indices, weights = _inputs(40, 37, 6, 5, torch.float32, DEVICES[-1])
+    outs, grads = [], []
+    for impl in ("reference", "triton"):
+        out = embedding_bag(values, indices, weights, impl=impl, backward=backward)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), (values, weights)))
+    assert rel_err(outs[1], outs[0]) < 1e-5
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(grads[1], grads[0]))
+
+
+def test_bad_impl_and_backward():
+    v, i, w = _inputs(10, 4, 3, 2, torch.float32)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        embedding_bag(v, i, w, impl="cuda")
+    with pytest.raises(ValueError, match="backward must be one of"):
+        embedding_bag(v, i, w, backward="fast")
+
+
 def test_out_of_range_index_raises():
     v, i, w = _inputs(10, 4, 3, 2, torch.float32)
     with pytest.raises((IndexError, RuntimeError)):

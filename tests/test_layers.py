@@ -86,6 +86,13 @@ def test_query_norms_train_and_eval(query_norm, qk_norm):
     assert torch.allclose(single, layer(x)[:1, :1], atol=1e-6)  # eval: no dependence on the batch
 
 
+def test_autocast_bf16():
+    layer = small("memory_plus")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.randn(4, 24))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+
+
 def test_keys_init_range():
     layer = small(key_dim=36)
     assert layer.retrieval.keys.abs().max() <= 36**-0.5
@@ -242,6 +249,7 @@ def test_preset_errors():
     [
         (lambda: (torch.randn(3, 23), None), ValueError, "expected input of shape \\(..., 24\\)"),
         (lambda: (torch.randint(0, 3, (3, 24)), None), TypeError, "floating point"),
+        (lambda: (torch.randn(3, 24, dtype=torch.float64), None), TypeError, "call layer.to\\(torch.float64\\)"),
         (lambda: (torch.randn(3, 24, device="meta"), None), ValueError, "layer is on cpu"),
         (lambda: (torch.randn(3, 24), torch.ones(4, dtype=torch.bool)), ValueError, "mask must be a bool tensor of shape \\(3,\\)"),
         (lambda: (torch.randn(3, 24), torch.ones(3)), ValueError, "mask must be a bool"),

@@ -1,4 +1,11 @@
-"""Weighted embedding bag: ``out[t] = sum_l weights[t, l] * values[indices[t, l]]``."""
+"""Weighted embedding bag: ``out[t] = sum_l weights[t, l] * values[indices[t, l]]``.
+
+CUDA tensors go to the Triton kernels (``triton_*.py``) when Triton is installed, everything else
+to the plain-PyTorch reference; both compute the same function (tested against each other).
+"""
+
+import importlib.util
+import os
 
 import torch
 
@@ -33,8 +40,18 @@ def _check_inputs(values: torch.Tensor, indices: torch.Tensor, weights: torch.Te
         )
 
 
+IMPLS = ("auto", "reference", "triton")
+BACKWARDS = ("sorted", "atomics")
+
+
 def embedding_bag(
-    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, sparse_grad: bool = False
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    sparse_grad: bool = False,
+    *,
+    impl: str = "auto",
+    backward: str = "sorted",
 ) -> torch.Tensor:
     """Weighted sum of value rows per token, never materialising ``(T, L, d)``.
 
@@ -44,9 +61,28 @@ def embedding_bag(
         weights: (T, L) floating weights; differentiable.
         sparse_grad: give ``values`` a row-sparse COO gradient holding only touched rows
             (for ``torch.optim.SparseAdam``) instead of a dense (N, d) one.
+        impl: "auto" (Triton for CUDA tensors when available, else the reference), "reference",
+            or "triton" (on CPU only under ``TRITON_INTERPRET=1``).
+        backward: Triton value-gradient algorithm: "sorted" (deterministic segment sum) or
+            "atomics" (fp32 atomic adds, not deterministic).
 
     Returns:
         (T, d) in ``values.dtype``, accumulated in float32.
     """
     _check_inputs(values, indices, weights)
+    if impl not in IMPLS:
+        raise ValueError(f"embedding_bag: impl must be one of {IMPLS}, got {impl!r}")
+    if backward not in BACKWARDS:
+        raise ValueError(f"embedding_bag: backward must be one of {BACKWARDS}, got {backward!r}")
+    if impl == "auto":
+        impl = "triton" if values.is_cuda and importlib.util.find_spec("triton") is not None else "reference"
+    if impl == "triton":
+        if not values.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "embedding_bag: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                "triton is first imported, to run the kernels interpreted on CPU); use impl='auto'"
+            )
+        from .triton_autograd import embedding_bag_triton  # imported lazily: CPU installs need no Triton
+
+        return embedding_bag_triton(values, indices, weights, sparse_grad, backward)
     return embedding_bag_reference(values, indices.long(), weights, sparse_grad)

@@ -19,7 +19,8 @@ class TritonEmbeddingBagFunction(torch.autograd.Function):
         values, indices, weights = ctx.saved_tensors
         grad_values = grad_weights = None
         if ctx.needs_input_grad[2]:
-            grad_weights = weight_grad_triton(values, indices, grad_out, out=torch.empty_like(weights))
+            dw = torch.empty(weights.shape, dtype=weights.dtype, device=weights.device)
+            grad_weights = weight_grad_triton(values, indices, grad_out, out=dw)
         if ctx.needs_input_grad[0]:
             grad = value_grad_triton(
                 indices, weights, grad_out.to(values.dtype), values.shape[0], ctx.algorithm, ctx.sparse_grad

@@ -115,7 +115,7 @@ def _segment_sum_kernel(
     start = tl.load(starts_ptr + ks, mask=mask_k, other=0)
     count = tl.load(ends_ptr + ks, mask=mask_k, other=0) - start
     acc = tl.zeros((SEGS, BLOCK_D), dtype=ACC)
-    for j in range(0, tl.max(count, axis=0)):
+    for j in range(tl.max(count, axis=0)):
         mask_e = j < count
         if GATHER:
             entry = tl.load(order_ptr + start + j, mask=mask_e, other=0)
@@ -266,13 +266,14 @@ def value_grad_triton(
             return flat.new_zeros(0, dtype=torch.int64), grad_out.new_zeros(0, d)
         return grad_out.new_zeros(num_rows, d)
     grad_out = grad_out.contiguous()
-    if algorithm == "atomics":
-        if sparse:
-            rows, inverse = torch.unique(flat, return_inverse=True)
-            return rows.long(), _scatter_atomic(inverse.view(T, L), weights, grad_out, len(rows)).to(dtype)
+    if algorithm == "atomics" and not sparse:
         return _scatter_atomic(indices, weights, grad_out, num_rows).to(dtype)
-    order = torch.argsort(flat, stable=True)
-    rows, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    keys = flat.int() if num_rows < 2**31 else flat  # 32-bit keys halve the radix sort's passes
+    if algorithm == "atomics":
+        rows, inverse = torch.unique(keys, return_inverse=True)
+        return rows.long(), _scatter_atomic(inverse.view(T, L), weights, grad_out, len(rows)).to(dtype)
+    order = torch.argsort(keys, stable=True)
+    rows, counts = torch.unique_consecutive(keys[order], return_counts=True)
     rows = rows.long()
     ends = torch.cumsum(counts, 0)
     starts = ends - counts

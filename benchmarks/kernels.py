@@ -1,0 +1,137 @@
+"""GPU benchmark of the embedding-bag kernels against torch and the copy-bandwidth ceiling.
+
+    PYTHONPATH=. python benchmarks/kernels.py [--quick] [--sweep]
+
+Default size is DESIGN.md §4's: T=16384 tokens, L=128 rows per token (4 heads x k=32), N=2^20 rows,
+d=1024, bf16. Every op is checked against the fp32 reference at the benchmark size before it is timed;
+``rel err`` is the largest of ||ours - ref|| / ||ref|| over the output and both gradients.
+``TB/s`` counts the bytes of value rows read plus output written. ``--sweep`` adds forward tile
+configurations, to tune ``triton_forward.forward_config`` on a new card.
+"""
+
+import argparse
+import functools
+import sys
+
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    sys.exit("benchmarks/kernels.py needs a CUDA GPU (Triton kernels); none is visible to torch.")
+
+import triton
+
+from memlayers.ops.embedding_bag.reference import embedding_bag_reference
+from memlayers.ops.embedding_bag.triton_autograd import embedding_bag_triton
+from memlayers.ops.embedding_bag.triton_backward import value_grad_triton, weight_grad_triton
+from memlayers.ops.embedding_bag.triton_forward import bag_forward_triton, forward_config
+
+SWEEP = [(1, 1024, 1), (2, 1024, 2), (4, 1024, 4), (8, 1024, 4), (8, 1024, 8), (4, 512, 2), (8, 256, 2), (16, 256, 4)]
+
+
+def bench_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def rel_err(ours, ref) -> float:
+    worst = 0.0
+    for a, b in zip(ours, ref):
+        a = (a.to_dense() if a.is_sparse else a).float()
+        worst = max(worst, ((a - b.float()).norm() / b.float().norm()).item())
+    return worst
+
+
+def fwd_bwd(fn, values, indices, weights, grad_out):
+    """One forward and backward: (out, dV, dw)."""
+    v = values.detach().requires_grad_()
+    w = weights.detach().requires_grad_()
+    out = fn(v, indices, w)
+    return (out, *torch.autograd.grad(out, (v, w), grad_out))
+
+
+def torch_bag(values, indices, weights):
+    return F.embedding_bag(indices, values, per_sample_weights=weights.to(values.dtype), mode="sum")
+
+
+def copy_ceiling() -> tuple[float, float]:
+    """(ms, bytes/s) of cloning 2 GiB of bf16, counting bytes read and written."""
+    big = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda")
+    ms = bench_ms(big.clone)
+    return ms, 2 * big.nbytes / (ms * 1e-3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    parser.add_argument("--sweep", action="store_true", help="also time forward tile configurations")
+    args = parser.parse_args()
+    T, L, N, d = (2048, 128, 1 << 16, 512) if args.quick else (16384, 128, 1 << 20, 1024)
+    torch.manual_seed(0)
+    rows = []  # (name, ms, bytes moved or None, rel err or None)
+
+    def add(name, ms, nbytes=None, err=None):
+        rows.append((name, ms, nbytes, err))
+        print(f"  {name}: {ms:.3f} ms", file=sys.stderr)
+
+    copy_ms, ceiling = copy_ceiling()
+    add("copy 2 GiB (clone)", copy_ms, ceiling * copy_ms * 1e-3)
+
+    values = torch.randn(N, d, device="cuda", dtype=torch.bfloat16)
+    indices = torch.randint(0, N, (T, L), device="cuda")
+    weights = torch.rand(T, L, device="cuda")
+    grad_out = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    bag_bytes = (T * L + T) * d * values.element_size()
+    ref = fwd_bwd(embedding_bag_reference, values.float(), indices, weights, grad_out.float())
+
+    def timed(name, fn, nbytes, ref_part, outputs=list):
+        """Check ``outputs(fn())`` against ``ref_part``, then time ``fn``."""
+        err = rel_err(outputs(fn()), ref_part)
+        add(name, bench_ms(fn), nbytes, err)
+
+    def one(x):
+        return [x]
+
+    timed("torch F.embedding_bag fwd", lambda: torch_bag(values, indices, weights), bag_bytes, ref[:1], one)
+    configs = [forward_config(d, values.dtype)]
+    if args.sweep:
+        configs += [{"BLOCK_L": bl, "BLOCK_D": bd, "num_warps": nw} for bl, bd, nw in SWEEP]
+    for cfg in configs:
+        fn = functools.partial(bag_forward_triton, values, indices, weights, config=cfg)
+        timed(f"ours fwd {cfg}", fn, bag_bytes, ref[:1], one)
+
+    dw_bytes = T * L * d * values.element_size()
+    timed("ours bwd piece: weight grad", lambda: weight_grad_triton(values, indices, grad_out), dw_bytes, ref[2:], one)
+    for algo in ("atomics", "sorted"):
+        for sparse in (False, True):
+            fn = functools.partial(value_grad_triton, indices, weights, grad_out, N, algo, sparse)
+            name = f"ours bwd piece: value grad {algo} {'sparse' if sparse else 'dense'}"
+            if sparse:
+                timed(name, fn, None, ref[1:2], lambda g: [torch.sparse_coo_tensor(g[0][None], g[1], (N, d))])
+            else:
+                timed(name, fn, None, ref[1:2], one)
+
+    def timed_fwd_bwd(name, fn, vals, g):
+        step = functools.partial(fwd_bwd, fn, vals, indices, weights, g)
+        timed(name, step, None, ref)
+
+    timed_fwd_bwd("torch F.embedding_bag fwd+bwd (fp32, dense)", torch_bag, values.float(), grad_out.float())
+    for sparse in (False, True):
+        kind = "sparse" if sparse else "dense"
+        bag = functools.partial(embedding_bag_reference, sparse_grad=sparse)
+        timed_fwd_bwd(f"reference fwd+bwd ({kind})", bag, values, grad_out)
+        for algo in ("atomics", "sorted"):
+            bag = functools.partial(embedding_bag_triton, sparse_grad=sparse, backward=algo)
+            timed_fwd_bwd(f"ours fwd+bwd {algo} ({kind})", bag, values, grad_out)
+
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"T={T} L={L} N={N} d={d} bf16; copy ceiling {ceiling / 1e12:.2f} TB/s; bag bytes {bag_bytes / 1e9:.2f} GB")
+    print(f"{'op':<62} {'ms':>8} {'TB/s':>6} {'ceiling':>8} {'rel err':>8}")
+    for name, ms, nbytes, err in rows:
+        tbs = f"{nbytes / (ms * 1e-3) / 1e12:6.2f}" if nbytes else " " * 6
+        frac = f"{nbytes / (ms * 1e-3) / ceiling:8.0%}" if nbytes else " " * 8
+        err_s = f"{err:8.1e}" if err is not None else " " * 8
+        print(f"{name:<62} {ms:8.3f} {tbs} {frac} {err_s}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""CPU benchmark of one memory layer: time and peak memory of forward+backward and of the optimizer step.
+
+    python benchmarks/layer_cpu.py            # or ./dev bench; prints a markdown table (~3-4 min on 2 cores)
+    python benchmarks/layer_cpu.py --n-keys 256 --repeats 3
+
+Setting: dim 256, 2048 tokens, 4 heads x top-32 (128 value rows per token), N = n_keys^2 slots.
+Rows, for each N:
+  * SwiGLU FFN of the same dim (hidden 8/3*dim rounded to a multiple of 64), what the memory sits beside;
+  * the bag alone on uniform random indices (T, 128) and softmax weights, fwd+bwd w.r.t. values
+    and weights: the naive ``values[idx]`` gather (``memlayers.ops.embedding_bag_naive`` under
+    autograd) against ``memlayers.embedding_bag`` with dense and with row-sparse value gradients;
+  * the whole ``MemoryLayer`` (preset "memory") with dense value gradients + AdamW, and with
+    ``sparse_values=True`` + ``value_optimizer="sparse_adam"`` (lazy Adam on the touched rows).
+
+Time: median over ``--repeats`` iterations after one warm-up iteration, gradients set to None
+(untimed) before each; the step column times ``optimizer.step()`` alone.
+
+Peak memory: every configuration runs in a fresh subprocess (this script with ``--worker``).
+After setup and the warm-up iteration, with gradients freed, it reads the current RSS from
+/proc/self/statm, resets the kernel's RSS high-water mark (``echo 5 > /proc/self/clear_refs``),
+runs one fwd+bwd(+step) and reads the peak with ``getrusage(RUSAGE_SELF).ru_maxrss``: the
+difference is the peak *extra* memory of one iteration (activations, gradients, temporaries;
+not the parameters or optimizer state, which exist before). glibc's malloc is told to mmap
+blocks >= 64 KiB and to trim freed memory (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_),
+so freed buffers go back to the OS and RSS follows the live allocations.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import memlayers
+from memlayers.demo import memory_flops
+from memlayers.ops import embedding_bag, embedding_bag_naive
+
+DIM, TOKENS, HEADS, TOPK = 256, 2048, 4, 32
+CONFIGS = {  # name -> (label, per N?)
+    "ffn": ("SwiGLU FFN, hidden {hidden}", False),
+    "naive": ("bag: naive `values[idx]` gather (autograd)", True),
+    "bag_dense": ("bag: `memlayers.embedding_bag`, dense grad", True),
+    "bag_sparse": ("bag: `memlayers.embedding_bag`, sparse grad", True),
+    "layer_dense": ("MemoryLayer, dense values + AdamW", True),
+    "layer_sparse": ("MemoryLayer, sparse values + SparseAdam", True),
+}
+
+
+class SwiGLU(nn.Module):
+    """x (T, dim) -> W2 (silu(W1 x) * W3 x), (T, dim)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def swiglu_hidden(dim: int) -> int:
+    return 64 * round(8 * dim / 3 / 64)
+
+
+def build(name: str, n_keys: int):
+    """Set up one configuration.
+
+    Returns fwd_bwd () -> None, step (() -> None) or None, leaves (tensors whose .grad to free),
+    rows touched by the batch (or None), forward FLOPs per token.
+    """
+    torch.manual_seed(0)
+    grad_out = torch.randn(TOKENS, DIM)  # (T, dim) upstream gradient
+    x = torch.randn(TOKENS, DIM, requires_grad=True)  # (T, dim)
+    if name == "ffn":
+        hidden = swiglu_hidden(DIM)
+        ffn = SwiGLU(DIM, hidden)
+        opt = torch.optim.AdamW(ffn.parameters(), lr=1e-3)
+        return lambda: ffn(x).backward(grad_out), opt.step, [x, *ffn.parameters()], None, 6 * DIM * hidden
+    if name.startswith("layer"):
+        sparse = name == "layer_sparse"
+        layer = memlayers.MemoryLayer.from_preset("memory", DIM, n_keys=n_keys, heads=HEADS, topk=TOPK, sparse_values=sparse)
+        opt = memlayers.build_optimizer(layer, 1e-3, value_optimizer="sparse_adam" if sparse else "adamw")
+        touched = layer.retrieve(x)[0].unique().numel()
+        return lambda: layer(x).backward(grad_out), opt.step, [x, *layer.parameters()], touched, memory_flops(layer)
+    N, L = n_keys**2, HEADS * TOPK
+    values = (torch.randn(N, DIM) * DIM**-0.5).requires_grad_()  # (N, dim)
+    indices = torch.randint(N, (TOKENS, L))  # (T, L)
+    weights = torch.randn(TOKENS, L).softmax(-1).requires_grad_()  # (T, L)
+    if name == "naive":
+        bag = lambda: embedding_bag_naive(values, indices, weights)  # noqa: E731
+    else:
+        bag = lambda: embedding_bag(values, indices, weights, sparse_grad=name == "bag_sparse")  # noqa: E731
+    return lambda: bag().backward(grad_out), None, [values, weights], indices.unique().numel(), 2 * L * DIM
+
+
+def rss_bytes() -> int:
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def worker(name: str, n_keys: int, repeats: int, threads: int) -> dict:
+    """Run one configuration in this process; return its timings (ms) and peak extra memory (MiB)."""
+    torch.set_num_threads(threads)
+    fwd_bwd, step, leaves, touched, flops = build(name, n_keys)
+
+    def iteration():
+        for t in leaves:
+            t.grad = None
+        t0 = time.perf_counter()
+        fwd_bwd()
+        t1 = time.perf_counter()
+        if step is not None:
+            step()
+        return t1 - t0, time.perf_counter() - t1
+
+    iteration()  # warm-up: lazy initialisation, optimizer state
+    for t in leaves:
+        t.grad = None
+    before = rss_bytes()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the RSS high-water mark that ru_maxrss reports
+    iteration()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    times = [iteration() for _ in range(repeats)]
+    return dict(
+        fwd_bwd_ms=1e3 * statistics.median(t for t, _ in times),
+        step_ms=1e3 * statistics.median(s for _, s in times) if step is not None else None,
+        peak_extra_mib=(peak - before) / 2**20,
+        touched=touched,
+        flops=flops,
+    )
+
+
+def run_worker(name: str, n_keys: int, repeats: int, threads: int) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    cmd = [sys.executable, __file__, "--worker", name, "--n-keys", str(n_keys), "--repeats", str(repeats),
+           "--threads", str(threads)]  # fmt: skip
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def cpu_model() -> str:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n-keys", type=int, nargs="+", default=[256, 512], help="sub-keys per half (N = n^2)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed iterations per configuration (median)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
+    parser.add_argument("--worker", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.n_keys[0], args.repeats, args.threads)))
+        return
+
+    start = time.perf_counter()
+    print(f"# memlayers CPU layer benchmark: dim {DIM}, {TOKENS} tokens, {HEADS} heads x top-{TOPK} "
+          f"({HEADS * TOPK} value rows per token), fp32")  # fmt: skip
+    print(f"# {os.cpu_count()} CPUs ({cpu_model()}), {args.threads} torch threads, torch {torch.__version__}, "
+          f"memlayers {memlayers.__version__}")  # fmt: skip
+    print(f"# time: median of {args.repeats} iterations after 1 warm-up; step = optimizer.step() alone")
+    print("# peak extra: max RSS during one fwd+bwd(+step) minus RSS before it, each config in a fresh process")
+    print("#   (/proc/self/statm before; /proc/self/clear_refs reset, then getrusage ru_maxrss; glibc set to unmap on free)")
+    print()
+    print("| N | table MiB | configuration | fwd MFLOP/token | rows touched | fwd+bwd ms | step ms | peak extra MiB |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|")
+    rows = [("ffn", args.n_keys[0])] + [(name, n) for n in args.n_keys for name, (_, per_n) in CONFIGS.items() if per_n]
+    for name, n in rows:
+        r = run_worker(name, n, args.repeats, args.threads)
+        per_n = CONFIGS[name][1]
+        N = f"{n * n:,}" if per_n else "–"
+        table = f"{n * n * DIM * 4 / 2**20:,.0f}" if per_n else "–"
+        label = CONFIGS[name][0].format(hidden=swiglu_hidden(DIM))
+        touched = f"{r['touched']:,}" if r["touched"] is not None else "–"
+        step = f"{r['step_ms']:.1f}" if r["step_ms"] is not None else "–"
+        print(f"| {N} | {table} | {label} | {r['flops'] / 1e6:.2f} | {touched} | {r['fwd_bwd_ms']:.1f} | {step} "
+              f"| {r['peak_extra_mib']:,.0f} |", flush=True)  # fmt: skip
+    print(f"\n# total {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
