@@ -15,17 +15,18 @@ Rows, for each N:
 Time: median over ``--repeats`` iterations after one warm-up iteration, gradients set to None
 (untimed) before each; the step column times ``optimizer.step()`` alone.
 
-Peak memory: every configuration runs in a fresh subprocess (this script with ``--worker``).
-After setup and the warm-up iteration, with gradients freed, it reads the current RSS from
-/proc/self/statm, resets the kernel's RSS high-water mark (``echo 5 > /proc/self/clear_refs``),
-runs one fwd+bwd(+step) and reads the peak with ``getrusage(RUSAGE_SELF).ru_maxrss``: the
-difference is the peak *extra* memory of one iteration (activations, gradients, temporaries;
-not the parameters or optimizer state, which exist before). glibc's malloc is told to mmap
-blocks >= 64 KiB and to trim freed memory (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_),
-so freed buffers go back to the OS and RSS follows the live allocations.
+Peak memory: every configuration runs in fresh subprocesses (this script with ``--worker``), one
+for time and one for memory. The memory worker first tells glibc's malloc to serve blocks >= 64 KiB
+with mmap and to trim freed memory (``mallopt``), so RSS follows the live allocations; after setup
+and a warm-up iteration, with gradients freed, it reads the current RSS from /proc/self/statm,
+resets the kernel's RSS high-water mark (``echo 5 > /proc/self/clear_refs``), runs one
+fwd+bwd(+step) and reads the peak with ``getrusage(RUSAGE_SELF).ru_maxrss``. The difference is
+the peak *extra* memory of one iteration (activations, gradients, temporaries); parameters and
+optimizer state exist before it and are not counted. Linux only.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -49,8 +50,8 @@ CONFIGS = {  # name -> (label, per N?)
     "naive": ("bag: naive `values[idx]` gather (autograd)", True),
     "bag_dense": ("bag: `memlayers.embedding_bag`, dense grad", True),
     "bag_sparse": ("bag: `memlayers.embedding_bag`, sparse grad", True),
-    "layer_dense": ("MemoryLayer, dense values + AdamW", True),
-    "layer_sparse": ("MemoryLayer, sparse values + SparseAdam", True),
+    "layer_dense": ("MemoryLayer, dense values + fused AdamW", True),
+    "layer_sparse": ("MemoryLayer, sparse values + SparseRowAdam", True),
 }
 
 
@@ -83,11 +84,13 @@ def build(name: str, n_keys: int):
     if name == "ffn":
         hidden = swiglu_hidden(DIM)
         ffn = SwiGLU(DIM, hidden)
-        opt = torch.optim.AdamW(ffn.parameters(), lr=1e-3)
+        opt = torch.optim.AdamW(ffn.parameters(), lr=1e-3, fused=True)
         return lambda: ffn(x).backward(grad_out), opt.step, [x, *ffn.parameters()], None, 6 * DIM * hidden
     if name.startswith("layer"):
         sparse = name == "layer_sparse"
-        layer = memlayers.MemoryLayer.from_preset("memory", DIM, n_keys=n_keys, heads=HEADS, topk=TOPK, sparse_values=sparse)
+        layer = memlayers.MemoryLayer.from_preset(
+            "memory", DIM, n_keys=n_keys, heads=HEADS, topk=TOPK, sparse_values=sparse
+        )
         opt = memlayers.build_optimizer(layer, 1e-3, value_optimizer="sparse_adam" if sparse else "adamw")
         touched = layer.retrieve(x)[0].unique().numel()
         return lambda: layer(x).backward(grad_out), opt.step, [x, *layer.parameters()], touched, memory_flops(layer)
@@ -96,19 +99,29 @@ def build(name: str, n_keys: int):
     indices = torch.randint(N, (TOKENS, L))  # (T, L)
     weights = torch.randn(TOKENS, L).softmax(-1).requires_grad_()  # (T, L)
     if name == "naive":
-        bag = lambda: embedding_bag_naive(values, indices, weights)  # noqa: E731
+        bag = lambda: embedding_bag_naive(values, indices, weights)
     else:
-        bag = lambda: embedding_bag(values, indices, weights, sparse_grad=name == "bag_sparse")  # noqa: E731
+        bag = lambda: embedding_bag(values, indices, weights, sparse_grad=name == "bag_sparse")
     return lambda: bag().backward(grad_out), None, [values, weights], indices.unique().numel(), 2 * L * DIM
 
 
 def rss_bytes() -> int:
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(name: str, n_keys: int, repeats: int, threads: int) -> dict:
-    """Run one configuration in this process; return its timings (ms) and peak extra memory (MiB)."""
+def unmap_on_free() -> None:
+    """Make glibc mmap blocks >= 64 KiB and trim on free (M_MMAP_THRESHOLD = -3, M_TRIM_THRESHOLD = -1)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 64 * 1024)
+    libc.mallopt(-1, 0)
+
+
+def worker(name: str, n_keys: int, measure: str, repeats: int, threads: int) -> dict:
+    """Run one configuration in this process: its median timings (ms), or its peak extra memory (MiB)."""
     torch.set_num_threads(threads)
+    if measure == "memory":
+        unmap_on_free()  # before anything is allocated, or freed heap chunks distort RSS
     fwd_bwd, step, leaves, touched, flops = build(name, n_keys)
 
     def iteration():
@@ -122,6 +135,14 @@ def worker(name: str, n_keys: int, repeats: int, threads: int) -> dict:
         return t1 - t0, time.perf_counter() - t1
 
     iteration()  # warm-up: lazy initialisation, optimizer state
+    if measure == "time":
+        times = [iteration() for _ in range(repeats)]
+        return dict(
+            fwd_bwd_ms=1e3 * statistics.median(t for t, _ in times),
+            step_ms=1e3 * statistics.median(s for _, s in times) if step is not None else None,
+            touched=touched,
+            flops=flops,
+        )
     for t in leaves:
         t.grad = None
     before = rss_bytes()
@@ -129,28 +150,21 @@ def worker(name: str, n_keys: int, repeats: int, threads: int) -> dict:
         f.write("5")  # reset the RSS high-water mark that ru_maxrss reports
     iteration()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    times = [iteration() for _ in range(repeats)]
-    return dict(
-        fwd_bwd_ms=1e3 * statistics.median(t for t, _ in times),
-        step_ms=1e3 * statistics.median(s for _, s in times) if step is not None else None,
-        peak_extra_mib=(peak - before) / 2**20,
-        touched=touched,
-        flops=flops,
-    )
+    return dict(peak_extra_mib=(peak - before) / 2**20)
 
 
-def run_worker(name: str, n_keys: int, repeats: int, threads: int) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    cmd = [sys.executable, __file__, "--worker", name, "--n-keys", str(n_keys), "--repeats", str(repeats),
-           "--threads", str(threads)]  # fmt: skip
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+def run_worker(name: str, n_keys: int, measure: str, repeats: int, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--measure", measure, "--n-keys", str(n_keys),
+           "--repeats", str(repeats), "--threads", str(threads)]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.splitlines()[-1])
 
 
 def cpu_model() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
 
 
@@ -160,9 +174,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed iterations per configuration (median)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
     parser.add_argument("--worker", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=("time", "memory"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.n_keys[0], args.repeats, args.threads)))
+        print(json.dumps(worker(args.worker, args.n_keys[0], args.measure, args.repeats, args.threads)))
         return
 
     start = time.perf_counter()
@@ -171,14 +186,15 @@ def main() -> None:
     print(f"# {os.cpu_count()} CPUs ({cpu_model()}), {args.threads} torch threads, torch {torch.__version__}, "
           f"memlayers {memlayers.__version__}")  # fmt: skip
     print(f"# time: median of {args.repeats} iterations after 1 warm-up; step = optimizer.step() alone")
-    print("# peak extra: max RSS during one fwd+bwd(+step) minus RSS before it, each config in a fresh process")
-    print("#   (/proc/self/statm before; /proc/self/clear_refs reset, then getrusage ru_maxrss; glibc set to unmap on free)")
+    print("# peak extra: max RSS during one fwd+bwd(+step) after warm-up minus RSS before it, in a fresh process per")
+    print("#   config (RSS from /proc/self/statm; high-water mark reset via /proc/self/clear_refs, read as getrusage")
+    print("#   ru_maxrss; glibc set to mmap >= 64 KiB and trim on free; parameters and optimizer state not counted)")
     print()
     print("| N | table MiB | configuration | fwd MFLOP/token | rows touched | fwd+bwd ms | step ms | peak extra MiB |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|")
     rows = [("ffn", args.n_keys[0])] + [(name, n) for n in args.n_keys for name, (_, per_n) in CONFIGS.items() if per_n]
     for name, n in rows:
-        r = run_worker(name, n, args.repeats, args.threads)
+        r = run_worker(name, n, "time", args.repeats, args.threads) | run_worker(name, n, "memory", 0, args.threads)
         per_n = CONFIGS[name][1]
         N = f"{n * n:,}" if per_n else "–"
         table = f"{n * n * DIM * 4 / 2**20:,.0f}" if per_n else "–"

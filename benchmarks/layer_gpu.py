@@ -4,8 +4,8 @@
 
 DESIGN.md §4's config: 16,384 tokens, 4 heads x k=32, N = 1024^2, d = 1024, bf16 autocast with a
 bf16 value table. Rows: the layer forward+backward and its pieces (scoring + top-k, the bag), a
-SwiGLU FFN (hidden 2816) forward+backward, and one optimizer step on the value table for dense
-AdamW and for SparseAdam (row-sparse gradients) at growing N.
+SwiGLU FFN (hidden 2816) forward+backward, and one optimizer step on the value table at growing N:
+fused dense AdamW, torch's SparseAdam and memlayers' SparseRowAdam (row-sparse gradients).
 """
 
 import argparse
@@ -20,6 +20,7 @@ import triton
 
 import memlayers
 from memlayers.ops import embedding_bag
+from memlayers.optim import SparseRowAdam
 
 
 def bench_ms(fn) -> float:
@@ -46,9 +47,18 @@ def fwd_bwd_ms(module, x) -> float:
     return bench_ms(step)
 
 
-def value_step_ms(N, d, sparse, T, L) -> float:
+VALUE_OPTIMIZERS = {
+    "fused AdamW (dense grad)": lambda p: torch.optim.AdamW([p], lr=1e-3, weight_decay=0.0, fused=True),
+    "torch SparseAdam": lambda p: torch.optim.SparseAdam([p], lr=1e-3),
+    "memlayers SparseRowAdam": lambda p: SparseRowAdam([p], lr=1e-3),
+}
+
+
+def value_step_ms(N, d, name, T, L) -> float:
+    """One optimizer step on an (N, d) bf16 table after a bag backward over T tokens x L rows."""
+    sparse = name != "fused AdamW (dense grad)"
     table = memlayers.ValueTable(N, d, sparse_grad=sparse, dtype=torch.bfloat16, device="cuda")
-    opt = torch.optim.SparseAdam([table.weight], lr=1e-3) if sparse else torch.optim.AdamW([table.weight], lr=1e-3, weight_decay=0.0, fused=True)
+    opt = VALUE_OPTIMIZERS[name](table.weight)
     indices = torch.randint(0, N, (T, L), device="cuda")
     weights = torch.rand(T, L, device="cuda")
     table(indices, weights).float().sum().backward()
@@ -93,12 +103,12 @@ def main() -> None:
     rows.append(("SwiGLU FFN d=%d hidden 2816 fwd+bwd" % d, fwd_bwd_ms(SwiGLU(d, 2816).cuda(), x)))
     L = layer.config.heads * layer.config.topk
     for n in a.step_n_keys:
-        for sparse in (False, True):
+        for name in VALUE_OPTIMIZERS:
             try:
-                ms = value_step_ms(n * n, d, sparse, T, L)
+                ms = value_step_ms(n * n, d, name, T, L)
             except torch.OutOfMemoryError:
                 ms = float("nan")
-            rows.append((f"value step N={n * n:,} {'SparseAdam' if sparse else 'fused AdamW (dense)'}", ms))
+            rows.append((f"value step N={n * n:,} {name}", ms))
 
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     print(f"tokens={T} dim={d} N={a.n_keys ** 2:,} heads x k = {L}")

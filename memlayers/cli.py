@@ -1,4 +1,6 @@
-"""The ``memlayers`` command line.
+"""The ``memlayers`` command line (the console script ``memlayers = memlayers.cli:main``).
+
+Subcommands: ``demo`` (see ``memlayers.demo``).
 
     memlayers demo                         # fit a memory layer to 4096 Zipf-sampled facts on CPU
     memlayers demo --facts 8192 --steps 1000 --value-optimizer sparse_adam
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--facts", type=pos_int, default=d.facts, help="number of facts (key -> class pairs)")
     task.add_argument("--classes", type=_number(int, 2), default=d.classes, help="number of target classes")
     task.add_argument("--dim", type=_number(int, 4), default=d.dim, help="width of inputs and of the memory layer")
-    task.add_argument("--zipf", type=nonneg_float, default=d.zipf, help="Zipf exponent of fact frequencies (0 = uniform)")
+    task.add_argument("--zipf", type=nonneg_float, default=d.zipf, help="Zipf exponent of fact frequency (0: uniform)")
     task.add_argument("--offset", type=nonneg_float, default=d.offset, help="norm of the offset shared by all inputs")
     mem = demo.add_argument_group("memory layer")
     mem.add_argument("--preset", choices=sorted(PRESETS), default=d.preset, help="memlayers.preset to scale down")
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dense AdamW on the value table, or row-sparse lazy Adam")  # fmt: skip
     train.add_argument("--baseline-lr", type=pos_float, default=d.baseline_lr, help="learning rate of the dense MLP")
     train.add_argument("--no-baseline", action="store_true", help="skip the dense MLP baseline")
-    train.add_argument("--eval-every", type=pos_int, default=d.eval_every, help="steps between recall updates on the bar")
+    train.add_argument("--eval-every", type=pos_int, default=d.eval_every, help="steps between recall evaluations")
     train.add_argument("--seed", type=int, default=d.seed, help="seed of the task, the init and the batches")
     train.add_argument("--threads", type=pos_int, default=None, help="torch threads; None means every available CPU")
     out = demo.add_argument_group("output")

@@ -121,7 +121,7 @@ class DemoConfig:
         if self.classes < 2:
             raise ValueError(f"classes must be >= 2, got {self.classes}")
         if self.topk > self.n_keys:
-            raise ValueError(f"topk must be <= n_keys (top-k of each half's n_keys sub-keys), got {self.topk} > {self.n_keys}")
+            raise ValueError(f"topk must be <= n_keys (the top-k of n_keys sub-keys), got {self.topk} > {self.n_keys}")
         for name in ("lr", "value_lr_ratio", "baseline_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -261,47 +261,62 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = True, report: bool 
     return results
 
 
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
 def format_results(results: dict) -> str:
     """The results of ``run_demo`` as a small plain-text table."""
     cfg, mem, u = results["config"], results["memory"], results["usage"]
     base = results.get("baseline")
-    n = cfg["n_keys"]
+    n, slots = cfg["n_keys"], mem["slots"]
+    models = [mem] + ([base] if base else [])
+
+    def line(label: str, text: str) -> str:
+        return f"  {label:<26}{text}"
+
+    def row(label: str, key: str, fmt=_pct) -> str:
+        return line(label, "".join(f"{fmt(m[key]):>14}" for m in models))
+
     lines = [
         "",
-        f"{cfg['facts']} facts -> {cfg['classes']} classes, dim {cfg['dim']}, Zipf {cfg['zipf']}: "
-        f"{cfg['steps']} steps x {cfg['batch_size']} facts, seed {cfg['seed']}",
-        f"memory: preset {cfg['preset']!r}, N = {n}^2 = {mem['slots']:,} slots, {cfg['heads']} heads x "
-        f"top-{cfg['topk']}, values via {cfg['value_optimizer']}"
-        + (f"; dense MLP: hidden {base['hidden']}, same FLOPs/token" if base else ""),
-        "",
+        f"{cfg['facts']} facts -> {cfg['classes']} classes, dim {cfg['dim']}, Zipf {cfg['zipf']}; "
+        + f"{cfg['steps']} steps x {cfg['batch_size']} facts, seed {cfg['seed']}",
+        f"memory: preset {cfg['preset']!r}, N = {n}^2 = {slots:,} slots, {cfg['heads']} heads x top-{cfg['topk']}, "
+        + f"values via {cfg['value_optimizer']}",
     ]
-
-    def row(name, fmt, key):
-        cells = [fmt(mem[key])] + ([fmt(base[key])] if base else [])
-        return f"  {name:<26}" + "".join(f"{c:>14}" for c in cells)
-
-    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    if base:
+        lines.append(f"dense MLP: {cfg['dim']} -> {base['hidden']} -> {cfg['dim']} (GELU), same forward FLOPs/token")
     lines += [
-        f"  {'':<26}{'memory':>14}" + (f"{'dense MLP':>14}" if base else ""),
-        row("recall, all facts", pct, "recall"),
-        row(f"recall, head (top {HEAD_FRACTION:.0%})", pct, "recall_head"),
-        row(f"recall, tail (other {1 - HEAD_FRACTION:.0%})", pct, "recall_tail"),
-        row("facts seen in training", pct, "seen"),
-        row("final loss (EMA)", lambda x: f"{x:.4f}", "loss"),
-        row("parameters", lambda x: f"{x:,}", "params"),
-        row("forward FLOPs/token", lambda x: f"{x:,}", "flops_per_token"),
-        row("train time", lambda x: f"{x:.1f} s", "seconds"),
         "",
-        f"  memory usage (EMAs and coverage over the last {mem['usage_window']} steps):",
-        f"  {'coverage':<26}{pct(u['coverage'])} of slots (uniform ideal {pct(u['coverage_ideal'])}, "
-        f"ratio {u['coverage_ratio']:.3f})",
-        f"  {'KL to uniform':<26}{u['kl_unweighted']:.3f} nats (effective usage {pct(u['usage_unweighted'])}); "
-        f"weighted {u['kl_weighted']:.3f} ({pct(u['usage_weighted'])})",
-        f"  {'Gini':<26}{u['gini_unweighted']:.3f} (weighted {u['gini_weighted']:.3f})",
-        f"  {'slots holding 50/90/99%':<26}{u['top50']:,.0f} / {u['top90']:,.0f} / {u['top99']:,.0f} of {mem['slots']:,}",
-        f"  {'sub-key KL, 1st/2nd half':<26}{u['subkey_kl_first']:.3f} / {u['subkey_kl_second']:.3f} nats "
-        f"(max log {n} = {math.log(n):.2f})",
-        f"  {'dead sub-keys':<26}{pct(u['dead_subkeys'])}",
+        line("", "".join(f"{name:>14}" for name in ("memory", "dense MLP")[: len(models)])),
+        row("recall, all facts", "recall"),
+        row(f"recall, head (top {HEAD_FRACTION:.0%})", "recall_head"),
+        row(f"recall, tail (other {1 - HEAD_FRACTION:.0%})", "recall_tail"),
+        row("facts seen in training", "seen"),
+        row("final loss (EMA)", "loss", lambda x: f"{x:.4f}"),
+        row("parameters", "params", lambda x: f"{x:,}"),
+        row("forward FLOPs/token", "flops_per_token", lambda x: f"{x:,}"),
+        row("train time", "seconds", lambda x: f"{x:.1f} s"),
+        "",
+        f"  memory usage (EMAs and coverage over the last {min(mem['usage_window'], cfg['steps'])} steps):",
+        line(
+            "coverage",
+            f"{_pct(u['coverage'])} of slots (uniform ideal {_pct(u['coverage_ideal'])}, "
+            + f"ratio {u['coverage_ratio']:.3f})",
+        ),
+        line(
+            "KL to uniform",
+            f"{u['kl_unweighted']:.3f} nats (effective usage {_pct(u['usage_unweighted'])}); "
+            + f"weighted {u['kl_weighted']:.3f} ({_pct(u['usage_weighted'])})",
+        ),
+        line("Gini", f"{u['gini_unweighted']:.3f} (weighted {u['gini_weighted']:.3f})"),
+        line("slots holding 50/90/99%", f"{u['top50']:,.0f} / {u['top90']:,.0f} / {u['top99']:,.0f} of {slots:,}"),
+        line(
+            "sub-key KL, 1st/2nd half",
+            f"{u['subkey_kl_first']:.3f} / {u['subkey_kl_second']:.3f} nats (max log {n} = {math.log(n):.2f})",
+        ),
+        line("dead sub-keys", _pct(u["dead_subkeys"])),
         "",
         f"  total wall time {results['seconds']:.1f} s ({results['threads']} threads)",
     ]

@@ -3,10 +3,11 @@
 * values get their own learning rate (default 10x the base) and, with sub-keys, no weight decay:
   AdamW decay on a table whose rows are rarely read erases them;
 * value gradients are clipped separately from the rest;
-* values can use a row-sparse optimizer (``torch.optim.SparseAdam``: lazy Adam, only touched rows
-  and their moments change) beside dense AdamW for everything else.
+* values can use a row-sparse optimizer (``SparseRowAdam``: lazy Adam, only touched rows and their
+  moments change) beside dense AdamW for everything else.
 """
 
+import math
 from collections import OrderedDict
 
 import torch
@@ -16,6 +17,7 @@ from .retrieval import ProductKeys
 from .values import ValueTable
 
 VALUE_OPTIMIZERS = ("adamw", "sparse_adam")
+_ROW_CHUNK_ELEMENTS = 1 << 24  # SparseRowAdam updates rows in chunks of this many elements
 
 
 def _unique(params):
@@ -64,6 +66,57 @@ def param_groups(
         ),
     ]
     return [g for g in groups if g["params"]]
+
+
+class SparseRowAdam(torch.optim.Optimizer):
+    """Lazy Adam for row-sparse gradients: only the rows present in the gradient, and their
+    moments, change; untouched rows stay bit-identical and a step costs O(rows touched), not O(N).
+
+    The update is ``torch.optim.SparseAdam``'s (bias correction from the global step count, eps
+    added after the square root; tested equal), done with ``index_select`` / ``index_copy_`` on the
+    touched rows with fp32 arithmetic, which is faster than SparseAdam's sparse-tensor algebra
+    (benchmarks/RESULTS.md; a fused kernel is the next step).
+    Moments are kept in the parameter's dtype, as SparseAdam does. No weight decay (values take none).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        if not lr > 0 or not eps > 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"SparseRowAdam: need lr > 0, eps > 0 and betas in [0, 1), got {lr}, {eps}, {betas}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise RuntimeError(
+                        "SparseRowAdam needs row-sparse gradients: build the value tables with sparse_grad=True "
+                        "(MemoryConfig(sparse_values=True)), or use AdamW for dense gradients"
+                    )
+                grad = p.grad if p.grad.is_coalesced() else p.grad.coalesce()
+                rows, grads = grad.indices()[0], grad.values()  # (U,), (U, d)
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t = state["step"]
+                step_size = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+                chunk = max(1, _ROW_CHUNK_ELEMENTS // max(1, p.shape[1]))  # bounds the fp32 temporaries
+                for start in range(0, rows.numel(), chunk):
+                    r, g = rows[start : start + chunk], grads[start : start + chunk].float()
+                    m = state["exp_avg"].index_select(0, r).float().lerp_(g, 1 - beta1)
+                    v = state["exp_avg_sq"].index_select(0, r).float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                    state["exp_avg"].index_copy_(0, r, m.to(p.dtype))
+                    state["exp_avg_sq"].index_copy_(0, r, v.to(p.dtype))
+                    new = p.index_select(0, r).float().addcdiv_(m, v.sqrt_().add_(group["eps"]), value=-step_size)
+                    p.index_copy_(0, r, new.to(p.dtype))
+        return loss
 
 
 class CombinedOptimizer(torch.optim.Optimizer):
@@ -126,9 +179,10 @@ def build_optimizer(
     value_lr_ratio: float = 10.0,
     value_optimizer: str = "adamw",
 ) -> torch.optim.Optimizer:
-    """AdamW over ``param_groups(model, ...)``; with ``value_optimizer="sparse_adam"`` the values
-    use ``torch.optim.SparseAdam`` instead (their tables need ``sparse_grad=True``, i.e. layers
-    built with ``MemoryConfig(sparse_values=True)``), so a step touches only the rows read.
+    """AdamW over ``param_groups(model, ...)`` (fused kernels: no full-size temporaries); with
+    ``value_optimizer="sparse_adam"`` the values use ``SparseRowAdam`` instead (their tables need
+    ``sparse_grad=True``, i.e. layers built with ``MemoryConfig(sparse_values=True)``), so a step
+    touches only the rows read.
     """
     if value_optimizer not in VALUE_OPTIMIZERS:
         raise ValueError(f"value_optimizer must be one of {VALUE_OPTIMIZERS}, got {value_optimizer!r}")
@@ -145,14 +199,20 @@ def build_optimizer(
             "use value_optimizer='sparse_adam', or build the layers with sparse_values=False"
         )
     groups = param_groups(model, lr, weight_decay, value_lr, value_lr_ratio)
-    if value_optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
-    dense = [g for g in groups if g["name"] != "values"]
-    value_groups = [{k: v for k, v in g.items() if k != "weight_decay"} for g in groups if g["name"] == "values"]
-    parts = [torch.optim.AdamW(dense, lr=lr, betas=betas, eps=eps)] if dense else []
-    if value_groups:
-        parts.append(torch.optim.SparseAdam(value_groups, lr=value_groups[0]["lr"], betas=betas, eps=eps))
-    return CombinedOptimizer(parts)
+    if value_optimizer == "sparse_adam":
+        dense = [g for g in groups if g["name"] != "values"]
+        value_groups = [{k: v for k, v in g.items() if k != "weight_decay"} for g in groups if g["name"] == "values"]
+        parts = [_adamw(dense, lr, betas, eps)] if dense else []
+        if value_groups:
+            parts.append(SparseRowAdam(value_groups, lr=value_groups[0]["lr"], betas=betas, eps=eps))
+        return CombinedOptimizer(parts)
+    return _adamw(groups, lr, betas, eps)
+
+
+def _adamw(groups: list[dict], lr: float, betas, eps: float) -> torch.optim.AdamW:
+    devices = {p.device.type for g in groups for p in g["params"]}
+    fused = devices <= {"cpu", "cuda"}  # fused AdamW: one kernel per step, no full-size temporaries
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:

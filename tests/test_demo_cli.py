@@ -16,7 +16,7 @@ TINY_ARGS = ["--facts", "256", "--classes", "16", "--dim", "32", "--n-keys", "16
 
 
 def test_task_is_deterministic_in_the_seed():
-    a, b, c = make_recall_task(512, 16, 32, seed=3), make_recall_task(512, 16, 32, seed=3), make_recall_task(512, 16, 32, seed=4)
+    a, b, c = (make_recall_task(512, 16, 32, seed=s) for s in (3, 3, 4))
     for name in ("inputs", "targets", "probs"):
         assert torch.equal(getattr(a, name), getattr(b, name))
     assert not torch.equal(a.inputs, c.inputs)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from memlayers import MemoryLayer, ValueTable, build_optimizer, clip_grad_norms, param_groups
+from memlayers.optim import SparseRowAdam
 
 
 def model(sparse=False, shared=False):
@@ -148,3 +149,34 @@ def test_clip_norms_agree_between_sparse_and_dense_grads():
     ns = clip_grad_norms(sparse, None, None)
     nd = clip_grad_norms(dense, None, None)
     assert torch.allclose(ns[1], nd[1], rtol=1e-5) and torch.allclose(ns[0], nd[0], rtol=1e-5)
+
+
+def test_sparse_row_adam_equals_torch_sparse_adam():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(50, 7))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = SparseRowAdam([a], lr=1e-2, betas=(0.8, 0.95), eps=1e-6)
+    ref = torch.optim.SparseAdam([b], lr=1e-2, betas=(0.8, 0.95), eps=1e-6)
+    for step in range(6):
+        rows = torch.randint(0, 50, (20,))  # repeated rows: the gradient must be summed per row
+        grad = torch.sparse_coo_tensor(rows[None], torch.randn(20, 7), (50, 7), check_invariants=True)
+        a.grad, b.grad = grad.clone(), grad.clone()
+        ours.step()
+        ref.step()
+        assert torch.allclose(a, b, atol=1e-6), step
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.allclose(ours.state[a][key], ref.state[b][key], atol=1e-6)
+
+
+def test_sparse_row_adam_edge_cases():
+    p = torch.nn.Parameter(torch.randn(10, 3))
+    opt = SparseRowAdam([p])
+    before = p.detach().clone()
+    p.grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 3), (10, 3), check_invariants=True)
+    opt.step()  # no rows touched: nothing changes
+    assert torch.equal(p, before)
+    p.grad = torch.zeros(10, 3)
+    with pytest.raises(RuntimeError, match="needs row-sparse gradients"):
+        opt.step()
+    with pytest.raises(ValueError, match="need lr > 0"):
+        SparseRowAdam([p], lr=0.0)
