@@ -41,6 +41,11 @@ class MemoryLayer(nn.Module):
                 f"n_keys**2 x value_dim = {c.num_values} x {c.value_dim}; build every layer sharing a pool "
                 "with the same n_keys and value_dim"
             )
+        elif values.sparse_grad != c.sparse_values:
+            raise ValueError(
+                f"MemoryLayer: config.sparse_values={c.sparse_values} but the shared ValueTable has "
+                f"sparse_grad={values.sparse_grad}; build the table with ValueTable(..., sparse_grad={c.sparse_values})"
+            )
         self.owns_values = not values.owned
         if self.owns_values:
             self.values = values

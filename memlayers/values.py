@@ -18,7 +18,7 @@ class ValueTable(nn.Module):
         num_values: N, the number of rows.
         dim: d_v, the width of a row.
         sparse_grad: give ``weight`` row-sparse COO gradients (only touched rows), for
-            ``torch.optim.SparseAdam`` or ``memlayers.optim.build_optimizer(value_optimizer="sparse_adam")``.
+            ``memlayers.optim.SparseRowAdam`` (``build_optimizer(value_optimizer="sparse_adam")``) or ``torch.optim.SparseAdam``.
         dtype, device: of the table; init is N(0, dim^-1/2) as in the paper.
     """
 

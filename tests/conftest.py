@@ -14,10 +14,11 @@ def _seed():
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64 (0 when both are empty or zero)."""
-    a, b = a.double(), b.double()
-    denom = b.norm()
-    return 0.0 if denom == 0 and a.norm() == 0 else ((a - b).norm() / denom).item()
+    """||a - b|| / ||b|| in float64, sparse tensors densified; fails on any NaN left in ``a``."""
+    a = (a.to_dense() if a.is_sparse else a).double()
+    b = (b.to_dense() if b.is_sparse else b).double()
+    assert not a.isnan().any(), "NaN in the result (an output element was never written?)"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 1e-2}

@@ -20,6 +20,8 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+from conftest import TOL, rel_err
+
 from memlayers.ops.embedding_bag import triton_backward
 from memlayers.ops.embedding_bag.reference import embedding_bag_reference, value_row_grads
 from memlayers.ops.embedding_bag.triton_autograd import embedding_bag_triton
@@ -29,8 +31,6 @@ from memlayers.ops.embedding_bag.triton_forward import bag_forward_triton
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 if DEVICE == "cpu" and IMPORTED_TOO_EARLY:
     pytest.fail("triton was imported before TRITON_INTERPRET=1 was set; set it in tests/conftest.py", pytrace=False)
-
-TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
 @pytest.fixture(autouse=True)
@@ -43,13 +43,6 @@ def poisoned_allocations(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a = (a.to_dense() if a.is_sparse else a).double()
-    b = (b.to_dense() if b.is_sparse else b).double()
-    assert not a.isnan().any()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def make(N, T, L, d, dtype, index_dtype=torch.int64, seed=0):

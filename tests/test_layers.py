@@ -202,6 +202,8 @@ def test_shared_pool_size_mismatch():
         small(values=ValueTable(256, 24), n_keys=8)
     with pytest.raises(ValueError, match="same n_keys and value_dim"):
         small(values=ValueTable(256, 24), value_dim=12)
+    with pytest.raises(ValueError, match="sparse_grad=True"):
+        small(values=ValueTable(256, 24), sparse_values=True)
     with pytest.raises(TypeError, match="must be a memlayers.ValueTable"):
         small(values=torch.nn.Embedding(256, 24))
 

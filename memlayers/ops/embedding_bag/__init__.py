@@ -60,7 +60,7 @@ def embedding_bag(
         indices: (T, L) int64/int32 row ids in [0, N).
         weights: (T, L) floating weights; differentiable.
         sparse_grad: give ``values`` a row-sparse COO gradient holding only touched rows
-            (for ``torch.optim.SparseAdam``) instead of a dense (N, d) one.
+            (for ``memlayers.optim.SparseRowAdam`` or ``torch.optim.SparseAdam``) instead of a dense (N, d) one.
         impl: "auto" (Triton for CUDA tensors when available, else the reference), "reference",
             or "triton" (on CPU only under ``TRITON_INTERPRET=1``).
         backward: Triton value-gradient algorithm: "sorted" (deterministic segment sum) or
