@@ -5,7 +5,8 @@
 DESIGN.md §4's config: 16,384 tokens, 4 heads x k=32, N = 1024^2, d = 1024, bf16 autocast with a
 bf16 value table. Rows: the layer forward+backward and its pieces (scoring + top-k, the bag), a
 SwiGLU FFN (hidden 2816) forward+backward, and one optimizer step on the value table at growing N:
-fused dense AdamW, torch's SparseAdam and memlayers' SparseRowAdam (row-sparse gradients).
+fused dense AdamW, torch's SparseAdam and memlayers' SparseRowAdam (row-sparse gradients; its fused
+Triton kernel, and its unfused reference path).
 """
 
 import argparse
@@ -50,7 +51,8 @@ def fwd_bwd_ms(module, x) -> float:
 VALUE_OPTIMIZERS = {
     "fused AdamW (dense grad)": lambda p: torch.optim.AdamW([p], lr=1e-3, weight_decay=0.0, fused=True),
     "torch SparseAdam": lambda p: torch.optim.SparseAdam([p], lr=1e-3),
-    "memlayers SparseRowAdam": lambda p: SparseRowAdam([p], lr=1e-3),
+    "memlayers SparseRowAdam": lambda p: SparseRowAdam([p], lr=1e-3),  # fused Triton kernel on CUDA
+    "memlayers SparseRowAdam (reference, unfused)": lambda p: SparseRowAdam([p], lr=1e-3, impl="reference"),
 }
 
 

@@ -7,17 +7,17 @@
   moments change) beside dense AdamW for everything else.
 """
 
-import math
 from collections import OrderedDict
 
 import torch
 from torch import nn
 
+from .ops.row_adam import IMPLS as ROW_ADAM_IMPLS
+from .ops.row_adam import row_adam_update
 from .retrieval import ProductKeys
 from .values import ValueTable
 
 VALUE_OPTIMIZERS = ("adamw", "sparse_adam")
-_ROW_CHUNK_ELEMENTS = 1 << 24  # SparseRowAdam updates rows in chunks of this many elements
 
 
 def _unique(params):
@@ -73,16 +73,29 @@ class SparseRowAdam(torch.optim.Optimizer):
     moments, change; untouched rows stay bit-identical and a step costs O(rows touched), not O(N).
 
     The update is ``torch.optim.SparseAdam``'s (bias correction from the global step count, eps
-    added after the square root; tested equal), done with ``index_select`` / ``index_copy_`` on the
-    touched rows with fp32 arithmetic, which is faster than SparseAdam's sparse-tensor algebra
-    (benchmarks/RESULTS.md; a fused kernel is the next step).
+    added after the square root; tested equal), in fp32 arithmetic, done by
+    ``memlayers.ops.row_adam.row_adam_update``: on CUDA one fused Triton kernel (reads g, m, v, p
+    once, writes m, v, p once), elsewhere the chunked ``index_select`` / ``index_copy_`` reference.
+    ``impl`` ("auto", "reference" or "triton") picks the path, as in ``row_adam_update``; "reference"
+    forces the unfused one (e.g. to benchmark against it).
     Moments are kept in the parameter's dtype, as SparseAdam does. No weight decay (values take none).
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        *,
+        impl: str = "auto",
+    ):
         if not lr > 0 or not eps > 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"SparseRowAdam: need lr > 0, eps > 0 and betas in [0, 1), got {lr}, {eps}, {betas}")
+        if impl not in ROW_ADAM_IMPLS:
+            raise ValueError(f"SparseRowAdam: impl must be one of {ROW_ADAM_IMPLS}, got {impl!r}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+        self.impl = impl
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -98,24 +111,15 @@ class SparseRowAdam(torch.optim.Optimizer):
                         "(MemoryConfig(sparse_values=True)), or use AdamW for dense gradients"
                     )
                 grad = p.grad if p.grad.is_coalesced() else p.grad.coalesce()
-                rows, grads = grad.indices()[0], grad.values()  # (U,), (U, d)
+                rows, grads = grad.indices()[0], grad.values()  # (U,) unique, (U, d)
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                t = state["step"]
-                step_size = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-                chunk = max(1, _ROW_CHUNK_ELEMENTS // max(1, p.shape[1]))  # bounds the fp32 temporaries
-                for start in range(0, rows.numel(), chunk):
-                    r, g = rows[start : start + chunk], grads[start : start + chunk].float()
-                    m = state["exp_avg"].index_select(0, r).float().lerp_(g, 1 - beta1)
-                    v = state["exp_avg_sq"].index_select(0, r).float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                    state["exp_avg"].index_copy_(0, r, m.to(p.dtype))
-                    state["exp_avg_sq"].index_copy_(0, r, v.to(p.dtype))
-                    new = p.index_select(0, r).float().addcdiv_(m, v.sqrt_().add_(group["eps"]), value=-step_size)
-                    p.index_copy_(0, r, new.to(p.dtype))
+                m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                row_adam_update(p, m, v, rows, grads, group["lr"], beta1, beta2, group["eps"], t, impl=self.impl)
         return loss
 
 

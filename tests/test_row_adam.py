@@ -1,0 +1,187 @@
+"""Row-wise Adam (``memlayers.ops.row_adam``): the Triton kernel against the torch reference.
+
+Without a GPU the kernel runs on CPU under ``TRITON_INTERPRET=1``. The interpreter runs programs one
+after another, so it checks indexing, masking and arithmetic, not races; it also truncates
+fp32 -> bf16/fp16 on store (GPUs round to nearest), which the 1e-2 tolerance for 16-bit tables absorbs.
+With a GPU (and TRITON_INTERPRET unset) the same tests run the compiled kernel on CUDA.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+IMPORTED_TOO_EARLY = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from conftest import TOL, rel_err
+
+from memlayers.ops.row_adam import row_adam_reference, row_adam_update
+from memlayers.ops.row_adam.triton_kernel import row_adam_config
+from memlayers.optim import SparseRowAdam
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+if DEVICE == "cpu" and IMPORTED_TOO_EARLY:
+    pytest.fail("triton was imported before TRITON_INTERPRET=1 was set; set it in tests/conftest.py", pytrace=False)
+
+HYPER = dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits (NaN payloads included), for bit-identity checks."""
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def problem(N, d, U, dtype, moments=False, device=DEVICE):
+    """param, exp_avg, exp_avg_sq (N, d); rows (U,) unique, unsorted; grads (U, d)."""
+    p = torch.randn(N, d, device=device).to(dtype)
+    m = (0.1 * torch.randn(N, d, device=device) if moments else torch.zeros(N, d, device=device)).to(dtype)
+    v = (0.01 * torch.rand(N, d, device=device) if moments else torch.zeros(N, d, device=device)).to(dtype)
+    rows = torch.randperm(N, device=device)[:U]
+    grads = torch.randn(U, d, device=device).to(dtype)
+    return p, m, v, rows, grads
+
+
+def run_both(p, m, v, rows, grads, step, **hyper):
+    """(kernel results, reference results), each (param, exp_avg, exp_avg_sq), on copies of the inputs."""
+    hyper = {**HYPER, **hyper}
+    k = [t.clone() for t in (p, m, v)]
+    r = [t.clone() for t in (p, m, v)]
+    row_adam_update(*k, rows, grads, **hyper, step=step, impl="triton")
+    row_adam_reference(*r, rows.long(), grads, **hyper, step=step)
+    return k, r
+
+
+def untouched(N, rows):
+    keep = torch.ones(N, dtype=torch.bool, device=rows.device)
+    keep[rows] = False
+    return keep
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d, U", [(1, 45), (37, 13), (100, 45), (1500, 3)])  # d=1500: two column blocks, tail masked
+@pytest.mark.parametrize("step", [1, 5])  # 5: nonzero moments from earlier steps
+def test_kernel_matches_reference(dtype, d, U, step):
+    N = 64
+    p, m, v, rows, grads = problem(N, d, U, dtype, moments=step > 1)
+    (pk, mk, vk), (pr, mr, vr) = run_both(p, m, v, rows, grads, step)
+    tol = TOL[dtype]
+    assert rel_err(mk[rows], mr[rows]) < tol
+    assert rel_err(vk[rows], vr[rows]) < tol
+    assert rel_err(pk[rows], pr[rows]) < tol
+    if dtype == torch.float32:  # the update itself, not just the (much larger) parameter
+        assert rel_err(pk[rows] - p[rows], pr[rows] - p[rows]) < 1e-5
+    keep = untouched(N, rows)
+    for new, old in ((pk, p), (mk, m), (vk, v)):
+        assert torch.equal(bits(new[keep]), bits(old[keep]))
+    assert not torch.equal(pk[rows], p[rows])
+
+
+def test_untouched_nan_rows_stay_poisoned():
+    N, d, U = 50, 37, 20
+    p, m, v, rows, grads = problem(N, d, U, torch.float32, moments=True)
+    keep = untouched(N, rows)
+    for t in (p, m, v):
+        t[keep] = float("nan")
+    before = [bits(t).clone() for t in (p, m, v)]
+    row_adam_update(p, m, v, rows, grads, **HYPER, step=3, impl="triton")
+    for t, b in zip((p, m, v), before):
+        assert torch.equal(bits(t)[keep], b[keep])  # same NaN payloads: never written
+        assert t[rows].isfinite().all()  # touched rows never read a poisoned one
+
+
+def test_empty_rows_change_nothing():
+    p, m, v, rows, grads = problem(10, 7, 0, torch.bfloat16)
+    (pk, mk, vk), _ = run_both(p, m, v, rows, grads, step=1)
+    assert torch.equal(pk, p) and torch.equal(mk, m) and torch.equal(vk, v)
+
+
+def test_int32_rows_strided_table_and_fp32_moments():
+    """A (N, d) view of a wider buffer (row stride 2d): the other half is never written."""
+    N, d, U = 40, 37, 17
+    buf = torch.randn(N, 2 * d, device=DEVICE).to(torch.bfloat16)
+    p = buf[:, :d]
+    m, v = 0.1 * torch.randn(N, d, device=DEVICE), 0.01 * torch.rand(N, d, device=DEVICE)  # fp32 moments
+    rows = torch.randperm(N, device=DEVICE)[:U].int()
+    grads = torch.randn(2 * U, d, device=DEVICE).to(torch.bfloat16)[::2]  # non-contiguous gradient
+    other = buf[:, d:].clone()
+    (pk, mk, vk), (pr, mr, vr) = run_both(p, m, v, rows, grads, step=2)
+    assert rel_err(pk, pr) < 1e-2 and rel_err(mk, mr) < 1e-5 and rel_err(vk, vr) < 1e-5
+    row_adam_update(p, m, v, rows, grads, **HYPER, step=2, impl="triton")
+    assert torch.equal(buf[:, d:], other) and torch.equal(p, pk)
+
+
+def test_default_config_tiles():
+    assert row_adam_config(1024) == {"BLOCK_U": 2, "BLOCK_D": 1024, "num_warps": 4}
+    assert row_adam_config(37)["BLOCK_D"] == 64 and row_adam_config(1)["BLOCK_U"] == 2048
+    assert row_adam_config(5000)["BLOCK_D"] == 1024
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_row_adam_kernel_equals_reference_path(dtype):
+    N, d = 30, 19
+    a = torch.nn.Parameter(torch.randn(N, d, device=DEVICE).to(dtype))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = SparseRowAdam([a], lr=1e-2, betas=(0.8, 0.95), eps=1e-6, impl="triton")
+    ref = SparseRowAdam([b], lr=1e-2, betas=(0.8, 0.95), eps=1e-6, impl="reference")
+    for _ in range(4):
+        rows = torch.randint(0, N, (25,), device=DEVICE)  # repeated: coalesce sums them
+        vals = torch.randn(25, d, device=DEVICE).to(dtype)
+        grad = torch.sparse_coo_tensor(rows[None], vals, (N, d), check_invariants=True)
+        a.grad, b.grad = grad.clone(), grad.clone()
+        ours.step()
+        ref.step()
+    assert rel_err(a.detach(), b.detach()) < TOL[dtype]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert rel_err(ours.state[a][key], ref.state[b][key]) < TOL[dtype]
+    with pytest.raises(ValueError, match="impl must be one of"):
+        SparseRowAdam([a], impl="fused")
+
+
+def test_bad_inputs_raise(monkeypatch):
+    p, m, v, rows, grads = problem(10, 4, 3, torch.float32, device="cpu")
+    h = dict(HYPER, step=1)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        row_adam_update(p, m, v, rows, grads, **h, impl="cuda")
+    with pytest.raises(ValueError, match="param must be a 2-D"):
+        row_adam_update(p[0], m, v, rows, grads, **h)
+    with pytest.raises(ValueError, match="exp_avg shape"):
+        row_adam_update(p, m[:5], v, rows, grads, **h)
+    with pytest.raises(TypeError, match="exp_avg_sq must be floating"):
+        row_adam_update(p, m, v.long(), rows, grads, **h)
+    with pytest.raises(TypeError, match="rows must be int64 or int32"):
+        row_adam_update(p, m, v, rows.float(), grads, **h)
+    with pytest.raises(ValueError, match="rows must be 1-D"):
+        row_adam_update(p, m, v, rows[None], grads, **h)
+    with pytest.raises(ValueError, match=r"grads must be \(U, d\)"):
+        row_adam_update(p, m, v, rows, grads[:, :2], **h)
+    with pytest.raises(ValueError, match="one device"):
+        row_adam_update(p, m, v, rows, grads.to("meta"), **h)
+    with pytest.raises(ValueError, match="betas in"):
+        row_adam_update(p, m, v, rows, grads, **dict(h, beta2=1.0))
+    with pytest.raises(ValueError, match="step must be an int >= 1"):
+        row_adam_update(p, m, v, rows, grads, **dict(h, step=0))
+    with pytest.raises(ValueError, match="the kernel takes float32, bfloat16 and float16"):
+        row_adam_update(p.double(), m.double(), v.double(), rows, grads.double(), **h, impl="triton")
+    with pytest.raises(ValueError, match="unit column stride"):
+        row_adam_update(p.t().contiguous().t(), m, v, rows, grads, **h, impl="triton")
+    row_adam_update(p.double(), m.double(), v.double(), rows, grads.double(), **h)  # auto: the reference takes fp64
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        row_adam_update(p, m, v, rows, grads, **h, impl="triton")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="N * d > 2**31 needs ~13 GB of GPU memory")
+def test_int64_offsets_on_gpu():
+    N, d = (1 << 21) + 8, 1024  # N * d > 2**31 elements per tensor
+    p, m, v = (torch.zeros(N, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    rows = torch.tensor([N - 1, 5, N - 3], device="cuda")
+    grads = torch.randn(3, d, device="cuda", dtype=torch.bfloat16)
+    row_adam_update(p, m, v, rows, grads, **HYPER, step=1, impl="triton")
+    expect = -HYPER["lr"] * grads.float().sign()  # first step: |update| = lr (eps aside)
+    assert rel_err(p[rows], expect) < 1e-2
+    assert p[N - 2].eq(0).all() and p[: 5].eq(0).all() and p[6 : N - 3].eq(0).all()
