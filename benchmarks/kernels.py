@@ -60,6 +60,82 @@ def copy_ceiling() -> tuple[float, float]:
     return ms, 2 * big.nbytes / (ms * 1e-3)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Product-key top-k (DESIGN.md §4 "product-key scoring + top-k"): the torch reference (einsum + three
+# topk passes) against einsum + the fused Triton selection kernel, fp32, forward and forward+backward.
+# ---------------------------------------------------------------------------------------------------
+
+PK_SWEEP = [  # selection-kernel configurations timed besides the default (each compiles in ~5 s)
+    {"ROWS": 1, "num_warps": 1, "TL_TOPK": True},
+    {"ROWS": 1, "num_warps": 2, "TL_TOPK": True},
+    {"ROWS": 1, "num_warps": 4, "TL_TOPK": True},
+    {"ROWS": 1, "num_warps": 8, "TL_TOPK": True},
+]
+
+
+def product_key_topk_section(quick: bool) -> None:
+    """Time and check ``product_key_topk_triton`` against the reference at T=16384, H=4, n=1024, k=32, h=256."""
+    from memlayers.ops.product_key_topk.reference import product_key_topk as pk_reference
+    from memlayers.ops.product_key_topk.triton_select import (
+        product_key_select_triton,
+        product_key_topk_triton,
+        select_config,
+    )
+
+    T, H, n, k, h = (2048 if quick else 16384), 4, 1024, 32, 256
+    torch.manual_seed(0)
+    q1, q2 = torch.randn(2, T, H, h, device="cuda").unbind(0)
+    k1, k2 = torch.randn(2, H, n, h, device="cuda").unbind(0)
+    grad = torch.randn(T, H, k, device="cuda")
+    leaves = [x.requires_grad_() for x in (q1, q2, k1, k2)]
+    table = []  # (name, ms, note)
+
+    def fwd(fn):
+        with torch.no_grad():
+            return fn(q1, q2, k1, k2, k)
+
+    def fwd_bwd(fn):
+        scores, indices = fn(*leaves, k)
+        return scores, indices, torch.autograd.grad(scores, leaves, grad)
+
+    ref_scores, ref_indices, ref_grads = fwd_bwd(pk_reference)
+    our_scores, our_indices, our_grads = fwd_bwd(product_key_topk_triton)
+    mismatches = (our_indices != ref_indices).sum().item()
+    score_err = (our_scores - ref_scores).abs().max().item()
+    grad_err = max((a - b).abs().max().item() for a, b in zip(our_grads, ref_grads))
+    print(
+        f"  product-key top-k: index mismatches {mismatches} of {ref_indices.numel()}, "
+        f"max |score diff| {score_err:.1e}, max |grad diff| {grad_err:.1e}",
+        file=sys.stderr,
+    )
+
+    def add(name, fn, note=""):
+        ms = bench_ms(fn)
+        table.append((name, ms, note))
+        print(f"  {name}: {ms:.3f} ms", file=sys.stderr)
+
+    def scores_only():
+        with torch.no_grad():
+            return torch.einsum("thd,hnd->thn", q1, k1), torch.einsum("thd,hnd->thn", q2, k2)
+
+    s1, s2 = scores_only()
+    add("einsum scores only (both halves), fwd", scores_only)
+    add("reference fwd (einsum + 3 topk)", lambda: fwd(pk_reference))
+    add("ours fwd (einsum + fused select + gather)", lambda: fwd(product_key_topk_triton))
+    add("reference fwd+bwd", lambda: fwd_bwd(pk_reference))
+    add("ours fwd+bwd", lambda: fwd_bwd(product_key_topk_triton))
+    default = select_config(n, k, s1.device)
+    for cfg in [default] + [c for c in PK_SWEEP if c != default]:
+        bad = (product_key_select_triton(s1, s2, k, cfg) != ref_indices).sum().item()
+        note = f"mismatches {bad}" + (" (default)" if cfg == default else "")
+        add(f"select kernel only {cfg}", functools.partial(product_key_select_triton, s1, s2, k, cfg), note)
+
+    print(f"\nproduct-key top-k: T={T} H={H} n={n} k={k} half dim={h} fp32; index mismatches vs reference {mismatches}")
+    print(f"{'op':<78} {'ms':>8}  note")
+    for name, ms, note in table:
+        print(f"{name:<78} {ms:8.3f}  {note}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
@@ -131,6 +207,9 @@ def main() -> None:
         frac = f"{nbytes / (ms * 1e-3) / ceiling:8.0%}" if nbytes else " " * 8
         err_s = f"{err:8.1e}" if err is not None else " " * 8
         print(f"{name:<62} {ms:8.3f} {tbs} {frac} {err_s}")
+
+    # ---- product-key top-k (separate table) ----
+    product_key_topk_section(args.quick)
 
 
 if __name__ == "__main__":

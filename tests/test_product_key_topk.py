@@ -98,3 +98,8 @@ def test_top_k_selection_order_matches_stable_sort(dtype):
     scores = special[torch.randint(0, len(special), (50, 40))].to(dtype)
     expected = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :17]
     assert torch.equal(_top_k(scores, 17), expected)
+
+
+def test_bad_impl():
+    with pytest.raises(ValueError, match="impl must be one of"):
+        product_key_topk(*_random(3, 2, 8, 4), 2, impl="cuda")
