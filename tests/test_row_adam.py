@@ -165,10 +165,12 @@ def test_bad_inputs_raise(monkeypatch):
         row_adam_update(p, m, v, rows, grads, **dict(h, beta2=1.0))
     with pytest.raises(ValueError, match="step must be an int >= 1"):
         row_adam_update(p, m, v, rows, grads, **dict(h, step=0))
+    # what the kernel cannot take: tensors where it runs (CUDA, or CPU under the interpreter)
+    pk, mk, vk, rk, gk = problem(10, 4, 3, torch.float32)
     with pytest.raises(ValueError, match="the kernel takes float32, bfloat16 and float16"):
-        row_adam_update(p.double(), m.double(), v.double(), rows, grads.double(), **h, impl="triton")
+        row_adam_update(pk.double(), mk.double(), vk.double(), rk, gk.double(), **h, impl="triton")
     with pytest.raises(ValueError, match="unit column stride"):
-        row_adam_update(p.t().contiguous().t(), m, v, rows, grads, **h, impl="triton")
+        row_adam_update(pk.t().contiguous().t(), mk, vk, rk, gk, **h, impl="triton")
     row_adam_update(p.double(), m.double(), v.double(), rows, grads.double(), **h)  # auto: the reference takes fp64
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
