@@ -12,7 +12,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .ops.row_adam import IMPLS as ROW_ADAM_IMPLS
+from .ops.dispatch import IMPLS as ROW_ADAM_IMPLS
 from .ops.row_adam import row_adam_update
 from .retrieval import ProductKeys
 from .values import ValueTable

@@ -1,11 +1,16 @@
 import os
+import sys
 
 import pytest
 import torch
 
+# Triton kernels run compiled on CUDA, else interpreted on CPU. Triton reads TRITON_INTERPRET once,
+# when it is first imported (torch._dynamo imports it too), so it must be set here, first.
 if not torch.cuda.is_available():
-    # Triton kernels run interpreted on CPU; Triton reads this once, when it is first imported.
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
     os.environ.setdefault("TRITON_INTERPRET", "1")
+TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
 @pytest.fixture(autouse=True)

@@ -6,31 +6,18 @@ fp32 -> bf16/fp16 on store (GPUs round to nearest), which the 1e-2 tolerance for
 With a GPU (and TRITON_INTERPRET unset) the same tests run the compiled kernels on CUDA.
 """
 
-import os
-import sys
-
 import pytest
 import torch
 
-# Triton chooses interpreted or compiled kernels when it is imported, and torch._dynamo imports it,
-# so in a whole-suite run tests/conftest.py must set the variable before anything else does.
-IMPORTED_TOO_EARLY = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 pytest.importorskip("triton")
 
-from conftest import TOL, rel_err
+from conftest import TOL, TRITON_DEVICE as DEVICE, rel_err
 
 from memlayers.ops.embedding_bag import triton_backward
 from memlayers.ops.embedding_bag.reference import embedding_bag_reference, value_row_grads
 from memlayers.ops.embedding_bag.triton_autograd import embedding_bag_triton
 from memlayers.ops.embedding_bag.triton_backward import value_grad_triton, weight_grad_triton
 from memlayers.ops.embedding_bag.triton_forward import bag_forward_triton
-
-DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
-if DEVICE == "cpu" and IMPORTED_TOO_EARLY:
-    pytest.fail("triton was imported before TRITON_INTERPRET=1 was set; set it in tests/conftest.py", pytrace=False)
 
 
 @pytest.fixture(autouse=True)

@@ -6,24 +6,16 @@ on small cases). With a GPU (and TRITON_INTERPRET unset) the same tests run the 
 with its default configuration, and the configurations the benchmark sweeps.
 """
 
-import os
-import sys
-
 import pytest
 import torch
 
-IMPORTED_TOO_EARLY = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 pytest.importorskip("triton")
+
+from conftest import TRITON_DEVICE as DEVICE
 
 from memlayers.ops.product_key_topk.reference import product_key_topk as reference
 from memlayers.ops.product_key_topk.triton_select import product_key_select_triton, product_key_topk_triton
 
-DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
-if DEVICE == "cpu" and IMPORTED_TOO_EARLY:
-    pytest.fail("triton was imported before TRITON_INTERPRET=1 was set; set it in tests/conftest.py", pytrace=False)
 
 POISON = -(2**62)  # in no valid index range
 

@@ -6,27 +6,17 @@ fp32 -> bf16/fp16 on store (GPUs round to nearest), which the 1e-2 tolerance for
 With a GPU (and TRITON_INTERPRET unset) the same tests run the compiled kernel on CUDA.
 """
 
-import os
-import sys
-
 import pytest
 import torch
 
-IMPORTED_TOO_EARLY = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 pytest.importorskip("triton")
 
-from conftest import TOL, rel_err
+from conftest import TOL, TRITON_DEVICE as DEVICE, rel_err
 
 from memlayers.ops.row_adam import row_adam_reference, row_adam_update
 from memlayers.ops.row_adam.triton_kernel import row_adam_config
 from memlayers.optim import SparseRowAdam
 
-DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
-if DEVICE == "cpu" and IMPORTED_TOO_EARLY:
-    pytest.fail("triton was imported before TRITON_INTERPRET=1 was set; set it in tests/conftest.py", pytrace=False)
 
 HYPER = dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8)
 

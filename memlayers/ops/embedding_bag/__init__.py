@@ -4,11 +4,9 @@ CUDA tensors go to the Triton kernels (``triton_*.py``) when Triton is installed
 to the plain-PyTorch reference; both compute the same function (tested against each other).
 """
 
-import importlib.util
-import os
-
 import torch
 
+from ..dispatch import use_triton
 from .naive import embedding_bag_naive
 from .reference import embedding_bag_reference
 
@@ -40,7 +38,6 @@ def _check_inputs(values: torch.Tensor, indices: torch.Tensor, weights: torch.Te
         )
 
 
-IMPLS = ("auto", "reference", "triton")
 BACKWARDS = ("sorted", "atomics")
 
 
@@ -70,18 +67,9 @@ def embedding_bag(
         (T, d) in ``values.dtype``, accumulated in float32.
     """
     _check_inputs(values, indices, weights)
-    if impl not in IMPLS:
-        raise ValueError(f"embedding_bag: impl must be one of {IMPLS}, got {impl!r}")
     if backward not in BACKWARDS:
         raise ValueError(f"embedding_bag: backward must be one of {BACKWARDS}, got {backward!r}")
-    if impl == "auto":
-        impl = "triton" if values.is_cuda and importlib.util.find_spec("triton") is not None else "reference"
-    if impl == "triton":
-        if not values.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                "embedding_bag: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
-                "triton is first imported, to run the kernels interpreted on CPU); use impl='auto'"
-            )
+    if use_triton("embedding_bag", impl, values):
         from .triton_autograd import embedding_bag_triton  # imported lazily: CPU installs need no Triton
 
         return embedding_bag_triton(values, indices, weights, sparse_grad, backward)

@@ -4,16 +4,13 @@ CUDA tensors go to the fused Triton selection (``triton_select.py``) when Triton
 everything else to the plain-PyTorch reference; both return the same indices and scores.
 """
 
-import importlib.util
-import os
-
 import torch
+
+from ..dispatch import use_triton
 
 from .reference import product_key_topk as product_key_topk_reference
 
 __all__ = ["product_key_topk", "product_key_topk_reference"]
-
-IMPLS = ("auto", "reference", "triton")
 
 
 def product_key_topk(
@@ -26,8 +23,6 @@ def product_key_topk(
     selection for CUDA tensors when available, else the reference), "reference", or "triton" (on
     CPU only under ``TRITON_INTERPRET=1``).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"product_key_topk: impl must be one of {IMPLS}, got {impl!r}")
     if q1.dim() != 3 or q1.shape != q2.shape:
         raise ValueError(
             f"product_key_topk: q1 and q2 must both be (tokens, heads, half_dim), got {tuple(q1.shape)} and {tuple(q2.shape)}"
@@ -45,15 +40,8 @@ def product_key_topk(
         raise ValueError(f"product_key_topk: k={k} must be in [1, n={n}] (n sub-keys per half)")
     if not (q1.device == q2.device == keys1.device == keys2.device):
         raise ValueError("product_key_topk: queries and keys must be on one device")
-    if impl == "auto":
-        impl = "triton" if q1.is_cuda and importlib.util.find_spec("triton") is not None else "reference"
-    if impl == "triton":
-        if not q1.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                "product_key_topk: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
-                "triton is first imported); use impl='auto'"
-            )
-        from .triton_select import product_key_topk_triton  # lazily: CPU installs need no Triton
+    if use_triton("product_key_topk", impl, q1):
+        from .triton_select import product_key_topk_triton  # imported lazily: CPU installs need no Triton
 
         return product_key_topk_triton(q1, q2, keys1, keys2, k)
     return product_key_topk_reference(q1, q2, keys1, keys2, k)

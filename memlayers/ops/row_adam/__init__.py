@@ -5,16 +5,13 @@ The update behind ``memlayers.optim.SparseRowAdam``. CUDA tensors go to the fuse
 plain-PyTorch reference (``reference.py``); both compute the same function (tested against each other).
 """
 
-import importlib.util
-import os
-
 import torch
 
+from ..dispatch import IMPLS, use_triton
 from .reference import adam_step_size, row_adam_reference
 
 __all__ = ["IMPLS", "adam_step_size", "row_adam_reference", "row_adam_update"]
 
-IMPLS = ("auto", "reference", "triton")
 # = triton_kernel.SUPPORTED_DTYPES, not imported from there: CPU installs need no Triton
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -98,21 +95,10 @@ def row_adam_update(
         m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g**2
         p -= lr * sqrt(1 - beta2**step) / (1 - beta1**step) * m / (sqrt(v) + eps)
     """
-    if impl not in IMPLS:
+    if impl not in IMPLS:  # checked before the inputs: a typo should not read as a shape error
         raise ValueError(f"row_adam_update: impl must be one of {IMPLS}, got {impl!r}")
     _check_inputs(param, exp_avg, exp_avg_sq, rows, grads, lr, beta1, beta2, eps, step)
-    problem = _triton_problem(param, exp_avg, exp_avg_sq, grads)
-    if impl == "auto":
-        use_triton = param.is_cuda and problem is None and importlib.util.find_spec("triton") is not None
-        impl = "triton" if use_triton else "reference"
-    if impl == "triton":
-        if not param.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                "row_adam_update: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
-                "triton is first imported, to run the kernel interpreted on CPU); use impl='auto'"
-            )
-        if problem is not None:
-            raise ValueError(f"row_adam_update: impl='triton' cannot run: {problem}; use impl='auto' or 'reference'")
+    if use_triton("row_adam_update", impl, param, _triton_problem(param, exp_avg, exp_avg_sq, grads)):
         from .triton_kernel import row_adam_triton  # imported lazily: CPU installs need no Triton
 
         row_adam_triton(param, exp_avg, exp_avg_sq, rows, grads, lr, beta1, beta2, eps, step)

@@ -1,0 +1,32 @@
+"""Choosing between an op's Triton kernel and its plain-PyTorch reference."""
+
+import importlib.util
+import os
+
+import torch
+
+IMPLS = ("auto", "reference", "triton")
+
+
+def use_triton(op: str, impl: str, tensor: torch.Tensor, problem: str | None = None) -> bool:
+    """Resolve ``impl`` for an op whose inputs live where ``tensor`` does.
+
+    "auto": the kernel for CUDA tensors when Triton is installed and ``problem`` is None, else the
+    reference. "reference": the reference. "triton": the kernel (on CPU only under
+    ``TRITON_INTERPRET=1``), or an error saying why it cannot run (``problem``: why the kernel
+    cannot take these inputs, or None).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "reference":
+        return False
+    if impl == "auto":
+        return tensor.is_cuda and problem is None and importlib.util.find_spec("triton") is not None
+    if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"{op}: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is first "
+            "imported, to run the kernels interpreted on CPU); use impl='auto'"
+        )
+    if problem is not None:
+        raise ValueError(f"{op}: impl='triton' cannot run: {problem}; use impl='auto' or 'reference'")
+    return True
