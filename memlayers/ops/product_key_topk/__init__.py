@@ -7,7 +7,6 @@ everything else to the plain-PyTorch reference; both return the same indices and
 import torch
 
 from ..dispatch import use_triton
-
 from .reference import product_key_topk as product_key_topk_reference
 
 __all__ = ["product_key_topk", "product_key_topk_reference"]
