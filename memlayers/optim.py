@@ -237,11 +237,12 @@ def clip_grad_norms(model: nn.Module, max_norm: float | None = 1.0, value_max_no
     Handles sparse value gradients. ``None`` skips clipping that part (its norm is still returned).
     Returns (norm of the other gradients, norm of the value gradients), before clipping, as tensors.
     """
-    values = {id(p) for p in value_parameters(model)}
+    values = [p for p in value_parameters(model) if p.grad is not None]
+    value_ids = {id(p) for p in values}
     out = []
     for part, limit in (
-        ([p for p in model.parameters() if p.grad is not None and id(p) not in values], max_norm),
-        ([p for p in value_parameters(model) if p.grad is not None], value_max_norm),
+        ([p for p in model.parameters() if p.grad is not None and id(p) not in value_ids], max_norm),
+        (values, value_max_norm),
     ):
         norm = _grad_norm(part)
         if limit is not None and part:
