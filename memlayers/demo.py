@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .accounting import memory_flops
 from .config import PRESETS, preset
 from .layers import MemoryLayer
 from .optim import VALUE_OPTIMIZERS, build_optimizer, clip_grad_norms
@@ -145,19 +146,6 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
-
-
-def memory_flops(layer: MemoryLayer) -> int:
-    """Forward FLOPs per token of a memory layer: only the value rows it reads, not the whole table."""
-    c = layer.config
-    flops = 2 * c.dim * c.heads * c.key_dim  # query projection
-    flops += 2 * c.heads * c.n_keys * c.key_dim  # scores of both halves' sub-keys
-    flops += c.heads * c.topk * c.topk  # the k x k candidate grid
-    flops += 2 * c.heads * c.topk * c.value_dim  # the weighted bag
-    for proj in (layer.gate_proj, layer.out_proj):
-        if proj is not None:
-            flops += 2 * proj.in_features * proj.out_features
-    return flops
 
 
 def dense_mlp(dim: int, flops: int) -> nn.Sequential:

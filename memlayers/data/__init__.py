@@ -1,0 +1,60 @@
+"""Datasets for training transformers with memory layers: synthetic facts (measure memory) and local text.
+
+``build_dataset(DataConfig)`` returns a ``FactsDataset`` or a ``TextDataset``; both offer
+
+    tokenizer, vocab_size
+    train_batch(step, batch_size, seq_len) -> (x (B, T), y (B, T)) int64   # pure in (config, step): resumable
+    val_batches(batch_size, seq_len, limit=None) -> [(x (b, T), y (b, T)), ...]  # fixed; limit = max rows
+    probes(format) -> list[Probe]   # facts: recall questions; text: []
+    probe_formats                   # the formats worth probing (facts: the trained ones; text: none)
+    describe() -> dict              # small JSON-able summary
+"""
+
+from dataclasses import dataclass, field
+
+from .facts import ATTRIBUTES, FORMATS, FactsConfig, FactsDataset, Person, Probe, generate_choices, generate_people
+from .packing import PackedStream, fixed_batches
+from .text import TextConfig, TextDataset
+from .tokenizers import ByteTokenizer, WordTokenizer, split_words
+
+KINDS = ("facts", "text")
+
+
+@dataclass
+class DataConfig:
+    """Which dataset to train on: kind "facts" (uses ``facts``) or "text" (uses ``text``)."""
+
+    kind: str = "facts"
+    facts: FactsConfig = field(default_factory=FactsConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+
+def build_dataset(cfg: DataConfig) -> FactsDataset | TextDataset:
+    """The dataset ``cfg.kind`` names, built from its sub-config."""
+    if cfg.kind == "facts":
+        return FactsDataset(cfg.facts)
+    if cfg.kind == "text":
+        return TextDataset(cfg.text)
+    raise ValueError(f"DataConfig.kind: unknown {cfg.kind!r}; choose one of {', '.join(KINDS)}")
+
+
+__all__ = [
+    "ATTRIBUTES",
+    "FORMATS",
+    "KINDS",
+    "ByteTokenizer",
+    "DataConfig",
+    "FactsConfig",
+    "FactsDataset",
+    "PackedStream",
+    "Person",
+    "Probe",
+    "TextConfig",
+    "TextDataset",
+    "WordTokenizer",
+    "build_dataset",
+    "fixed_batches",
+    "generate_choices",
+    "generate_people",
+    "split_words",
+]

@@ -1,0 +1,107 @@
+"""Evaluation of a trained language model: loss, fact recall, held-out QA and memory usage.
+
+``evaluate(model, dataset)`` returns one flat dict of floats:
+
+    loss, ppl                      mean next-token loss (and its exp) on ``dataset.val_batches``
+    recall/<format>                exact-match recall of the facts in a trained format (records, bios, qa),
+    recall/<format>/<attribute>      over every person, and per attribute
+    qa_heldout, qa_heldout/<attr>  QA accuracy on the held-out people, whose QA pairs were never trained:
+                                   the model must *extract* facts it only read in biographies
+    memory/<block>/<stat>          usage statistics of each memory layer (``UsageTracker.summary``)
+
+Recall is exact match under greedy decoding: the model is prompted with a probe's prefix (e.g.
+``<bos> ada lovelace birth_city``) and must produce every token of the answer. It is computed
+by teacher forcing: greedy decoding reproduces the answer iff at every answer position the argmax
+of the logits, given the prompt and the previous answer tokens, is the next answer token. One
+forward pass per probe, batched over probes of equal length (no padding, so nothing to mask).
+"""
+
+import math
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+@torch.no_grad()
+def probe_hits(model: nn.Module, probes: list, batch_size: int = 256, device=None) -> torch.Tensor:
+    """(P,) bool: does greedy decoding from ``probe.prompt`` reproduce ``probe.answer`` exactly?
+
+    Probes are grouped by ``len(prompt) + len(answer)`` and run as batches of equal-length rows.
+    """
+    device = device if device is not None else next(model.parameters()).device
+    hits = torch.zeros(len(probes), dtype=torch.bool)
+    by_shape = defaultdict(list)
+    for i, p in enumerate(probes):
+        by_shape[(len(p.prompt), len(p.answer))].append(i)
+    for (n_prompt, n_answer), ids in by_shape.items():
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start : start + batch_size]
+            rows = torch.tensor([probes[i].prompt + probes[i].answer for i in chunk], device=device)  # (b, S)
+            logits = model(rows[:, :-1]).logits  # (b, S-1, V)
+            predicted = logits[:, n_prompt - 1 :].argmax(-1)  # (b, n_answer): the answer positions
+            hits[chunk] = (predicted == rows[:, n_prompt:]).all(-1).cpu()
+    return hits
+
+
+def _recall(prefix: str, probes: list, hits: torch.Tensor) -> dict[str, float]:
+    """``{prefix: mean hit rate, prefix/<attribute>: per attribute}`` (empty when there are no probes)."""
+    if not probes:
+        return {}
+    out = {prefix: hits.float().mean().item()}
+    by_attr = defaultdict(list)
+    for p, h in zip(probes, hits.tolist()):
+        by_attr[p.attribute].append(h)
+    out.update({f"{prefix}/{a}": sum(h) / len(h) for a, h in sorted(by_attr.items())})
+    return out
+
+
+def _subsample(probes: list, limit: int | None) -> list:
+    """At most ``limit`` probes, evenly strided over the list (deterministic, covers every attribute)."""
+    if limit is None or len(probes) <= limit:
+        return probes
+    step = len(probes) / limit
+    return [probes[int(i * step)] for i in range(limit)]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset,
+    *,
+    limit: int | None = None,
+    batch_size: int = 64,
+    seq_len: int = 128,
+    val_batches: int = 8,
+    device=None,
+) -> dict[str, float]:
+    """Evaluate ``model`` (a ``memlayers.model.Transformer``) on ``dataset`` (see the module docstring).
+
+    limit: at most this many probes per format and per held-out set (None: all of them).
+    batch_size, seq_len, val_batches: the validation-loss batches (``dataset.val_batches``).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        device = device if device is not None else next(model.parameters()).device
+        seq_len = min(seq_len, model.config.max_seq_len)
+        losses = [
+            model(x.to(device), y.to(device)).loss.item()
+            for x, y in dataset.val_batches(batch_size, seq_len, limit=val_batches)
+        ]
+        out = {}
+        if losses:
+            out["loss"] = sum(losses) / len(losses)
+            out["ppl"] = math.exp(min(out["loss"], 50.0))
+        for fmt in dataset.probe_formats:  # the formats the model was trained on
+            probes = dataset.probes(fmt)
+            seen = _subsample([p for p in probes if not p.heldout], limit)
+            out.update(_recall(f"recall/{fmt}", seen, probe_hits(model, seen, device=device)))
+            if fmt == "qa":  # QA of the held-out people: facts read only in biographies
+                heldout = _subsample([p for p in probes if p.heldout], limit)
+                out.update(_recall("qa_heldout", heldout, probe_hits(model, heldout, device=device)))
+        for block, layer in model.memory_layers():
+            if layer.usage is not None:
+                out.update({f"memory/{block}/{k}": float(v) for k, v in layer.usage.summary().items()})
+        return out
+    finally:
+        model.train(was_training)

@@ -1,0 +1,239 @@
+"""Checkpoints: atomic writes, validated reads with clear errors, and the state exact resume needs.
+
+A checkpoint is one ``torch.save``d dict (loadable with ``weights_only=True``: tensors and builtins only):
+
+    format, version     "memlayers-checkpoint", 1
+    config              RunConfig.to_dict() of the run (vocab_size resolved)
+    step, tokens        optimizer steps done, training tokens seen
+    model               the (uncompiled) model's state_dict
+    optimizer           the optimizer's state_dict
+    rng                 torch CPU / CUDA, Python and NumPy RNG states
+    usage               per memory layer, its UsageTracker's state (its buffers are not in state_dict)
+    trainer             the loop's own state (metrics.jsonl byte offset, loss accumulators, elapsed time)
+
+``load_checkpoint(path)`` rebuilds the model from the saved config and loads the weights and usage
+statistics: what ``memlayers eval CHECKPOINT`` needs.
+"""
+
+import os
+import random
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from torch import nn
+
+from ..metrics import UsageTracker
+
+FORMAT = "memlayers-checkpoint"
+VERSION = 1
+CHECKPOINT = "checkpoint.pt"
+REQUIRED = ("config", "step", "tokens", "model", "optimizer", "rng", "usage", "trainer")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, truncated, not ours, or missing fields."""
+
+
+class ConfigMismatchError(ValueError):
+    """The run directory holds a run of another config than the one requested."""
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic files
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write a file so that ``path`` holds either its old content or the complete new one, never a mix.
+
+    ``write(f)`` fills a temporary file in the same directory (same filesystem, so the rename is atomic),
+    which is flushed and fsynced, then ``os.replace``d onto ``path``; the directory is fsynced so the
+    rename survives a power loss. On any error the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_tmp(directory: str | os.PathLike) -> None:
+    """Delete temporary files left by an ``atomic_write`` killed mid-way (``.NAME.tmp.PID``)."""
+    for p in Path(directory).glob(".*.tmp.*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG and usage-tracker state
+
+
+def rng_state() -> dict:
+    """Every RNG the training loop may draw from (torch CPU and CUDA, Python, NumPy), as builtins/tensors."""
+    version, internal, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+_TRACKER_BUFFERS = ("counts", "mass", "subkey_counts", "last_seen", "_step", "_masked_tokens")
+
+
+def usage_trackers(model: nn.Module) -> dict[str, UsageTracker]:
+    """{module name: UsageTracker} of every usage tracker in ``model``."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, UsageTracker)}
+
+
+def usage_state(model: nn.Module) -> dict[str, dict]:
+    """The full state of every UsageTracker (its buffers are ``persistent=False``, so not in ``state_dict``,
+    and it keeps host-side counters), so that resumed usage statistics equal uninterrupted ones."""
+    out = {}
+    for name, t in usage_trackers(model).items():
+        state = {b: getattr(t, b).detach().cpu().clone() for b in _TRACKER_BUFFERS}
+        state["updates"] = t._updates
+        state["host_tokens"] = t._host_tokens
+        state["window"] = [
+            [tok.detach().cpu().clone() if torch.is_tensor(tok) else int(tok), int(per)]
+            for tok, per in t._window_accesses
+        ]
+        out[name] = state
+    return out
+
+
+def load_usage_state(model: nn.Module, states: dict[str, dict]) -> None:
+    trackers = usage_trackers(model)
+    if set(trackers) != set(states):
+        raise CheckpointError(
+            f"usage trackers in the checkpoint {sorted(states)} do not match the model's {sorted(trackers)}"
+        )
+    for name, t in trackers.items():
+        state = states[name]
+        for b in _TRACKER_BUFFERS:
+            getattr(t, b).copy_(state[b])
+        t._updates = int(state["updates"])
+        t._host_tokens = int(state["host_tokens"])
+        dev = t.counts.device
+        t._window_accesses = deque(
+            ((tok.to(dev) if torch.is_tensor(tok) else tok, per) for tok, per in state["window"]), maxlen=t.window
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# save / read / load
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Atomically ``torch.save`` ``state`` (the fields listed in the module docstring) to ``path``."""
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise ValueError(f"save_checkpoint: state lacks {missing}")
+    payload = {"format": FORMAT, "version": VERSION, **state}
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or a run directory holding ``checkpoint.pt``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {str(path)!r}; pass a checkpoint file or a run directory holding {CHECKPOINT} "
+            "(one is written every train.ckpt_every steps and at the end of `memlayers train`)"
+        )
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load and validate a checkpoint dict (on CPU). Raises FileNotFoundError or CheckpointError."""
+    path = resolve_checkpoint_path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (torch.load raises many types for a damaged file)
+        raise CheckpointError(
+            f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "the file is truncated, corrupt, or not a memlayers checkpoint. Delete it to restart the run from "
+            "scratch, or restore a good copy"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a memlayers checkpoint (no format={FORMAT!r} marker)")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint version {ckpt.get('version')!r}, this memlayers reads version {VERSION}; "
+            "use the memlayers version that wrote it"
+        )
+    missing = [k for k in REQUIRED if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {missing}; it is incomplete, restart the run")
+    return ckpt
+
+
+def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu"):
+    """Rebuild a trained model: ``(RunConfig, model, extra)``.
+
+    path: a checkpoint file or a run directory (``out_dir/checkpoint.pt``).
+    The model is built from the saved config, gets the saved weights and usage statistics, and is
+    returned on ``device`` in eval mode. ``extra`` holds the rest of the checkpoint (step, tokens,
+    optimizer, rng, trainer state).
+    """
+    from ..model import Transformer
+    from .config import RunConfig
+
+    ckpt = read_checkpoint(path)
+    try:
+        cfg = RunConfig.from_dict(ckpt["config"], source=f"{path} (saved config)")
+    except ValueError as e:
+        raise CheckpointError(f"{path}: the saved config is not valid for this memlayers version: {e}") from None
+    model = Transformer(cfg.model)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: the weights do not fit the model built from the saved config: {e}") from None
+    model.to(device).eval()
+    load_usage_state(model, ckpt["usage"])
+    extra = {k: v for k, v in ckpt.items() if k not in ("config", "model")}
+    return cfg, model, extra

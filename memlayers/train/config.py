@@ -1,0 +1,261 @@
+"""TrainConfig and RunConfig (model + data + train), loaded from YAML plus dotlist overrides.
+
+    cfg = load_config("run.yaml", ["train.lr=3e-4", "model.memories=[{layers: 'center:1:1', options: {n_keys: 64}}]"])
+    cfg.to_dict()                          # plain dict (JSON/YAML safe)
+    RunConfig.from_dict(cfg.to_dict())     # == cfg
+    save_config(cfg, "out/config.yaml")    # resolved YAML, written atomically
+
+Loading goes through OmegaConf structured configs, so every key and type is checked against the
+dataclasses: an unknown key or a value of the wrong type is a ``ValueError`` naming the key, where
+it came from, and the valid keys (or the expected type).
+"""
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from ..data import DataConfig
+from ..model import ModelConfig
+from ..optim import VALUE_OPTIMIZERS
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass
+class TrainConfig:
+    """How to train. One optimizer step ("step") sees ``batch_size * grad_accum`` sequences of ``seq_len`` tokens.
+
+    steps: optimizer steps.
+    batch_size: sequences per micro-batch; a step accumulates ``grad_accum`` micro-batches, which are the
+        consecutive slices of the step's ``batch_size * grad_accum`` sequences (so accumulation only changes
+        how a step's batch is split, never which sequences it holds).
+    lr: peak learning rate of the base groups; the values group runs at ``value_lr_ratio * lr``.
+    min_lr_ratio, warmup: linear warmup over ``warmup`` steps to the peak, then cosine decay to
+        ``min_lr_ratio`` x peak at the last step, applied to every parameter group (each keeps its own peak).
+    weight_decay, beta1, beta2: AdamW (no decay on values, sub-keys, biases and gains).
+    value_optimizer: "adamw" or "sparse_adam" (needs memories built with ``options: {sparse_values: true}``).
+    clip, value_clip: max gradient norm of the non-value parameters / of the value tables (None: no clipping).
+    eval_every: steps between periodic evaluations (0: only the final one); eval_limit: probes per format in
+        the periodic ones (the final evaluation has no limit).
+    log_every: steps between JSONL log lines; ckpt_every: steps between checkpoints (the last step always
+        writes one).
+    seed: seeds Python, NumPy and torch (model init, dropout).
+    device: "auto" (CUDA if available, else CPU) or a torch device string.
+    dtype: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "float32", or "bfloat16" (autocast).
+    compile: torch.compile the model for training (checkpoints hold the uncompiled module's weights).
+    threads: torch.set_num_threads for the run (restored afterwards); None leaves it alone.
+    tensorboard: also write TensorBoard scalars to out_dir/tb (needs the tensorboard package).
+    progress: show a tqdm progress bar.
+    """
+
+    steps: int = 1000
+    batch_size: int = 32
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    value_lr_ratio: float = 10.0
+    value_optimizer: str = "adamw"
+    clip: float | None = 1.0
+    value_clip: float | None = 1.0
+    eval_every: int = 200
+    eval_limit: int | None = 512
+    log_every: int = 10
+    ckpt_every: int = 200
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    threads: int | None = None
+    tensorboard: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        def fail(name, problem, fix):
+            raise ValueError(f"train.{name}: {problem}; {fix}")
+
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                fail(name, f"must be >= 1, got {getattr(self, name)}", "use a positive integer")
+        for name in ("warmup", "eval_every"):
+            if getattr(self, name) < 0:
+                fail(name, f"must be >= 0, got {getattr(self, name)}", "use 0 to disable")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            fail("lr", f"must be a finite number > 0, got {self.lr}", "use e.g. 1e-3")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            fail("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}", "use e.g. 0.1")
+        if not (math.isfinite(self.value_lr_ratio) and self.value_lr_ratio > 0):
+            fail("value_lr_ratio", f"must be > 0, got {self.value_lr_ratio}", "use e.g. 10.0")
+        if not self.weight_decay >= 0:
+            fail("weight_decay", f"must be >= 0, got {self.weight_decay}", "use e.g. 0.1")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                fail(name, f"must be in [0, 1), got {getattr(self, name)}", "use e.g. 0.9 / 0.95")
+        for name in ("clip", "value_clip"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                fail(name, f"must be > 0 or null, got {getattr(self, name)}", "use null to disable clipping")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            fail("eval_limit", f"must be >= 1 or null, got {self.eval_limit}", "use null for every probe")
+        if self.value_optimizer not in VALUE_OPTIMIZERS:
+            fail("value_optimizer", f"unknown {self.value_optimizer!r}", f"choose one of {VALUE_OPTIMIZERS}")
+        if self.dtype not in DTYPES:
+            fail("dtype", f"unknown {self.dtype!r}", f"choose one of {DTYPES}")
+        if self.threads is not None and self.threads < 1:
+            fail("threads", f"must be >= 1 or null, got {self.threads}", "use null to keep torch's default")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs: ``model`` (ModelConfig), ``data`` (DataConfig), ``train`` (TrainConfig)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        """A plain nested dict of builtins (dataclasses and tuples turned into dicts and lists)."""
+        return OmegaConf.to_container(OmegaConf.structured(self), resolve=True)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "dict") -> "RunConfig":
+        """Inverse of ``to_dict``; missing keys take their defaults, unknown keys / bad types -> ValueError."""
+        return _build([(source, OmegaConf.create(data))])
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.structured(self))
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The defaults, updated by the YAML file at ``path`` (if given), then by ``overrides``.
+
+    overrides: dotlist items ``key=value`` with YAML values, e.g. ``train.lr=3e-4``, ``train.clip=null``,
+    ``model.memories=[{layers: "1,3", pool: shared, options: {n_keys: 128}}]`` (a list replaces the whole list).
+    Raises FileNotFoundError for a missing file and ValueError for unreadable YAML, unknown keys, values of the
+    wrong type and out-of-range values, each naming the key and the fix.
+    """
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} not found; pass the path of a YAML run config")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:  # noqa: BLE001 (yaml.YAMLError and friends)
+            raise ValueError(f"{path}: not valid YAML ({e}); fix the file's syntax") from None
+        if not isinstance(loaded, DictConfig):
+            raise ValueError(f"{path}: a run config must be a YAML mapping with keys model/data/train, got a list")
+        layers.append((str(path), loaded))
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value, e.g. train.lr=3e-4")
+        key = item.split("=", 1)[0].strip()
+        if not key:
+            raise ValueError(f"override {item!r} has no key before '='; use e.g. train.lr=3e-4")
+        try:
+            layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
+        except OmegaConfBaseException as e:
+            raise ValueError(
+                f"override {item!r} could not be parsed ({_first_line(e)}); use key=value with a YAML value"
+            ) from None
+    return _build(layers)
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    """Write ``cfg`` as resolved YAML, atomically (see ``memlayers.train.checkpoint.atomic_write``)."""
+    from .checkpoint import atomic_write
+
+    text = cfg.to_yaml()
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": [1, {"c": 2}]}} -> {"a.b.0": 1, "a.b.1.c": 2}; empty dicts/lists stay as leaves."""
+    if isinstance(data, dict) and data:
+        out = {}
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(data, (list, tuple)) and data:
+        out = {}
+        for i, v in enumerate(data):
+            out.update(flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def config_diff(saved: dict, requested: dict, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+    """[(dotted key, saved value, requested value)] for every leaf that differs, keys under ``ignore`` skipped."""
+    a, b = flatten(saved), flatten(requested)
+    missing = object()
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == p or key.startswith(p + ".") for p in ignore):
+            continue
+        va, vb = a.get(key, missing), b.get(key, missing)
+        if va != vb or type(va) is not type(vb) and not _same_number(va, vb):
+            out.append((key, None if va is missing else va, None if vb is missing else vb))
+    return out
+
+
+def _same_number(a, b) -> bool:
+    return isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and a == b
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).split("\n")[0]
+
+
+def _build(layers: list[tuple[str, Any]]) -> RunConfig:
+    """Merge the (source, OmegaConf node) layers onto the RunConfig schema and instantiate the dataclasses."""
+    merged = OmegaConf.structured(RunConfig)
+    for source, node in layers:
+        try:
+            merged = OmegaConf.merge(merged, node)
+        except ConfigKeyError as e:
+            raise ValueError(_unknown_key_message(e, source)) from None
+        except ValidationError as e:
+            raise ValueError(_bad_value_message(e, source)) from None
+        except OmegaConfBaseException as e:
+            raise ValueError(f"{source}: {_first_line(e)}") from None
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"config: {_first_line(e)}") from None
+    return cfg
+
+
+def _valid_keys(e: OmegaConfBaseException) -> str:
+    cls = getattr(e, "object_type", None)
+    if cls is not None and dataclasses.is_dataclass(cls):
+        return f"valid keys of {cls.__name__}: {', '.join(f.name for f in dataclasses.fields(cls))}"
+    return "see the dataclasses in memlayers.train.config / memlayers.model / memlayers.data"
+
+
+def _unknown_key_message(e: ConfigKeyError, source: str) -> str:
+    key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
+    hint = ""
+    if "Did you mean" in str(e):
+        hint = " (did you mean " + str(e).split("Did you mean:", 1)[1].split("?")[0].strip() + "?)"
+    return f"unknown config key {key!r} in {source}{hint}; fix or remove it ({_valid_keys(e)})"
+
+
+def _bad_value_message(e: ValidationError, source: str) -> str:
+    key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
+    return f"config key {key!r} in {source}: {_first_line(e)}; give a value of the field's type"

@@ -1,0 +1,502 @@
+"""The training loop: ``train(cfg, out_dir)`` trains, logs, checkpoints, resumes and evaluates one run.
+
+    from memlayers.train import load_config, train
+    result = train(load_config("run.yaml", ["train.steps=2000"]), "runs/memory_plus")
+
+out_dir/ holds:
+    config.yaml      the resolved RunConfig (vocab_size filled in), written when the run starts
+    metrics.jsonl    one JSON object per logged step (see ``train``)
+    checkpoint.pt    the latest checkpoint (``memlayers.train.checkpoint``), replaced atomically
+    result.json      the final summary, written atomically and last: its presence means the run finished
+    tb/              TensorBoard scalars, when ``train.tensorboard``
+    prev/            what ``train(..., force=True)`` moved out of the way
+
+Resume: rerunning ``train`` on the same out_dir continues from checkpoint.pt when the configs match
+(else ``ConfigMismatchError`` listing the differing keys, and no file is touched), or just returns
+result.json when the run had finished. Exact: batches are a pure function of the step index, and the
+checkpoint holds the model, optimizer, RNG states, usage trackers and the loop's own state, so the
+losses after a resume equal an uninterrupted run's bit for bit (on CPU; tested).
+"""
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..data import build_dataset
+from ..model import Transformer
+from ..optim import build_optimizer, clip_grad_norms
+from .checkpoint import (
+    CHECKPOINT,
+    ConfigMismatchError,
+    atomic_write,
+    load_usage_state,
+    read_checkpoint,
+    remove_stale_tmp,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    usage_state,
+)
+from .config import RunConfig, config_diff, save_config
+
+CONFIG, METRICS, RESULT = "config.yaml", "metrics.jsonl", "result.json"
+# keys that may change between a run and its resume (they do not change what is computed)
+RUNTIME_KEYS = ("train.progress", "train.tensorboard", "train.threads")
+FINAL_LOSS_LOGS = 5  # result["final_loss"]: mean of the last this-many logged losses
+
+Evaluate = Callable[..., dict]
+
+
+def lr_multiplier(step: int, steps: int, warmup: int, min_lr_ratio: float) -> float:
+    """Learning-rate factor of optimizer step ``step`` (1-based): linear warmup to 1 at ``step == warmup``,
+    then cosine decay to ``min_lr_ratio`` at ``step == steps``."""
+    if step <= warmup:
+        return step / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"train.device: {name!r} is not a torch device ({e}); use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device: {name!r} but CUDA is not available; use train.device=auto or cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype: bf16 on CUDA for "auto", else float32 (no autocast)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def train(
+    cfg: RunConfig,
+    out_dir: str | os.PathLike,
+    *,
+    evaluate: Evaluate | None | bool = None,
+    progress: bool | None = None,
+    force: bool = False,
+) -> dict:
+    """Train ``cfg`` in ``out_dir`` (created if needed), resuming from its checkpoint if there is one.
+
+    evaluate: ``evaluate(model, dataset, *, limit, batch_size, seq_len) -> dict[str, float]``, called every
+        ``train.eval_every`` steps with ``limit=train.eval_limit`` and once at the end with ``limit=None``;
+        None = ``memlayers.evaluate.evaluate``; False = no evaluation at all. It runs under the training
+        autocast, and the RNG states are restored afterwards, so evaluating never changes the training.
+    progress: show the tqdm bar (None = ``train.progress``).
+    force: start over even if out_dir holds a finished or different run (its files move to out_dir/prev/).
+
+    Returns the result dict (also out_dir/result.json): config, steps, tokens, final_loss, wall_time,
+    train_time, tokens_per_s, eval (the final evaluation), accounting (``memlayers.accounting.account``),
+    device, dtype, resumes.
+
+    metrics.jsonl lines: ``step`` (optimizer steps done), ``tokens``, ``elapsed`` (s, wall clock, summed over
+    resumes); on log steps also ``loss`` (mean LM loss since the previous log), ``aux_loss`` (MoE models),
+    ``lr`` and ``value_lr`` (peak-scaled lrs of the base and value groups), ``grad_norm`` and
+    ``value_grad_norm`` (before clipping), ``tokens_per_s`` (since the previous log, training time only);
+    on eval steps ``eval/<name>`` for every evaluate() output.
+    """
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(f"train: cfg must be a RunConfig (see memlayers.train.load_config), got {type(cfg).__name__}")
+    cfg = copy.deepcopy(cfg)
+    t = cfg.train
+    out_dir = Path(out_dir)
+    show = t.progress if progress is None else progress
+    if t.seq_len > cfg.model.max_seq_len:
+        raise ValueError(
+            f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
+            "lower train.seq_len or raise model.max_seq_len"
+        )
+    if t.tensorboard:
+        _summary_writer_class()  # fail before touching anything when tensorboard is missing
+    device = resolve_device(t.device)
+    dtype = resolve_dtype(t.dtype, device)
+    if evaluate is None:
+        from ..evaluate import evaluate
+
+    threads = torch.get_num_threads()
+    if t.threads is not None:
+        torch.set_num_threads(t.threads)
+    try:
+        _seed_everything(t.seed)
+        dataset = build_dataset(cfg.data)
+        if cfg.model.vocab_size is None:
+            cfg.model.vocab_size = dataset.vocab_size
+        elif cfg.model.vocab_size < dataset.vocab_size:
+            raise ValueError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the dataset's vocabulary "
+                f"({dataset.vocab_size}); set model.vocab_size=null to take it from the dataset"
+            )
+        kind, saved = _prepare_out_dir(out_dir, cfg.to_dict(), force)
+        if kind == "finished":
+            return saved
+        return _Run(cfg, out_dir, dataset, device, dtype, evaluate, show, saved).run()
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def _summary_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError(
+            "train.tensorboard=true needs the tensorboard package: pip install tensorboard "
+            "(or set train.tensorboard=false; metrics.jsonl is always written)"
+        ) from None
+    return SummaryWriter
+
+
+def _mismatch(out_dir: Path, source: str, diff) -> ConfigMismatchError:
+    lines = "\n".join(f"  {key}: saved {a!r}, requested {b!r}" for key, a, b in diff)
+    return ConfigMismatchError(
+        f"{out_dir} holds a run with another config ({source}); {len(diff)} key(s) differ:\n{lines}\n"
+        "Nothing was changed. Use another out_dir, request the saved config, or pass force=True "
+        "(--force) to start over (the old files move to out_dir/prev/)."
+    )
+
+
+def _prepare_out_dir(out_dir: Path, requested: dict, force: bool):
+    """Check out_dir before anything is written. Returns ("finished", saved result), ("resume", checkpoint
+    dict) or ("fresh", None). Raises, touching nothing, on a config mismatch or an unreadable checkpoint."""
+    result, ckpt_path, config = out_dir / RESULT, out_dir / CHECKPOINT, out_dir / CONFIG
+    if force:
+        _archive(out_dir)
+        return "fresh", None
+    if result.is_file():
+        try:
+            saved = json.loads(result.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{result}: unreadable result ({e}); delete it to redo the end of the run") from None
+        diff = config_diff(saved.get("config", {}), requested, RUNTIME_KEYS)
+        if diff:
+            raise _mismatch(out_dir, RESULT, diff)
+        return "finished", saved
+    if ckpt_path.is_file():
+        ckpt = read_checkpoint(ckpt_path)
+        diff = config_diff(ckpt["config"], requested, RUNTIME_KEYS)
+        if diff:
+            raise _mismatch(out_dir, CHECKPOINT, diff)
+        return "resume", ckpt
+    if config.is_file():  # started, killed before its first checkpoint: restart only if it is the same run
+        from .config import load_config
+
+        try:
+            saved = load_config(config).to_dict()
+        except ValueError as e:
+            raise ConfigMismatchError(f"{config}: unreadable saved config ({e}); use another out_dir or force")
+        diff = config_diff(saved, requested, RUNTIME_KEYS)
+        if diff:
+            raise _mismatch(out_dir, CONFIG, diff)
+    return "fresh", None
+
+
+def _archive(out_dir: Path) -> None:
+    """force: move the previous run's files into out_dir/prev/ (replacing an older prev)."""
+    names = [n for n in (RESULT, CHECKPOINT, METRICS, CONFIG) if (out_dir / n).exists()]
+    if not names:
+        return
+    prev = out_dir / "prev"
+    prev.mkdir(exist_ok=True)
+    for n in (RESULT, CHECKPOINT, METRICS, CONFIG):
+        (prev / n).unlink(missing_ok=True)
+    for n in names:
+        os.replace(out_dir / n, prev / n)
+
+
+def _to_builtin(x):
+    if is_dataclass(x) and not isinstance(x, type):
+        return {k: _to_builtin(v) for k, v in asdict(x).items()}
+    if isinstance(x, dict):
+        return {str(k): _to_builtin(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_builtin(v) for v in x]
+    if torch.is_tensor(x):
+        return x.item() if x.numel() == 1 else x.tolist()
+    return x
+
+
+class _Run:
+    """One training session of a run (fresh or resumed); ``run()`` returns the result dict."""
+
+    def __init__(self, cfg: RunConfig, out_dir: Path, dataset, device, dtype, evaluate, show: bool, ckpt):
+        self.cfg, self.t, self.out_dir, self.dataset = cfg, cfg.train, out_dir, dataset
+        self.device, self.dtype, self.evaluate, self.show = device, dtype, evaluate, show
+        t = self.t
+        torch.manual_seed(t.seed)  # the model's init does not depend on what building the dataset drew
+        self.model = Transformer(cfg.model).to(device)
+        self.optimizer = build_optimizer(
+            self.model,
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            betas=(t.beta1, t.beta2),
+            value_lr_ratio=t.value_lr_ratio,
+            value_optimizer=t.value_optimizer,
+        )
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.step, self.tokens = 0, 0
+        self.loss_sum = torch.zeros((), device=device)  # LM loss summed over the steps since the last log
+        self.aux_sum = torch.zeros((), device=device)
+        self.loss_count = 0
+        self.recent_losses: deque = deque(maxlen=FINAL_LOSS_LOGS)
+        self.elapsed = self.train_time = 0.0  # from earlier sessions
+        self.resumes = 0
+        self.final_eval = None
+        self.has_moe = bool(getattr(cfg.model.moe, "layers", ""))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(out_dir)
+        metrics = out_dir / METRICS
+        if ckpt is None:
+            save_config(cfg, out_dir / CONFIG)
+            offset = 0
+        else:
+            self._load(ckpt)
+            offset = ckpt["trainer"]["metrics_offset"]
+            size = metrics.stat().st_size if metrics.exists() else 0
+            if size < offset:
+                warnings.warn(f"{metrics} is shorter than at the checkpoint ({size} < {offset} bytes); lines are lost")
+                offset = size
+        with open(metrics, "ab") as f:  # drop what was logged after the checkpoint
+            f.truncate(offset)
+        self.metrics = open(metrics, "ab")  # noqa: SIM115 (open for the whole run, closed in run())
+        self.tb = None
+        if t.tensorboard:
+            self.tb = _summary_writer_class()(str(out_dir / "tb"), purge_step=self.step + 1 if self.step else None)
+
+    # ---- state
+
+    def _load(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        load_usage_state(self.model, ckpt["usage"])
+        set_rng_state(ckpt["rng"])
+        tr = ckpt["trainer"]
+        self.step, self.tokens = int(ckpt["step"]), int(ckpt["tokens"])
+        self.loss_sum = tr["loss_sum"].to(self.device)
+        self.aux_sum = tr["aux_sum"].to(self.device)
+        self.loss_count = int(tr["loss_count"])
+        self.recent_losses.extend(tr["recent_losses"])
+        self.elapsed, self.train_time = float(tr["elapsed"]), float(tr["train_time"])
+        self.resumes = int(tr["resumes"]) + 1
+        self.final_eval = tr["final_eval"]
+
+    def _save(self, elapsed: float, train_time: float) -> None:
+        self.metrics.flush()
+        os.fsync(self.metrics.fileno())
+        save_checkpoint(
+            self.out_dir / CHECKPOINT,
+            {
+                "config": self.cfg.to_dict(),
+                "step": self.step,
+                "tokens": self.tokens,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "rng": rng_state(),
+                "usage": usage_state(self.model),
+                "trainer": {
+                    "metrics_offset": self.metrics.tell(),
+                    "loss_sum": self.loss_sum.detach().cpu(),
+                    "aux_sum": self.aux_sum.detach().cpu(),
+                    "loss_count": self.loss_count,
+                    "recent_losses": list(self.recent_losses),
+                    "elapsed": elapsed,
+                    "train_time": train_time,
+                    "resumes": self.resumes,
+                    "final_eval": self.final_eval,
+                },
+            },
+        )
+
+    # ---- pieces of a step
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _set_lr(self, step: int) -> float:
+        t = self.t
+        mult = lr_multiplier(step, t.steps, t.warmup, t.min_lr_ratio)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * mult
+        return mult
+
+    def _lrs(self) -> dict:
+        out = {}
+        for group in self.optimizer.param_groups:
+            key = "value_lr" if group.get("name") == "values" else "lr"
+            out.setdefault(key, group["lr"])
+        return out
+
+    def _train_step(self, forward) -> tuple:
+        """One optimizer step on batch ``self.step`` (0-based index = steps done before it)."""
+        t = self.t
+        x, y = self.dataset.train_batch(self.step, t.batch_size * t.grad_accum, t.seq_len)  # (A*B, T) each
+        counts = (y != -100).sum(dim=1).view(t.grad_accum, t.batch_size).sum(dim=1).tolist()  # targets per micro
+        total = max(1, sum(counts))
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        step_loss = torch.zeros((), device=self.device)
+        step_aux = torch.zeros((), device=self.device)
+        for i in range(t.grad_accum):
+            xs, ys = x[i * t.batch_size : (i + 1) * t.batch_size], y[i * t.batch_size : (i + 1) * t.batch_size]
+            with self._autocast():
+                out = forward(xs, ys)
+            # each micro-batch's mean loss weighted by its share of the step's targets: the gradients sum to
+            # those of the mean over the whole step batch, whatever grad_accum is
+            weight = counts[i] / total
+            lm = out.loss.float() * weight
+            aux = out.aux_loss.float() / t.grad_accum
+            (lm + aux).backward()
+            step_loss += lm.detach()
+            step_aux += aux.detach()
+        norms = clip_grad_norms(self.model, t.clip, t.value_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_loss, step_aux, norms
+
+    def _eval(self, limit: int | None) -> dict:
+        state = rng_state()
+        self.model.eval()
+        try:
+            with self._autocast():
+                out = self.evaluate(
+                    self.model, self.dataset, limit=limit, batch_size=self.t.batch_size, seq_len=self.t.seq_len
+                )
+        finally:
+            set_rng_state(state)
+            self.model.train()
+        return {str(k): float(v) for k, v in _to_builtin(out).items()}
+
+    def _write(self, record: dict) -> None:
+        self.metrics.write((json.dumps(record) + "\n").encode())
+        self.metrics.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    # ---- the loop
+
+    def run(self) -> dict:
+        t, model = self.t, self.model
+        model.train()
+        forward = torch.compile(model) if t.compile else model
+        start_step = self.step
+        session_start = time.perf_counter()
+        log_time, log_tokens = 0.0, 0  # training time and tokens since the last log
+        bar = tqdm(
+            total=t.steps, initial=start_step, disable=not self.show, desc=self.out_dir.name, unit="step", leave=False
+        )
+        try:
+            while self.step < t.steps:
+                step = self.step + 1
+                tic = time.perf_counter()
+                self._set_lr(step)
+                step_loss, step_aux, norms = self._train_step(forward)
+                self.step, self.tokens = step, self.tokens + t.tokens_per_step
+                self.loss_sum += step_loss
+                self.aux_sum += step_aux
+                self.loss_count += 1
+                last = step == t.steps
+                record = {}
+                if step % t.log_every == 0 or last:
+                    loss = (self.loss_sum / self.loss_count).item()  # syncs, so the timing below is honest
+                    aux = (self.aux_sum / self.loss_count).item()
+                    dt = time.perf_counter() - tic
+                    self.train_time += dt
+                    log_time += dt
+                    log_tokens += t.tokens_per_step
+                    record = {"step": step, "tokens": self.tokens, "loss": loss}
+                    if self.has_moe:
+                        record["aux_loss"] = aux
+                    record.update(self._lrs())
+                    record["grad_norm"], record["value_grad_norm"] = (float(n) for n in norms)
+                    record["tokens_per_s"] = log_tokens / max(log_time, 1e-9)
+                    self.recent_losses.append(loss)
+                    self.loss_sum.zero_()
+                    self.aux_sum.zero_()
+                    self.loss_count = 0
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+                    log_time, log_tokens = 0.0, 0
+                else:
+                    dt = time.perf_counter() - tic
+                    self.train_time += dt
+                    log_time += dt
+                    log_tokens += t.tokens_per_step
+                if self.evaluate is not False:
+                    if last:
+                        record = record or {"step": step, "tokens": self.tokens}
+                        self.final_eval = self._eval(None)
+                        record.update({f"eval/{k}": v for k, v in self.final_eval.items()})
+                    elif t.eval_every and step % t.eval_every == 0:
+                        record = record or {"step": step, "tokens": self.tokens}
+                        record.update({f"eval/{k}": v for k, v in self._eval(t.eval_limit).items()})
+                elapsed = self.elapsed + time.perf_counter() - session_start
+                if record:
+                    record["elapsed"] = elapsed
+                    self._write(record)
+                if step % t.ckpt_every == 0 or last:
+                    self._save(elapsed, self.train_time)
+                bar.update(1)
+        finally:
+            bar.close()
+            self.metrics.close()
+            if self.tb is not None:
+                self.tb.close()
+        if self.step == start_step and self.final_eval is None and self.evaluate is not False:
+            self.final_eval = self._eval(None)  # resumed after the last checkpoint of a run without its eval
+        return self._finish(self.elapsed + time.perf_counter() - session_start)
+
+    def _finish(self, elapsed: float) -> dict:
+        from ..accounting import account
+
+        t = self.t
+        result = {
+            "config": self.cfg.to_dict(),
+            "steps": self.step,
+            "tokens": self.tokens,
+            "final_loss": sum(self.recent_losses) / len(self.recent_losses) if self.recent_losses else float("nan"),
+            "wall_time": elapsed,
+            "train_time": self.train_time,
+            "tokens_per_s": self.tokens / self.train_time if self.train_time > 0 else float("nan"),
+            "eval": self.final_eval or {},
+            "accounting": _to_builtin(account(self.model, t.seq_len)),
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads(),
+            "resumes": self.resumes,
+        }
+        text = json.dumps(result, indent=2)
+        atomic_write(self.out_dir / RESULT, lambda f: f.write(text.encode()))
+        return result
