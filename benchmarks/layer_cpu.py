@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import memlayers
-from memlayers.demo import memory_flops
+from memlayers.accounting import memory_flops
 from memlayers.ops import embedding_bag, embedding_bag_naive
 
 DIM, TOKENS, HEADS, TOPK = 256, 2048, 4, 32

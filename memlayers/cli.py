@@ -1,15 +1,19 @@
 """The ``memlayers`` command line (the console script ``memlayers = memlayers.cli:main``).
 
-Subcommands: ``demo`` (see ``memlayers.demo``).
+Subcommands:
 
-    memlayers demo                         # fit a memory layer to 4096 Zipf-sampled facts on CPU
-    memlayers demo --facts 8192 --steps 1000 --value-optimizer sparse_adam
+    memlayers compare                      # dense vs MoE vs Memory vs Memory+ at matched FLOPs (CPU, <10 min)
+    memlayers compare --preset gpu --out runs/gpu train.steps=3000
+    memlayers train --config run.yaml --out runs/a train.lr=3e-4   # one run (YAML + key=value overrides)
+    memlayers eval runs/a                  # recall, QA, loss and memory usage of a checkpoint
+    memlayers demo                         # a lone memory layer memorises 4096 Zipf-sampled facts (~30 s)
     memlayers --version
 """
 
 import argparse
 import json
 import math
+import sys
 
 from . import __version__
 from .config import PRESETS
@@ -76,12 +80,106 @@ def build_parser() -> argparse.ArgumentParser:
     out = demo.add_argument_group("output")
     out.add_argument("--quiet", action="store_true", help="no progress bars (the final table is still printed)")
     out.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+
+    overrides = dict(nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=500 model.dim=256")
+    tr = sub.add_parser(
+        "train",
+        help="train one model (YAML config + overrides); resumes an interrupted run",
+        description="Train a memlayers.model.Transformer on synthetic facts or local text. The run directory holds "
+        "config.yaml, metrics.jsonl, checkpoint.pt and, when finished, result.json; rerunning the same command "
+        "resumes exactly where it stopped.",
+    )
+    tr.add_argument("--config", metavar="YAML", help="a run config (sections model, data, train); default: defaults")
+    tr.add_argument("--out", metavar="DIR", default="runs/train", help="run directory")
+    tr.add_argument("--force", action="store_true", help="start over (old files are moved to DIR/prev/)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    tr.add_argument("overrides", **overrides)
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint: loss, fact recall per format and attribute, held-out QA, memory usage",
+        description="Evaluate a run directory or checkpoint file written by `memlayers train` or `memlayers compare`.",
+    )
+    ev.add_argument("checkpoint", help="a run directory or its checkpoint.pt")
+    ev.add_argument("--limit", type=pos_int, default=None, help="at most this many probes per format (default: all)")
+    ev.add_argument("--device", default="cpu", help="where to run (cpu, cuda, cuda:1, ...)")
+    ev.add_argument("--json", metavar="PATH", help="also write the metrics as JSON to PATH")
+
+    cmp = sub.add_parser(
+        "compare",
+        help="train dense, 2x/4x dense, MoE, Memory and Memory+ arms at matched FLOPs and compare them",
+        description="Train every arm of a preset on the same synthetic facts and budget (finished arms are reused, "
+        "interrupted ones resume), then print one table and write results.{json,csv,md}, loss.png and "
+        "recall_vs_flops.png to the output directory.",
+    )
+    cmp.add_argument("--preset", default="cpu", help="which comparison (see --list)")
+    cmp.add_argument("--list", action="store_true", help="list the presets and exit")
+    cmp.add_argument("--out", metavar="DIR", default=None, help="output directory (default: runs/compare-PRESET)")
+    cmp.add_argument("--arms", default=None, help="comma-separated subset of the arms, e.g. dense,memory_plus")
+    cmp.add_argument("--quiet", action="store_true", help="no progress bars")
+    cmp.add_argument("overrides", **overrides)
+    for p in (tr, ev, cmp):
+        p.set_defaults(subparser=p)
     return parser
+
+
+def _train(args) -> int:
+    from .train import load_config, train
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    result = train(cfg, args.out, progress=not args.quiet, force=args.force)
+    print(json.dumps({k: result[k] for k in ("steps", "tokens", "final_loss", "tokens_per_s", "wall_time")}, indent=2))
+    print(f"final evaluation: {json.dumps(result['eval'], indent=2)}")
+    return 0
+
+
+def _eval(args) -> int:
+    from .data import build_dataset
+    from .evaluate import evaluate
+    from .train import load_checkpoint
+
+    cfg, model, extra = load_checkpoint(args.checkpoint, device=args.device)
+    metrics = evaluate(model, build_dataset(cfg.data), limit=args.limit, batch_size=cfg.train.batch_size,
+                       seq_len=cfg.train.seq_len)  # fmt: skip
+    print(f"{args.checkpoint}: step {extra['step']}, {extra['tokens']:,} tokens")
+    width = max(map(len, metrics), default=0)
+    for key, value in metrics.items():
+        print(f"  {key:<{width}}  {value:.4f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(metrics, f, indent=2)
+    return 0
+
+
+def _compare(args) -> int:
+    from .compare import PRESETS, get_preset, run_compare
+
+    if args.list:
+        for name in PRESETS:
+            preset = get_preset(name)
+            print(f"{name:<8} {preset.description}")
+        return 0
+    preset = get_preset(args.preset)
+    arms = None if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()]
+    out = args.out or f"runs/compare-{preset.name}"
+    run_compare(preset, out, arms=arms, overrides=args.overrides, progress=not args.quiet)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    commands = {"train": _train, "eval": _eval, "compare": _compare}
+    if args.command in commands:
+        try:
+            return commands[args.command](args)
+        except (ValueError, FileNotFoundError) as e:  # bad configs, checkpoints, presets: one clear line
+            print(f"memlayers {args.command}: error: {e}", file=sys.stderr)
+            return 2
     if args.command == "demo":
         try:
             cfg = DemoConfig(

@@ -139,15 +139,17 @@ class RunConfig:
         return OmegaConf.to_yaml(OmegaConf.structured(self))
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """The defaults, updated by the YAML file at ``path`` (if given), then by ``overrides``.
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (), base: RunConfig | None = None
+) -> RunConfig:
+    """``base`` (default: the defaults), updated by the YAML file at ``path`` (if given), then by ``overrides``.
 
     overrides: dotlist items ``key=value`` with YAML values, e.g. ``train.lr=3e-4``, ``train.clip=null``,
     ``model.memories=[{layers: "1,3", pool: shared, options: {n_keys: 128}}]`` (a list replaces the whole list).
     Raises FileNotFoundError for a missing file and ValueError for unreadable YAML, unknown keys, values of the
     wrong type and out-of-range values, each naming the key and the fix.
     """
-    layers = []
+    layers = [] if base is None else [("base config", OmegaConf.structured(base))]
     if path is not None:
         path = Path(path)
         if not path.is_file():

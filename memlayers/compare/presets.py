@@ -1,0 +1,110 @@
+"""Comparison presets: the same data and training budget for every arm, models matched in FLOPs/token.
+
+Arms (as in the paper's Table 1, in miniature):
+    dense         the baseline decoder (SwiGLU FFN in every block)
+    dense_2x      a wider dense decoder with ~2x the forward FLOPs/token
+    dense_4x      ~4x the FLOPs/token
+    moe           every FFN a mixture of experts: top-2 of E experts of half the FFN width (so
+                  the dense FLOPs/token), E chosen so the total parameters match the Memory+ arm
+    memory        one memory layer (preset "memory") in place of the middle block's FFN
+    memory_plus   Memory+ (gated output, one value pool shared by the memory layers) in place of
+                  the FFN of several blocks, centred with a stride
+
+``memlayers compare --list`` prints the presets; ``tests/test_compare.py`` checks the FLOPs matching.
+"""
+
+from dataclasses import dataclass, field
+
+from ..data import DataConfig
+from ..data.facts import FactsConfig
+from ..model import MemorySpec, ModelConfig, MoESpec
+from ..train import TrainConfig
+
+
+@dataclass
+class CompareConfig:
+    """A named comparison: shared data and training settings, and one model per arm."""
+
+    name: str
+    description: str
+    data: DataConfig
+    train: TrainConfig
+    arms: dict[str, ModelConfig] = field(default_factory=dict)
+
+
+def standard_arms(
+    *,
+    dim: int,
+    n_layers: int,
+    n_heads: int,
+    max_seq_len: int,
+    dim_2x: int,
+    dim_4x: int,
+    moe_experts: int,
+    memory: dict,
+    memory_layer: str,
+    memory_plus_layers: str,
+) -> dict[str, ModelConfig]:
+    """The six arms of a comparison at one scale (see the module docstring).
+
+    dim_2x, dim_4x: widths of the dense arms with ~2x and ~4x the FLOPs/token of ``dim``.
+    memory: ``MemoryConfig`` overrides shared by the memory arms (n_keys, heads, topk, query_norm, ...).
+    memory_layer: the block whose FFN the single "memory" layer replaces; memory_plus_layers: a
+    placement (e.g. "center:3:2") for the Memory+ layers, which share one value pool.
+    """
+
+    def model(width: int = dim, **kw) -> ModelConfig:
+        return ModelConfig(dim=width, n_layers=n_layers, n_heads=n_heads, max_seq_len=max_seq_len, **kw)
+
+    expert_hidden = model().hidden // 2  # top-2 of experts half as wide: the dense FFN's FLOPs
+    return {
+        "dense": model(),
+        "dense_2x": model(dim_2x),
+        "dense_4x": model(dim_4x),
+        "moe": model(moe=MoESpec(layers="all", experts=moe_experts, topk=2, hidden=expert_hidden)),
+        "memory": model(memories=[MemorySpec(layers=memory_layer, preset="memory", options=dict(memory))]),
+        "memory_plus": model(
+            memories=[MemorySpec(layers=memory_plus_layers, preset="memory_plus", pool="values", options=dict(memory))]
+        ),
+    }
+
+
+def _cpu() -> CompareConfig:
+    return CompareConfig(
+        name="cpu",
+        description="300 people's records (1,800 facts), 4-layer d=128 models, 300 steps of 32x64 tokens; "
+        "about 10 min on 2 CPU cores",
+        data=DataConfig(kind="facts", facts=FactsConfig(people=300, formats="records")),
+        train=TrainConfig(steps=300, batch_size=32, seq_len=64, lr=3e-3, warmup=30, eval_every=0, ckpt_every=100),
+        arms=standard_arms(
+            dim=128, n_layers=4, n_heads=4, max_seq_len=64, dim_2x=192, dim_4x=272, moe_experts=10,
+            memory=dict(n_keys=128, heads=4, topk=16, query_norm="batchnorm"),
+            memory_layer="2", memory_plus_layers="1,3",
+        ),  # fmt: skip
+    )
+
+
+def _gpu() -> CompareConfig:
+    return CompareConfig(
+        name="gpu",
+        description="20,000 people as records, biographies and QA (20% of the people's QA held out), 8-layer "
+        "d=512 models, 3,000 steps of 64x256 tokens; sized for one H100 (not yet measured)",
+        data=DataConfig(kind="facts", facts=FactsConfig(people=20_000, formats="records,bios,qa")),
+        train=TrainConfig(steps=3000, batch_size=64, seq_len=256, lr=1e-3, warmup=200, eval_every=1000,
+                          ckpt_every=500),  # fmt: skip
+        arms=standard_arms(
+            dim=512, n_layers=8, n_heads=8, max_seq_len=256, dim_2x=736, dim_4x=1040, moe_experts=18,
+            memory=dict(n_keys=512, heads=4, topk=32, query_norm="batchnorm"),
+            memory_layer="4", memory_plus_layers="center:3:2",
+        ),  # fmt: skip
+    )
+
+
+PRESETS = {"cpu": _cpu, "gpu": _gpu}
+
+
+def get_preset(name: str) -> CompareConfig:
+    """The named preset (a fresh object each call)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown compare preset {name!r}; choose one of {sorted(PRESETS)} (memlayers compare --list)")
+    return PRESETS[name]()

@@ -1,0 +1,125 @@
+"""The comparison's outputs: one plain-text table, CSV and JSON files, and two PNG plots.
+
+Every function takes ``rows``: one dict per arm, as ``memlayers.compare.runner.arm_row`` builds them.
+"""
+
+import csv
+import json
+import math
+import os
+
+# (key in a row, column title, format)
+COLUMNS = [
+    ("arm", "arm", "{}"),
+    ("total_params", "params", "{:,.0f}"),
+    ("memory_params", "memory params", "{:,.0f}"),
+    ("active_params", "active params", "{:,.0f}"),
+    ("flops_per_token", "FLOPs/token", "{:,.0f}"),
+    ("flops_ratio", "x dense", "{:.2f}"),
+    ("final_loss", "train loss", "{:.3f}"),
+    ("val_loss", "val loss", "{:.3f}"),
+    ("recall/records", "recall records", "{:.1%}"),
+    ("recall/bios", "recall bios", "{:.1%}"),
+    ("recall/qa", "QA trained", "{:.1%}"),
+    ("qa_heldout", "QA held-out", "{:.1%}"),
+    ("memory_usage", "memory usage", "{:.1%}"),
+    ("tokens_per_s", "tokens/s", "{:,.0f}"),
+    ("wall_s", "wall s", "{:.0f}"),
+]
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return fmt.format(value)
+
+
+def format_table(rows: list[dict]) -> str:
+    """A fixed-width table, one line per arm; columns that are empty for every arm are left out."""
+    columns = [c for c in COLUMNS if any(_cell(r, c[0], c[2]) != "-" for r in rows)]
+    cells = [[title for _, title, _ in columns]] + [[_cell(r, k, f) for k, _, f in columns] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in cells]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def format_markdown(rows: list[dict]) -> str:
+    """The same table as GitHub markdown (for the README)."""
+    columns = [c for c in COLUMNS if any(_cell(r, c[0], c[2]) != "-" for r in rows)]
+    head = "| " + " | ".join(title for _, title, _ in columns) + " |"
+    rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"
+    body = ["| " + " | ".join(_cell(r, k, f) for k, _, f in columns) + " |" for r in rows]
+    return "\n".join([head, rule, *body])
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_tables(rows: list[dict], out_dir: str) -> list[str]:
+    """Write ``results.json`` (every field), ``results.csv`` and ``results.md``; return their paths."""
+    keys = sorted({k for r in rows for k in r if not isinstance(r[k], (dict, list))})
+    keys = ["arm"] + [k for k in keys if k != "arm"]
+    paths = [os.path.join(out_dir, name) for name in ("results.json", "results.csv", "results.md")]
+    _atomic_write(paths[0], json.dumps(rows, indent=2) + "\n")
+    tmp = f"{paths[1]}.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, paths[1])
+    _atomic_write(paths[2], format_markdown(rows) + "\n")
+    return paths
+
+
+def write_plots(rows: list[dict], curves: dict[str, list[tuple[float, float]]], out_dir: str) -> list[str]:
+    """``loss.png`` (training loss vs tokens, one line per arm) and ``recall_vs_flops.png``
+    (final recall of each trained format vs forward FLOPs/token, one point per arm); return the paths.
+
+    curves: arm -> [(tokens seen, training loss), ...].
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm, points in curves.items():
+        if points:
+            ax.plot([t for t, _ in points], [loss for _, loss in points], label=arm)
+    ax.set(xlabel="training tokens", ylabel="training loss", title="Loss vs tokens")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "loss.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label, marker in (("recall/records", "records", "o"), ("recall/bios", "bios", "s"),
+                               ("qa_heldout", "QA held-out", "^")):  # fmt: skip
+        points = [(r["flops_per_token"], r[key], r["arm"]) for r in rows if r.get(key) is not None]
+        if not points:
+            continue
+        ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=label, s=50)
+        for x, y, arm in points:
+            ax.annotate(arm, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set(xlabel="forward FLOPs per token", ylabel="exact-match recall", title="Fact recall vs FLOPs/token",
+           ylim=(-0.03, 1.03))  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "recall_vs_flops.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
