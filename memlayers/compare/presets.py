@@ -100,7 +100,23 @@ def _gpu() -> CompareConfig:
     )
 
 
-PRESETS = {"cpu": _cpu, "gpu": _gpu}
+def _gpu_large() -> CompareConfig:
+    return CompareConfig(
+        name="gpu_large",
+        description="100,000 people as records, biographies and QA, 12-layer d=768 models with 1M-slot memories, "
+        "20,000 steps of 64x512 tokens; hours on one H100 (an estimate: not yet measured)",
+        data=DataConfig(kind="facts", facts=FactsConfig(people=100_000, formats="records,bios,qa")),
+        train=TrainConfig(steps=20_000, batch_size=64, seq_len=512, lr=1e-3, warmup=1000, eval_every=2000,
+                          ckpt_every=1000, value_optimizer="adamw"),  # fmt: skip
+        arms=standard_arms(
+            dim=768, n_layers=12, n_heads=12, max_seq_len=512, dim_2x=1104, dim_4x=1560, moe_experts=30,
+            memory=dict(n_keys=1024, heads=4, topk=32, query_norm="batchnorm"),
+            memory_layer="6", memory_plus_layers="center:3:4",
+        ),  # fmt: skip
+    )
+
+
+PRESETS = {"cpu": _cpu, "gpu": _gpu, "gpu_large": _gpu_large}
 
 
 def get_preset(name: str) -> CompareConfig:

@@ -57,14 +57,18 @@ def loss_curve(run_dir: str) -> list[tuple[float, float]]:
     return points
 
 
-def arm_configs(preset: CompareConfig, overrides: list[str] = ()) -> dict[str, RunConfig]:
-    """The full ``RunConfig`` of every arm: the preset's data and train sections, the arm's model,
-    then ``overrides`` (dotlist, e.g. ``train.steps=100``) applied to every arm."""
-    out = {}
-    for arm, model in preset.arms.items():
-        base = RunConfig(model=model, data=preset.data, train=preset.train)
-        out[arm] = load_config(None, list(overrides), base=base)
-    return out
+def arm_configs(preset: CompareConfig, overrides: list[str] = (), arms: list[str] | None = None) -> dict[str, RunConfig]:
+    """The full ``RunConfig`` of each arm (all, or those in ``arms``, in the preset's order): the preset's
+    data and train sections, the arm's model, then ``overrides`` (dotlist, e.g. ``train.steps=100``)."""
+    if arms is not None:
+        unknown = sorted(set(arms) - set(preset.arms))
+        if unknown:
+            raise ValueError(f"unknown arm(s) {unknown} for preset {preset.name!r}; its arms: {list(preset.arms)}")
+    return {
+        arm: load_config(None, list(overrides), base=RunConfig(model=model, data=preset.data, train=preset.train))
+        for arm, model in preset.arms.items()
+        if arms is None or arm in arms
+    }
 
 
 def run_compare(
@@ -82,11 +86,7 @@ def run_compare(
     Returns one row (dict) per arm.
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    if arms is not None:
-        unknown = sorted(set(arms) - set(preset.arms))
-        if unknown:
-            raise ValueError(f"unknown arm(s) {unknown} for preset {preset.name!r}; its arms: {list(preset.arms)}")
-    configs = {a: c for a, c in arm_configs(preset, overrides).items() if arms is None or a in arms}
+    configs = arm_configs(preset, overrides, arms)
     os.makedirs(out_dir, exist_ok=True)
     start = time.perf_counter()
     results = {}
