@@ -71,26 +71,28 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 64,
     seq_len: int = 128,
-    val_batches: int = 8,
+    val_rows: int = 256,
     device=None,
 ) -> dict[str, float]:
     """Evaluate ``model`` (a ``memlayers.model.Transformer``) on ``dataset`` (see the module docstring).
 
     limit: at most this many probes per format and per held-out set (None: all of them).
-    batch_size, seq_len, val_batches: the validation-loss batches (``dataset.val_batches``).
+    batch_size, seq_len, val_rows: the validation loss is over the first ``val_rows`` sequences of
+        ``dataset.val_batches`` (fixed), in batches of ``batch_size``.
     """
     was_training = model.training
     model.eval()
     try:
         device = device if device is not None else next(model.parameters()).device
         seq_len = min(seq_len, model.config.max_seq_len)
-        losses = [
-            model(x.to(device), y.to(device)).loss.item()
-            for x, y in dataset.val_batches(batch_size, seq_len, limit=val_batches)
-        ]
+        total, count = 0.0, 0
+        for x, y in dataset.val_batches(batch_size, seq_len, limit=val_rows):
+            n = (y != -100).sum().item()
+            total += model(x.to(device), y.to(device)).loss.item() * n  # weighted: the last batch may be smaller
+            count += n
         out = {}
-        if losses:
-            out["loss"] = sum(losses) / len(losses)
+        if count:
+            out["loss"] = total / count
             out["ppl"] = math.exp(min(out["loss"], 50.0))
         for fmt in dataset.probe_formats:  # the formats the model was trained on
             probes = dataset.probes(fmt)

@@ -51,7 +51,7 @@ from functools import cached_property
 
 import torch
 
-from .packing import PackedStream, fixed_batches
+from .packing import PackedDataset
 from .tokenizers import WordTokenizer, split_words
 
 ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "employer", "work_city")
@@ -319,7 +319,7 @@ def generate_people(cfg: FactsConfig) -> list[Person]:
     return _generate(cfg)[0]
 
 
-class FactsDataset:
+class FactsDataset(PackedDataset):
     """Tokenized synthetic biographies: training stream, validation batches and recall probes.
 
     Attributes: cfg, formats (trained formats, canonical order), people (list[Person]), choices
@@ -364,8 +364,9 @@ class FactsDataset:
             self.documents += docs
             self.documents_per_format[fmt] = len(docs)
             self.tokens_per_format[fmt] = sum(map(len, docs))
-        self._streams: dict[int, PackedStream] = {}
-        self._val_streams: dict[int, PackedStream] = {}
+        self.seed = cfg.seed
+        # validation rows: a separately seeded packing of the TRAINING documents (memorisation loss)
+        self.val_documents, self.val_seed = self.documents, _rng(cfg.seed, "val").getrandbits(62)
         self._probes: dict[str, list[Probe]] = {}
 
     # -- documents ---------------------------------------------------------------------------------------
@@ -404,29 +405,6 @@ class FactsDataset:
         return self.tokenizer.decode(ids)
 
     # -- batches -----------------------------------------------------------------------------------------
-
-    def stream(self, seq_len: int) -> PackedStream:
-        """The training stream for sequence length ``seq_len`` (cached)."""
-        if seq_len not in self._streams:
-            self._streams[seq_len] = PackedStream(self.documents, seq_len, seed=self.cfg.seed)
-        return self._streams[seq_len]
-
-    def train_batch(self, step: int, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training batch ``step`` -> (x (B, T), y (B, T)) int64, y = x shifted by one; pure in (cfg, step)."""
-        return self.stream(seq_len).batch(step, batch_size)
-
-    def val_batches(
-        self, batch_size: int, seq_len: int, limit: int | None = None
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """A fixed list of (x (b, T), y (b, T)) batches of TRAINING documents (memorisation loss).
-
-        A separately seeded packing of the training documents; ``limit`` = at most this many rows
-        (sequences), ``None`` = every training document once. Same arguments, same batches.
-        """
-        if seq_len not in self._val_streams:
-            seed = _rng(self.cfg.seed, "val").getrandbits(62)
-            self._val_streams[seq_len] = PackedStream(self.documents, seq_len, seed=seed)
-        return fixed_batches(self._val_streams[seq_len], batch_size, limit)
 
     # -- probes ------------------------------------------------------------------------------------------
 

@@ -137,3 +137,40 @@ def fixed_batches(
         raise ValueError(f"limit must be >= 1 (rows) or None (one epoch), got {limit}")
     n_rows = stream.rows_per_epoch() if limit is None else min(limit, stream.rows_per_epoch())
     return [stream.rows(r, min(batch_size, n_rows - r)) for r in range(0, n_rows, batch_size)]
+
+
+class PackedDataset:
+    """Batching shared by the datasets: training rows from ``documents`` packed with ``seed``, validation
+    rows from ``val_documents`` packed with ``val_seed``, each by a ``PackedStream`` cached per length.
+
+    Subclasses set those four attributes in ``__init__``.
+    """
+
+    documents: list
+    seed: int
+    val_documents: list
+    val_seed: int
+
+    def stream(self, seq_len: int) -> PackedStream:
+        """The training stream for sequence length ``seq_len`` (cached)."""
+        streams = self.__dict__.setdefault("_streams", {})
+        if seq_len not in streams:
+            streams[seq_len] = PackedStream(self.documents, seq_len, seed=self.seed)
+        return streams[seq_len]
+
+    def train_batch(self, step: int, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training batch ``step`` -> (x (B, T), y (B, T)) int64, y = x shifted by one; pure in (config, step)."""
+        return self.stream(seq_len).batch(step, batch_size)
+
+    def val_batches(
+        self, batch_size: int, seq_len: int, limit: int | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A fixed list of (x (b, T), y (b, T)) validation batches (see ``val_documents``).
+
+        ``limit`` = at most this many rows (sequences); ``None`` = every validation document once.
+        Same arguments, same batches.
+        """
+        streams = self.__dict__.setdefault("_val_streams", {})
+        if seq_len not in streams:
+            streams[seq_len] = PackedStream(self.val_documents, seq_len, seed=self.val_seed)
+        return fixed_batches(streams[seq_len], batch_size, limit)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .packing import PackedStream, fixed_batches
+from .packing import PackedDataset
 from .tokenizers import ByteTokenizer
 
 TOKENIZERS = ("byte",)
@@ -122,7 +122,7 @@ def split_files(files: list[tuple[str, str]], val_fraction: float, seed: int) ->
     return train, val
 
 
-class TextDataset:
+class TextDataset(PackedDataset):
     """Byte-level text corpus: same ``train_batch`` / ``val_batches`` / ``describe`` API as ``FactsDataset``.
 
     Attributes: cfg, tokenizer (ByteTokenizer), vocab_size (259), train_files / val_files (paths),
@@ -150,9 +150,8 @@ class TextDataset:
         self.train_files, self.val_files = split_files(nonempty, cfg.val_fraction, cfg.seed)
         self.documents = [self._read(p) for p in self.train_files]
         self.val_documents = [self._read(p) for p in self.val_files]
+        self.seed = self.val_seed = cfg.seed
         self.tokens_per_epoch = sum(len(d) for d in self.documents)
-        self._streams: dict[int, PackedStream] = {}
-        self._val_streams: dict[int, PackedStream] = {}
 
     def _read(self, path: str) -> torch.Tensor:
         with open(path, "rb") as f:
@@ -160,27 +159,6 @@ class TextDataset:
         body = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64)
         bos, eos = torch.tensor([self.tokenizer.bos_id]), torch.tensor([self.tokenizer.eos_id])
         return torch.cat([bos, body, eos])
-
-    def stream(self, seq_len: int) -> PackedStream:
-        """The training stream for sequence length ``seq_len`` (cached)."""
-        if seq_len not in self._streams:
-            self._streams[seq_len] = PackedStream(self.documents, seq_len, seed=self.cfg.seed)
-        return self._streams[seq_len]
-
-    def train_batch(self, step: int, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training batch ``step`` -> (x (B, T), y (B, T)) int64 from the training files; pure in (cfg, step)."""
-        return self.stream(seq_len).batch(step, batch_size)
-
-    def val_batches(
-        self, batch_size: int, seq_len: int, limit: int | None = None
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """A fixed list of (x (b, T), y (b, T)) batches of the VALIDATION files.
-
-        ``limit`` = at most this many rows (sequences); ``None`` = the whole validation split once.
-        """
-        if seq_len not in self._val_streams:
-            self._val_streams[seq_len] = PackedStream(self.val_documents, seq_len, seed=self.cfg.seed)
-        return fixed_batches(self._val_streams[seq_len], batch_size, limit)
 
     @property
     def probe_formats(self) -> list[str]:
