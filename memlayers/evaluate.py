@@ -2,7 +2,8 @@
 
 ``evaluate(model, dataset)`` returns one flat dict of floats:
 
-    loss, ppl                      mean next-token loss (and its exp) on ``dataset.val_batches``
+    loss, ppl                      mean next-token loss (and its exp) on ``dataset.val_batches`` (facts:
+                                   the training documents, in a fixed packing; text: held-out files)
     recall/<format>                exact-match recall of the facts in a trained format (records, bios, qa),
     recall/<format>/<attribute>      over every person, and per attribute
     qa_heldout, qa_heldout/<attr>  QA accuracy on the held-out people, whose QA pairs were never trained:
@@ -17,6 +18,7 @@ forward pass per probe, batched over probes of equal length (no padding, so noth
 """
 
 import math
+import random
 from collections import defaultdict
 
 import torch
@@ -56,11 +58,10 @@ def _recall(prefix: str, probes: list, hits: torch.Tensor) -> dict[str, float]:
 
 
 def _subsample(probes: list, limit: int | None) -> list:
-    """At most ``limit`` probes, evenly strided over the list (deterministic, covers every attribute)."""
+    """At most ``limit`` probes, a fixed random sample (seeded; a stride could alias with the attributes)."""
     if limit is None or len(probes) <= limit:
         return probes
-    step = len(probes) / limit
-    return [probes[int(i * step)] for i in range(limit)]
+    return [probes[i] for i in sorted(random.Random(0).sample(range(len(probes)), limit))]
 
 
 @torch.no_grad()

@@ -173,6 +173,11 @@ def test_fixed_batches_limit_and_epoch():
     assert [x.shape[0] for x, _ in some] == [5, 2]
     assert torch.equal(some[0][0], full[0][0]) and torch.equal(some[1][0], full[1][0][:2])
     assert sum(x.shape[0] for x, _ in fixed_batches(s, 5, limit=10**6)) == s.rows_per_epoch()
+    # one epoch's targets exactly: the stream's tokens 1 .. tokens_per_epoch - 1, each once, none from the next
+    targets = torch.cat([y.flatten() for _, y in full])
+    kept = targets[targets != -100]
+    assert kept.numel() == s.tokens_per_epoch - 1
+    assert torch.equal(kept, s.window(1, s.tokens_per_epoch - 1))
     with pytest.raises(ValueError, match="limit"):
         fixed_batches(s, 5, limit=0)
 

@@ -186,7 +186,12 @@ def test_input_errors():
         model(tokens()[0])
     with pytest.raises(ValueError, match="targets"):
         model(tokens(), tokens()[:, :5])
+    with pytest.raises(ValueError, match=r"targets must hold token ids .* or -100 \(ignored\), got 50"):
+        model(tokens(B=1, T=4), torch.tensor([[1, 2, -100, V]]))
+    with pytest.raises(ValueError, match="got -3"):
+        model(tokens(B=1, T=4), torch.tensor([[1, 2, -100, -3]]))
     model(tokens(T=16))  # max_seq_len itself is fine
+    model(tokens(B=1, T=4), torch.tensor([[1, 2, -100, V - 1]]))  # -100 targets are ignored
 
 
 def test_tied_and_untied_embeddings():

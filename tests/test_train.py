@@ -141,7 +141,7 @@ def test_resume_after_crash_equals_uninterrupted(reference, tmp_path, monkeypatc
 
     result = train(cfg, tmp_path, evaluate=fake_eval)
     assert records(tmp_path) == records(ref_dir)  # lines 5, 6 were dropped and redone: identical, exact floats
-    assert [r["step"] for r in records(tmp_path)] == list(range(1, 11))
+    assert [r["step"] for r in records(tmp_path)] == [*range(1, 11), 10]  # + the final evaluation's record
     assert result["final_loss"] == ref["final_loss"] and result["eval"] == ref["eval"]
     assert result["resumes"] == 1 and ref["resumes"] == 0
     assert_same_state(weights(tmp_path), weights(ref_dir))
@@ -211,7 +211,10 @@ def test_evaluation_does_not_change_training(reference, tmp_path):
 def test_jsonl_schema_and_result(reference):
     _cfg, ref_dir, ref = reference(False)
     rec = records(ref_dir, timing=True)
-    assert [r["step"] for r in rec] == list(range(1, 11))
+    assert [r["step"] for r in rec] == [*range(1, 11), 10]
+    rec, final = rec[:-1], rec[-1]  # training records, then the final evaluation's own record
+    assert set(final) == {"step", "tokens", "elapsed", "eval/loss", "eval/limit", "eval/noise"}
+    assert final["eval/limit"] == -1 and final["elapsed"] >= rec[-1]["elapsed"]
     first = rec[0]
     assert set(first) == {"step", "tokens", "loss", "lr", "value_lr", "grad_norm", "value_grad_norm",
                           "tokens_per_s", "elapsed"}
@@ -248,8 +251,11 @@ def test_force_restarts_and_keeps_the_old_result(tmp_path):
         train(cfg2, tmp_path, evaluate=False)
     second = train(cfg2, tmp_path, evaluate=False, force=True)
     assert second["steps"] == 4 and second["resumes"] == 0
-    assert json.loads((tmp_path / "prev" / "result.json").read_text()) == json.loads(json.dumps(first))
+    assert json.loads((tmp_path / "prev" / "0" / "result.json").read_text()) == json.loads(json.dumps(first))
     assert [r["step"] for r in records(tmp_path)] == [1, 2, 3, 4]
+    train(tiny("train.steps=2"), tmp_path, evaluate=False, force=True)  # a second force keeps both archives
+    assert json.loads((tmp_path / "prev" / "1" / "result.json").read_text())["steps"] == 4
+    assert (tmp_path / "prev" / "0" / "result.json").exists()
 
 
 def test_mismatched_config_is_refused_and_nothing_is_touched(tmp_path, monkeypatch):
@@ -392,4 +398,31 @@ def test_crash_between_last_checkpoint_and_result(tmp_path, monkeypatch):
     result = train(cfg, tmp_path, evaluate=counting_eval)
     assert calls == [None]  # the final evaluation was saved with the last checkpoint, not redone
     assert result["resumes"] == 1 and result["eval"]["limit"] == -1 and result["steps"] == 3
-    assert [r["step"] for r in records(tmp_path)] == [1, 2, 3]
+    assert [r["step"] for r in records(tmp_path)] == [1, 2, 3, 3]
+
+
+def test_a_crash_in_the_final_evaluation_loses_no_training(tmp_path):
+    cfg = tiny("train.steps=3")
+
+    def crashing_eval(*args, **kwargs):
+        raise Interrupt("killed during the final evaluation")
+
+    with pytest.raises(Interrupt):
+        train(cfg, tmp_path, evaluate=crashing_eval)
+    assert read_checkpoint(tmp_path)["step"] == 3  # the training was checkpointed before evaluating
+    before = weights(tmp_path)
+    result = train(cfg, tmp_path, evaluate=fake_eval)
+    assert result["steps"] == 3 and result["eval"]["limit"] == -1
+    assert_same_state(weights(tmp_path), before)  # no step was redone
+    assert [r["step"] for r in records(tmp_path)] == [1, 2, 3, 3]
+
+
+def test_problems_found_before_anything_is_written_or_archived(tmp_path):
+    with pytest.raises(ValueError, match=r"raise model.max_seq_len to >= \d+"):  # bios probes need a longer context
+        train(tiny(), tmp_path / "a")  # the default evaluator runs the recall probes
+    assert not (tmp_path / "a").exists()
+    first = train(tiny("train.steps=2"), tmp_path / "b", evaluate=False)
+    before = snapshot(tmp_path / "b")
+    with pytest.raises(ValueError, match="sparse_adam"):  # the optimizer cannot be built: force must not archive
+        train(tiny("train.value_optimizer=sparse_adam"), tmp_path / "b", evaluate=False, force=True)
+    assert snapshot(tmp_path / "b") == before and first["steps"] == 2

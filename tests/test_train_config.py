@@ -25,14 +25,17 @@ train:
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(YAML)
-    cfg = load_config(path, ["train.steps=7", "model.dim=96", "train.value_optimizer=sparse_adam"])
+    with pytest.raises(ValueError, match=r"set model.memories\[0\].options.sparse_values=true"):
+        load_config(path, ["train.value_optimizer=sparse_adam"])
+    sparse_memory = "model.memories=[{layers: '1,2', pool: shared, options: {n_keys: 32, topk: 4, sparse_values: true}}]"
+    cfg = load_config(path, ["train.steps=7", "model.dim=96", "train.value_optimizer=sparse_adam", sparse_memory])
     assert isinstance(cfg, RunConfig) and isinstance(cfg.train, TrainConfig)
     assert cfg.model.dim == 96 and cfg.model.n_layers == 3  # override beats the file, the file beats defaults
     assert cfg.train.lr == 3e-4 and cfg.train.clip is None and cfg.train.steps == 7
     assert cfg.train.value_optimizer == "sparse_adam" and cfg.train.batch_size == TrainConfig().batch_size
     assert cfg.data.facts.people == 50
     (spec,) = cfg.model.memories
-    assert isinstance(spec, MemorySpec) and spec.pool == "shared" and spec.options == {"n_keys": 32, "topk": 4}
+    assert isinstance(spec, MemorySpec) and spec.pool == "shared" and spec.options == {"n_keys": 32, "topk": 4, "sparse_values": True}
 
     # a list override replaces the whole list
     cfg2 = load_config(path, ["model.memories=[{layers: '0,2', options: {n_keys: 8, topk: 2}}, {layers: '1'}]"])

@@ -4,9 +4,12 @@ Every function takes ``rows``: one dict per arm, as ``memlayers.compare.runner.a
 """
 
 import csv
+import io
 import json
 import math
 import os
+
+from ..train import atomic_write
 
 # (key in a row, column title, format)
 COLUMNS = [
@@ -17,7 +20,7 @@ COLUMNS = [
     ("flops_per_token", "FLOPs/token", "{:,.0f}"),
     ("flops_ratio", "x dense", "{:.2f}"),
     ("final_loss", "train loss", "{:.3f}"),
-    ("val_loss", "val loss", "{:.3f}"),
+    ("eval_loss", "eval loss", "{:.3f}"),
     ("recall/records", "recall records", "{:.1%}"),
     ("recall/bios", "recall bios", "{:.1%}"),
     ("recall/qa", "QA trained", "{:.1%}"),
@@ -35,9 +38,14 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     return fmt.format(value)
 
 
+def _columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """The COLUMNS that have a value in at least one row."""
+    return [c for c in COLUMNS if any(_cell(r, c[0], c[2]) != "-" for r in rows)]
+
+
 def format_table(rows: list[dict]) -> str:
     """A fixed-width table, one line per arm; columns that are empty for every arm are left out."""
-    columns = [c for c in COLUMNS if any(_cell(r, c[0], c[2]) != "-" for r in rows)]
+    columns = _columns(rows)
     cells = [[title for _, title, _ in columns]] + [[_cell(r, k, f) for k, _, f in columns] for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in cells]
@@ -47,35 +55,30 @@ def format_table(rows: list[dict]) -> str:
 
 def format_markdown(rows: list[dict]) -> str:
     """The same table as GitHub markdown (for the README)."""
-    columns = [c for c in COLUMNS if any(_cell(r, c[0], c[2]) != "-" for r in rows)]
+    columns = _columns(rows)
     head = "| " + " | ".join(title for _, title, _ in columns) + " |"
     rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"
     body = ["| " + " | ".join(_cell(r, k, f) for k, _, f in columns) + " |" for r in rows]
     return "\n".join([head, rule, *body])
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_tables(rows: list[dict], out_dir: str) -> list[str]:
-    """Write ``results.json`` (every field), ``results.csv`` and ``results.md``; return their paths."""
+    """Write ``results.json`` (every field), ``results.csv`` and ``results.md`` atomically; return their paths."""
     keys = sorted({k for r in rows for k in r if not isinstance(r[k], (dict, list))})
     keys = ["arm"] + [k for k in keys if k != "arm"]
-    paths = [os.path.join(out_dir, name) for name in ("results.json", "results.csv", "results.md")]
-    _atomic_write(paths[0], json.dumps(rows, indent=2) + "\n")
-    tmp = f"{paths[1]}.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, paths[1])
-    _atomic_write(paths[2], format_markdown(rows) + "\n")
+    csv_text = io.StringIO()
+    writer = csv.DictWriter(csv_text, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    texts = {
+        "results.json": json.dumps(rows, indent=2) + "\n",
+        "results.csv": csv_text.getvalue(),
+        "results.md": format_markdown(rows) + "\n",
+    }
+    paths = []
+    for name, text in texts.items():
+        paths.append(os.path.join(out_dir, name))
+        atomic_write(paths[-1], lambda f, text=text: f.write(text.encode()))
     return paths
 
 

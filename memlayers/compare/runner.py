@@ -34,7 +34,7 @@ def arm_row(arm: str, result: dict, dense_flops: float | None) -> dict:
         flops_per_token=acc["flops_per_token"],
         flops_ratio=acc["flops_per_token"] / dense_flops if dense_flops else None,
         final_loss=result.get("final_loss"),
-        val_loss=ev.get("loss"),
+        eval_loss=ev.get("loss"),
         memory_usage=_mean_usage(ev),
         tokens_per_s=result.get("tokens_per_s"),
         wall_s=result.get("wall_time"),

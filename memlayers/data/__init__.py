@@ -13,6 +13,7 @@
 from dataclasses import dataclass, field
 
 from .facts import ATTRIBUTES, FORMATS, FactsConfig, FactsDataset, Person, Probe, generate_choices, generate_people
+from .facts import validate as validate_facts
 from .packing import PackedStream, fixed_batches
 from .text import TextConfig, TextDataset
 from .tokenizers import ByteTokenizer, WordTokenizer, split_words
@@ -27,6 +28,12 @@ class DataConfig:
     kind: str = "facts"
     facts: FactsConfig = field(default_factory=FactsConfig)
     text: TextConfig = field(default_factory=TextConfig)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"DataConfig.kind: unknown {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if self.kind == "facts":
+            validate_facts(self.facts)  # text paths are checked when the corpus is read
 
 
 def build_dataset(cfg: DataConfig) -> FactsDataset | TextDataset:

@@ -404,8 +404,6 @@ class FactsDataset(PackedDataset):
         """Readable text of a document or probe (special tokens dropped)."""
         return self.tokenizer.decode(ids)
 
-    # -- batches -----------------------------------------------------------------------------------------
-
     # -- probes ------------------------------------------------------------------------------------------
 
     @property

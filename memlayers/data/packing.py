@@ -129,14 +129,22 @@ def fixed_batches(
     """The first rows of ``stream`` as a fixed list of (x (b, T), y (b, T)) batches, b <= batch_size.
 
     ``limit`` caps the number of rows (sequences); ``None`` (or a larger limit) gives exactly one epoch,
-    ceil(tokens_per_epoch / T) rows, so no token is counted twice. Only the last batch may be smaller.
+    ceil(tokens_per_epoch / T) rows, with the targets that would run into the next epoch set to -100
+    (ignored), so no token is counted twice. Only the last batch may be smaller.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 (rows) or None (one epoch), got {limit}")
     n_rows = stream.rows_per_epoch() if limit is None else min(limit, stream.rows_per_epoch())
-    return [stream.rows(r, min(batch_size, n_rows - r)) for r in range(0, n_rows, batch_size)]
+    T, end = stream.seq_len, stream.tokens_per_epoch
+    batches = []
+    for r in range(0, n_rows, batch_size):
+        x, y = stream.rows(r, min(batch_size, n_rows - r))
+        # targets past the epoch's last token belong to the next epoch: ignore them
+        position = r * T + 1 + torch.arange(y.numel()).view(y.shape)  # stream index of each target
+        batches.append((x, y.masked_fill(position >= end, -100)))
+    return batches
 
 
 class PackedDataset:

@@ -148,12 +148,12 @@ class MemorySpec:
             _fail(f"{name}.mode", f"unknown {self.mode!r}", f"choose one of {MEMORY_MODES}")
         if self.pool is not None and (not isinstance(self.pool, str) or not self.pool):
             _fail(f"{name}.pool", f"must be a non-empty name or None, got {self.pool!r}", "e.g. 'shared'")
+        if "dim" in self.options:
+            _fail(f"{name}.options", "'dim' cannot be set", "a memory layer always has the model's width")
         known = {f.name for f in fields(MemoryConfig)} - {"dim"}
         unknown = sorted(set(self.options) - known)
         if unknown:
             _fail(f"{name}.options", f"unknown MemoryConfig field(s) {unknown}", f"valid fields: {sorted(known)}")
-        if "dim" in self.options:
-            _fail(f"{name}.options", "'dim' cannot be set", "a memory layer always has the model's width")
 
 
 @dataclass

@@ -16,7 +16,9 @@ class MoE(nn.Module):
     and batch-independent). The cost is uneven per-expert work, which is fine for the sizes here.
 
     Dispatch sorts the T*k (token, expert) slots by expert and runs each expert once, as two batched
-    matmuls, on its contiguous slice: no per-token Python loop; E small matmuls per call.
+    matmuls, on its contiguous slice: no per-token Python loop; E small matmuls per call. Reading the
+    per-expert slot counts is one host sync per MoE layer per forward (fine on CPU; on a GPU a grouped
+    matmul would avoid it).
 
     Load balancing (Switch Transformer / Mixtral): ``aux = E * sum_e f_e * P_e`` with f_e the fraction of
     the T*k slots routed to expert e (not differentiable) and P_e the mean router probability of e. It is

@@ -229,13 +229,20 @@ class Transformer(nn.Module):
                 raise ValueError(f"Transformer: targets must have idx's shape {tuple(idx.shape)}, got {shape}")
             if targets.dtype not in (torch.int64, torch.int32):
                 raise TypeError(f"Transformer: targets must be int64 token ids (-100 = ignore), got {targets.dtype}")
-        if idx.numel() and not torch.compiler.is_compiling():
-            lo, hi = torch.aminmax(idx)
-            if lo.item() < 0 or hi.item() >= self.config.vocab_size:
-                raise ValueError(
-                    f"Transformer: token ids must be in [0, vocab_size={self.config.vocab_size}), got min {lo.item()} "
-                    f"max {hi.item()}; check the tokenizer and ModelConfig.vocab_size"
-                )
+        # Id ranges are checked on CPU only: on CUDA the check would sync with the host every forward
+        # (an out-of-range id there is a device-side assert in the embedding or the loss).
+        if idx.device.type == "cpu" and not torch.compiler.is_compiling():
+            V = self.config.vocab_size
+            for name, ids, low in (("idx", idx, 0), ("targets", targets, -100)):
+                if ids is None or not ids.numel():
+                    continue
+                bad = (ids >= V) | (ids < 0) & (ids != low)
+                if bad.any():
+                    raise ValueError(
+                        f"Transformer: {name} must hold token ids in [0, vocab_size={V})"
+                        f"{' or -100 (ignored)' if low == -100 else ''}, got {ids[bad][0].item()}; check the "
+                        "tokenizer and ModelConfig.vocab_size"
+                    )
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
         """idx (B, T) int64, targets (B, T) int64 or None (-100 = ignore) -> ModelOutput.

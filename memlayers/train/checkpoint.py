@@ -192,7 +192,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     """Load and validate a checkpoint dict (on CPU). Raises FileNotFoundError or CheckpointError."""
     path = resolve_checkpoint_path(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no full read to compare configs
     except Exception as e:  # noqa: BLE001 (torch.load raises many types for a damaged file)
         raise CheckpointError(
             f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "

@@ -126,6 +126,15 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self):
+        if self.train.value_optimizer == "sparse_adam":
+            dense = [i for i, m in enumerate(self.model.memories) if not dict(m.options).get("sparse_values", False)]
+            if dense:
+                raise ValueError(
+                    "train.value_optimizer=sparse_adam needs row-sparse value gradients: set "
+                    + ", ".join(f"model.memories[{i}].options.sparse_values=true" for i in dense)
+                )
+
     def to_dict(self) -> dict:
         """A plain nested dict of builtins (dataclasses and tuples turned into dicts and lists)."""
         return OmegaConf.to_container(OmegaConf.structured(self), resolve=True)

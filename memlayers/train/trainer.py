@@ -39,6 +39,7 @@ from ..model import Transformer
 from ..optim import build_optimizer, clip_grad_norms
 from .checkpoint import (
     CHECKPOINT,
+    CheckpointError,
     ConfigMismatchError,
     atomic_write,
     load_usage_state,
@@ -61,7 +62,9 @@ Evaluate = Callable[..., dict]
 
 def lr_multiplier(step: int, steps: int, warmup: int, min_lr_ratio: float) -> float:
     """Learning-rate factor of optimizer step ``step`` (1-based): linear warmup to 1 at ``step == warmup``,
-    then cosine decay to ``min_lr_ratio`` at ``step == steps``."""
+    then cosine decay to ``min_lr_ratio`` at ``step == steps``. A warmup longer than the run is cut to
+    ``steps`` (a short run of a long config still reaches the peak lr)."""
+    warmup = min(warmup, steps)
     if step <= warmup:
         return step / warmup
     progress = min(1.0, (step - warmup) / max(1, steps - warmup))
@@ -129,6 +132,7 @@ def train(
         _summary_writer_class()  # fail before touching anything when tensorboard is missing
     device = resolve_device(t.device)
     dtype = resolve_dtype(t.dtype, device)
+    probes = evaluate is None  # the default evaluator runs the dataset's recall probes
     if evaluate is None:
         from ..evaluate import evaluate
 
@@ -145,6 +149,7 @@ def train(
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the dataset's vocabulary "
                 f"({dataset.vocab_size}); set model.vocab_size=null to take it from the dataset"
             )
+        _check_buildable(cfg, dataset, probes)  # before anything is written or archived
         kind, saved = _prepare_out_dir(out_dir, cfg.to_dict(), force)
         if kind == "finished":
             return saved
@@ -154,6 +159,22 @@ def train(
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+def _check_buildable(cfg: RunConfig, dataset, probes: bool) -> None:
+    """Fail early on what would only fail later: the model and optimizer must build (on the meta device:
+    no memory, no time), and (``probes``) every recall probe must fit in the model's context."""
+    with torch.device("meta"):
+        build_optimizer(Transformer(cfg.model), lr=cfg.train.lr, value_optimizer=cfg.train.value_optimizer)
+    if not probes:
+        return
+    longest = max((len(p.prompt) + len(p.answer) - 1 for f in dataset.probe_formats for p in dataset.probes(f)),
+                  default=0)  # fmt: skip
+    if longest > cfg.model.max_seq_len:
+        raise ValueError(
+            f"model.max_seq_len={cfg.model.max_seq_len} is shorter than the longest recall probe ({longest} tokens) "
+            f"of the data's formats {dataset.probe_formats}; raise model.max_seq_len to >= {longest}"
+        )
 
 
 def _seed_everything(seed: int) -> None:
@@ -223,16 +244,17 @@ def _prepare_out_dir(out_dir: Path, requested: dict, force: bool):
 
 
 def _archive(out_dir: Path) -> None:
-    """force: move the previous run's files into out_dir/prev/ (replacing an older prev)."""
-    names = [n for n in (RESULT, CHECKPOINT, METRICS, CONFIG) if (out_dir / n).exists()]
+    """force: move the previous run's files into a new out_dir/prev/<n>/ (earlier archives are kept)."""
+    names = [n for n in (RESULT, CHECKPOINT, METRICS, CONFIG, "tb") if (out_dir / n).exists()]
     if not names:
         return
-    prev = out_dir / "prev"
-    prev.mkdir(exist_ok=True)
-    for n in (RESULT, CHECKPOINT, METRICS, CONFIG):
-        (prev / n).unlink(missing_ok=True)
-    for n in names:
-        os.replace(out_dir / n, prev / n)
+    n = 0
+    while (out_dir / "prev" / str(n)).exists():
+        n += 1
+    prev = out_dir / "prev" / str(n)
+    prev.mkdir(parents=True)
+    for name in names:
+        os.replace(out_dir / name, prev / name)
 
 
 def _to_builtin(x):
@@ -297,8 +319,14 @@ class _Run:
     # ---- state
 
     def _load(self, ckpt: dict) -> None:
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(
+                f"{self.out_dir / CHECKPOINT}: does not fit the model and optimizer of its own config "
+                f"({str(e).splitlines()[0]}); was it written by another memlayers version? Use another out_dir"
+            ) from None
         load_usage_state(self.model, ckpt["usage"])
         set_rng_state(ckpt["rng"])
         tr = ckpt["trainer"]
@@ -454,14 +482,9 @@ class _Run:
                     self.train_time += dt
                     log_time += dt
                     log_tokens += t.tokens_per_step
-                if self.evaluate is not False:
-                    if last:
-                        record = record or {"step": step, "tokens": self.tokens}
-                        self.final_eval = self._eval(None)
-                        record.update({f"eval/{k}": v for k, v in self.final_eval.items()})
-                    elif t.eval_every and step % t.eval_every == 0:
-                        record = record or {"step": step, "tokens": self.tokens}
-                        record.update({f"eval/{k}": v for k, v in self._eval(t.eval_limit).items()})
+                if self.evaluate is not False and not last and t.eval_every and step % t.eval_every == 0:
+                    record = record or {"step": step, "tokens": self.tokens}
+                    record.update({f"eval/{k}": v for k, v in self._eval(t.eval_limit).items()})
                 elapsed = self.elapsed + time.perf_counter() - session_start
                 if record:
                     record["elapsed"] = elapsed
@@ -469,13 +492,19 @@ class _Run:
                 if step % t.ckpt_every == 0 or last:
                     self._save(elapsed, self.train_time)
                 bar.update(1)
+            if self.final_eval is None and self.evaluate is not False:
+                # after the last checkpoint: a failed or killed final evaluation loses no training
+                self.final_eval = self._eval(None)
+                elapsed = self.elapsed + time.perf_counter() - session_start
+                record = {"step": self.step, "tokens": self.tokens}
+                record.update({f"eval/{k}": v for k, v in self.final_eval.items()})
+                self._write({**record, "elapsed": elapsed})
+                self._save(elapsed, self.train_time)  # a crash before result.json will not redo the evaluation
         finally:
             bar.close()
             self.metrics.close()
             if self.tb is not None:
                 self.tb.close()
-        if self.step == start_step and self.final_eval is None and self.evaluate is not False:
-            self.final_eval = self._eval(None)  # resumed after the last checkpoint of a run without its eval
         return self._finish(self.elapsed + time.perf_counter() - session_start)
 
     def _finish(self, elapsed: float) -> dict:
