@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--config", metavar="YAML", help="a run config (sections model, data, train); default: defaults")
     tr.add_argument("--out", metavar="DIR", default="runs/train", help="run directory")
-    tr.add_argument("--force", action="store_true", help="start over (old files are moved to DIR/prev/)")
+    tr.add_argument("--force", action="store_true", help="start over (the old files move to DIR/prev/<n>/)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     tr.add_argument("overrides", **overrides)
@@ -119,8 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--arms", default=None, help="comma-separated subset of the arms, e.g. dense,memory_plus")
     cmp.add_argument("--quiet", action="store_true", help="no progress bars")
     cmp.add_argument("overrides", **overrides)
-    for p in (tr, ev, cmp):
-        p.set_defaults(subparser=p)
     return parser
 
 
@@ -161,7 +159,7 @@ def _compare(args) -> int:
     if args.list:
         for name in PRESETS:
             preset = get_preset(name)
-            print(f"{name:<8} {preset.description}")
+            print(f"{name:<10} {preset.description}")
         return 0
     preset = get_preset(args.preset)
     arms = None if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()]

@@ -9,7 +9,7 @@ out_dir/ holds:
     checkpoint.pt    the latest checkpoint (``memlayers.train.checkpoint``), replaced atomically
     result.json      the final summary, written atomically and last: its presence means the run finished
     tb/              TensorBoard scalars, when ``train.tensorboard``
-    prev/            what ``train(..., force=True)`` moved out of the way
+    prev/<n>/        what each ``train(..., force=True)`` moved out of the way
 
 Resume: rerunning ``train`` on the same out_dir continues from checkpoint.pt when the configs match
 (else ``ConfigMismatchError`` listing the differing keys, and no file is touched), or just returns
@@ -105,7 +105,7 @@ def train(
         None = ``memlayers.evaluate.evaluate``; False = no evaluation at all. It runs under the training
         autocast, and the RNG states are restored afterwards, so evaluating never changes the training.
     progress: show the tqdm bar (None = ``train.progress``).
-    force: start over even if out_dir holds a finished or different run (its files move to out_dir/prev/).
+    force: start over even if out_dir holds a finished or different run (its files move to out_dir/prev/<n>/).
 
     Returns the result dict (also out_dir/result.json): config, steps, tokens, final_loss, wall_time,
     train_time, tokens_per_s, eval (the final evaluation), accounting (``memlayers.accounting.account``),
@@ -204,7 +204,7 @@ def _mismatch(out_dir: Path, source: str, diff) -> ConfigMismatchError:
     return ConfigMismatchError(
         f"{out_dir} holds a run with another config ({source}); {len(diff)} key(s) differ:\n{lines}\n"
         "Nothing was changed. Use another out_dir, request the saved config, or pass force=True "
-        "(--force) to start over (the old files move to out_dir/prev/)."
+        "(--force) to start over (the old files move to out_dir/prev/<n>/)."
     )
 
 
