@@ -127,6 +127,29 @@ class UsageTracker(nn.Module):
         self._host_tokens = 0
         self._window_accesses.clear()
 
+    _STATE_BUFFERS = ("counts", "mass", "subkey_counts", "last_seen", "_step", "_masked_tokens")
+
+    def tracker_state(self) -> dict:
+        """Everything recorded, as CPU tensors and ints: the buffers (kept out of ``state_dict``, so
+        model checkpoints stay pure weights) and the host-side counters. For exact training resume."""
+        state = {b: getattr(self, b).detach().cpu().clone() for b in self._STATE_BUFFERS}
+        state["updates"], state["host_tokens"] = self._updates, self._host_tokens
+        state["window"] = [
+            [tok.detach().cpu().clone() if torch.is_tensor(tok) else int(tok), int(per)]
+            for tok, per in self._window_accesses
+        ]
+        return state
+
+    def load_tracker_state(self, state: dict) -> None:
+        """Restore what ``tracker_state`` returned (onto this tracker's device)."""
+        for b in self._STATE_BUFFERS:
+            getattr(self, b).copy_(state[b])
+        self._updates, self._host_tokens = int(state["updates"]), int(state["host_tokens"])
+        dev = self.counts.device
+        self._window_accesses = deque(
+            ((tok.to(dev) if torch.is_tensor(tok) else tok, per) for tok, per in state["window"]), maxlen=self.window
+        )
+
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) would otherwise cast the EMA buffers too: a bf16 count stops
         # growing at 256. Keep them float32 whatever the model's dtype.

@@ -17,7 +17,6 @@ statistics: what ``memlayers eval CHECKPOINT`` needs.
 
 import os
 import random
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -120,28 +119,15 @@ def set_rng_state(state: dict) -> None:
         np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
 
 
-_TRACKER_BUFFERS = ("counts", "mass", "subkey_counts", "last_seen", "_step", "_masked_tokens")
-
-
 def usage_trackers(model: nn.Module) -> dict[str, UsageTracker]:
     """{module name: UsageTracker} of every usage tracker in ``model``."""
     return {name: m for name, m in model.named_modules() if isinstance(m, UsageTracker)}
 
 
 def usage_state(model: nn.Module) -> dict[str, dict]:
-    """The full state of every UsageTracker (its buffers are ``persistent=False``, so not in ``state_dict``,
-    and it keeps host-side counters), so that resumed usage statistics equal uninterrupted ones."""
-    out = {}
-    for name, t in usage_trackers(model).items():
-        state = {b: getattr(t, b).detach().cpu().clone() for b in _TRACKER_BUFFERS}
-        state["updates"] = t._updates
-        state["host_tokens"] = t._host_tokens
-        state["window"] = [
-            [tok.detach().cpu().clone() if torch.is_tensor(tok) else int(tok), int(per)]
-            for tok, per in t._window_accesses
-        ]
-        out[name] = state
-    return out
+    """The state of every UsageTracker (not in ``state_dict``), so resumed usage statistics equal
+    uninterrupted ones."""
+    return {name: t.tracker_state() for name, t in usage_trackers(model).items()}
 
 
 def load_usage_state(model: nn.Module, states: dict[str, dict]) -> None:
@@ -151,15 +137,7 @@ def load_usage_state(model: nn.Module, states: dict[str, dict]) -> None:
             f"usage trackers in the checkpoint {sorted(states)} do not match the model's {sorted(trackers)}"
         )
     for name, t in trackers.items():
-        state = states[name]
-        for b in _TRACKER_BUFFERS:
-            getattr(t, b).copy_(state[b])
-        t._updates = int(state["updates"])
-        t._host_tokens = int(state["host_tokens"])
-        dev = t.counts.device
-        t._window_accesses = deque(
-            ((tok.to(dev) if torch.is_tensor(tok) else tok, per) for tok, per in state["window"]), maxlen=t.window
-        )
+        t.load_tracker_state(states[name])
 
 
 # ----------------------------------------------------------------------------------------------
