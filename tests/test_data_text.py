@@ -38,7 +38,7 @@ def test_directory_discovery_and_documents(tmp_path):
     tok = ds.tokenizer
     assert ds.vocab_size == 259
     for path, doc in zip(ds.train_files + ds.val_files, ds.documents + ds.val_documents):
-        assert doc[0] == tok.bos_id and doc[-1] == tok.eos_id and doc.dtype == torch.int64
+        assert doc[0] == tok.bos_id and doc[-1] == tok.eos_id and doc.dtype == torch.int16  # 2 bytes a token
         assert tok.decode(doc.tolist()) == files[os.path.relpath(path, tmp_path)]
     d = ds.describe()
     assert d["files"] == 4 and d["train_files"] == 3 and d["val_files"] == 1

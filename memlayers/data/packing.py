@@ -46,7 +46,7 @@ class PackedStream:
         if min(lengths) == 0:
             raise ValueError(f"PackedStream: document {lengths.index(0)} is empty; drop empty documents first")
         if all(isinstance(d, torch.Tensor) for d in docs):
-            flat = torch.cat([d.reshape(-1).to(torch.int64) for d in docs])
+            flat = torch.cat([d.reshape(-1) for d in docs]).to(torch.int64)
         else:
             flat = torch.tensor(
                 list(itertools.chain.from_iterable(d.tolist() if isinstance(d, torch.Tensor) else d for d in docs)),
@@ -56,7 +56,9 @@ class PackedStream:
             raise ValueError("PackedStream: token ids must be in [0, 2**31)")
         self.seq_len = seq_len
         self.seed = seed
-        self.flat = flat.to(torch.int32)  # (tokens_per_epoch,) all documents in their given order
+        # (tokens_per_epoch,) all documents in their given order, in the narrowest dtype that holds the ids
+        # (bytes and word vocabularies fit int16: 2 bytes a token here and in each cached epoch)
+        self.flat = flat.to(torch.int16 if flat.max() < 2**15 else torch.int32)
         self.lengths = torch.tensor(lengths, dtype=torch.int64)  # (n_docs,)
         self.starts = torch.cumsum(self.lengths, 0) - self.lengths  # (n_docs,) offset of each doc in flat
         self.n_docs = len(lengths)
@@ -69,7 +71,7 @@ class PackedStream:
         return torch.randperm(self.n_docs, generator=g)
 
     def epoch_tokens(self, epoch: int) -> torch.Tensor:
-        """(tokens_per_epoch,) int32: the stream's tokens of ``epoch`` (cached for the last two epochs)."""
+        """(tokens_per_epoch,) int16 or int32: the stream's tokens of ``epoch`` (the last two epochs are cached)."""
         if epoch in self._epochs:
             self._epochs.move_to_end(epoch)
             return self._epochs[epoch]

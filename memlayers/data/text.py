@@ -126,7 +126,7 @@ class TextDataset(PackedDataset):
     """Byte-level text corpus: same ``train_batch`` / ``val_batches`` / ``describe`` API as ``FactsDataset``.
 
     Attributes: cfg, tokenizer (ByteTokenizer), vocab_size (259), train_files / val_files (paths),
-    documents / val_documents (1-D int64 tensors, [bos] + bytes + [eos]).
+    documents / val_documents (1-D int16 tensors, [bos] + bytes + [eos]).
     """
 
     def __init__(self, cfg: TextConfig):
@@ -156,8 +156,8 @@ class TextDataset(PackedDataset):
     def _read(self, path: str) -> torch.Tensor:
         with open(path, "rb") as f:
             data = f.read()
-        body = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64)
-        bos, eos = torch.tensor([self.tokenizer.bos_id]), torch.tensor([self.tokenizer.eos_id])
+        body = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int16)  # ids < 259: int16 suffices
+        bos, eos = (torch.tensor([t], dtype=torch.int16) for t in (self.tokenizer.bos_id, self.tokenizer.eos_id))
         return torch.cat([bos, body, eos])
 
     @property
