@@ -100,12 +100,7 @@ def write_plots(rows: list[dict], curves: dict[str, list[tuple[float, float]]], 
             ax.plot([t for t, _ in points], [loss for _, loss in points], label=arm)
     ax.set(xlabel="training tokens", ylabel="training loss", title="Loss vs tokens")
     ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "loss.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_finish(fig, ax, os.path.join(out_dir, "loss.png")))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, label, marker in (("recall/records", "records", "o"), ("recall/bios", "bios", "s"),
@@ -119,10 +114,17 @@ def write_plots(rows: list[dict], curves: dict[str, list[tuple[float, float]]], 
     ax.set_xscale("log")
     ax.set(xlabel="forward FLOPs per token", ylabel="exact-match recall", title="Fact recall vs FLOPs/token",
            ylim=(-0.03, 1.03))  # fmt: skip
+    paths.append(_finish(fig, ax, os.path.join(out_dir, "recall_vs_flops.png")))
+    return paths
+
+
+def _finish(fig, ax, path: str) -> str:
+    """Grid, legend, tight layout; save ``fig`` to ``path`` and close it. Returns ``path``."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    paths.append(os.path.join(out_dir, "recall_vs_flops.png"))
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return paths
+    return path
