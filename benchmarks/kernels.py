@@ -23,7 +23,7 @@ import triton
 
 from memlayers.ops.embedding_bag.reference import embedding_bag_reference
 from memlayers.ops.embedding_bag.triton_autograd import embedding_bag_triton
-from memlayers.ops.embedding_bag.triton_backward import value_grad_triton, weight_grad_triton
+from memlayers.ops.embedding_bag.triton_backward import bag_backward_triton, value_grad_triton, weight_grad_triton
 from memlayers.ops.embedding_bag.triton_forward import bag_forward_triton, forward_config
 
 SWEEP = [(1, 1024, 1), (2, 1024, 2), (4, 1024, 4), (8, 1024, 4), (8, 1024, 8), (4, 512, 2), (8, 256, 2), (16, 256, 4)]
@@ -185,6 +185,13 @@ def main() -> None:
                 timed(name, fn, None, ref[1:2], lambda g: [torch.sparse_coo_tensor(g[0][None], g[1], (N, d), check_invariants=False)])
             else:
                 timed(name, fn, None, ref[1:2], one)
+    for sparse in (False, True):  # what the sorted backward runs: both gradients in one per-row pass
+        fn = functools.partial(bag_backward_triton, values, indices, weights, grad_out, "sorted", sparse)
+        name = f"ours bwd: value + weight grad sorted fused {'sparse' if sparse else 'dense'}"
+        if sparse:
+            timed(name, fn, None, ref[1:], lambda g: [torch.sparse_coo_tensor(g[0][0][None], g[0][1], (N, d), check_invariants=False), g[1]])
+        else:
+            timed(name, fn, None, ref[1:], list)
 
     def timed_fwd_bwd(name, fn, vals, g):
         step = functools.partial(fwd_bwd, fn, vals, indices, weights, g)

@@ -5,8 +5,8 @@
 DESIGN.md §4's config: 16,384 tokens, 4 heads x k=32, N = 1024^2, d = 1024, bf16 autocast with a
 bf16 value table. Rows: the layer forward+backward and its pieces (scoring + top-k, the bag), a
 SwiGLU FFN (hidden 2816) forward+backward, and one optimizer step on the value table at growing N:
-fused dense AdamW, torch's SparseAdam and memlayers' SparseRowAdam (row-sparse gradients; its fused
-Triton kernel, and its unfused reference path).
+fused dense AdamW, torch's SparseAdam and memlayers' row-sparse optimizers (SparseRowAdam with its
+fused Triton kernel and its unfused reference path, SparseRowAdagrad, SparseRowSGD).
 """
 
 import argparse
@@ -21,7 +21,7 @@ import triton
 
 import memlayers
 from memlayers.ops import embedding_bag
-from memlayers.optim import SparseRowAdam
+from memlayers.optim import SparseRowAdagrad, SparseRowAdam, SparseRowSGD
 
 
 def bench_ms(fn) -> float:
@@ -53,18 +53,32 @@ VALUE_OPTIMIZERS = {
     "torch SparseAdam": lambda p: torch.optim.SparseAdam([p], lr=1e-3),
     "memlayers SparseRowAdam": lambda p: SparseRowAdam([p], lr=1e-3),  # fused Triton kernel on CUDA
     "memlayers SparseRowAdam (reference, unfused)": lambda p: SparseRowAdam([p], lr=1e-3, impl="reference"),
+    "memlayers SparseRowAdagrad": lambda p: SparseRowAdagrad([p], lr=1e-2),
+    "memlayers SparseRowSGD": lambda p: SparseRowSGD([p], lr=1e-1),
 }
 
 
 def value_step_ms(N, d, name, T, L) -> float:
-    """One optimizer step on an (N, d) bf16 table after a bag backward over T tokens x L rows."""
+    """One optimizer step on an (N, d) bf16 table after a bag backward over T tokens x L rows.
+
+    Each timed step gets the gradient as autograd leaves it (a sparse one not flagged coalesced),
+    so the optimizers' handling of that (checking or coalescing) is timed too.
+    """
     sparse = name != "fused AdamW (dense grad)"
     table = memlayers.ValueTable(N, d, sparse_grad=sparse, dtype=torch.bfloat16, device="cuda")
-    opt = VALUE_OPTIMIZERS[name](table.weight)
+    p = table.weight
+    opt = VALUE_OPTIMIZERS[name](p)
     indices = torch.randint(0, N, (T, L), device="cuda")
     weights = torch.rand(T, L, device="cuda")
     table(indices, weights).float().sum().backward()
-    ms = bench_ms(opt.step)
+    grad = p.grad
+
+    def step():
+        if sparse:
+            p.grad = torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape, check_invariants=False)
+        opt.step()
+
+    ms = bench_ms(step)
     del table, opt
     torch.cuda.empty_cache()
     return ms

@@ -69,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=pos_int, default=d.steps, help="training steps")
     train.add_argument("--batch-size", type=pos_int, default=d.batch_size, help="facts per step")
     train.add_argument("--lr", type=pos_float, default=d.lr, help="base learning rate of the memory model")
-    train.add_argument("--value-lr-ratio", type=pos_float, default=d.value_lr_ratio, help="value lr / base lr")
+    train.add_argument("--value-lr-ratio", type=pos_float, default=d.value_lr_ratio,
+                       help="value lr / base lr (default: the value optimizer's, 10 for the Adam variants)")  # fmt: skip
     train.add_argument("--value-optimizer", choices=VALUE_OPTIMIZERS, default=d.value_optimizer,
-                       help="dense AdamW on the value table, or row-sparse lazy Adam")  # fmt: skip
+                       help="dense AdamW on the value table, or a row-sparse optimizer")  # fmt: skip
     train.add_argument("--baseline-lr", type=pos_float, default=d.baseline_lr, help="learning rate of the dense MLP")
     train.add_argument("--no-baseline", action="store_true", help="skip the dense MLP baseline")
     train.add_argument("--eval-every", type=pos_int, default=d.eval_every, help="steps between recall evaluations")

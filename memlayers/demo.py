@@ -101,7 +101,7 @@ class DemoConfig:
     steps: int = 600
     batch_size: int = 512
     lr: float = 3e-3
-    value_lr_ratio: float = 10.0
+    value_lr_ratio: float | None = None  # None: the value optimizer's default (memlayers.optim.VALUE_LR_RATIOS)
     preset: str = "memory"
     n_keys: int = 128
     heads: int = 4
@@ -124,7 +124,7 @@ class DemoConfig:
         if self.topk > self.n_keys:
             raise ValueError(f"topk must be <= n_keys (the top-k of n_keys sub-keys), got {self.topk} > {self.n_keys}")
         for name in ("lr", "value_lr_ratio", "baseline_lr"):
-            if not getattr(self, name) > 0:
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.zipf >= 0:
             raise ValueError(f"zipf must be >= 0 (0 = uniform), got {self.zipf}")
@@ -228,7 +228,7 @@ def run_demo(cfg: DemoConfig | None = None, progress: bool = True, report: bool 
         task = make_recall_task(cfg.facts, cfg.dim, cfg.classes, cfg.zipf, cfg.offset, cfg.seed)
         mem_cfg = preset(
             cfg.preset, cfg.dim, n_keys=cfg.n_keys, heads=cfg.heads, topk=cfg.topk,
-            sparse_values=cfg.value_optimizer == "sparse_adam",
+            sparse_values=cfg.value_optimizer != "adamw",
         )  # fmt: skip
         layer = MemoryLayer(mem_cfg)
         results["memory"] = train(Classifier(layer, cfg.dim, cfg.classes), task, cfg, cfg.lr, "memory", progress)

@@ -1,10 +1,10 @@
 """Optimisation hygiene for memory layers (DESIGN.md §2).
 
-* values get their own learning rate (default 10x the base) and, with sub-keys, no weight decay:
+* values get their own learning rate (by default 10x the base under Adam) and, with sub-keys, no weight decay:
   AdamW decay on a table whose rows are rarely read erases them;
 * value gradients are clipped separately from the rest;
-* values can use a row-sparse optimizer (``SparseRowAdam``: lazy Adam, only touched rows and their
-  moments change) beside dense AdamW for everything else.
+* values can use a row-sparse optimizer (``SparseRowAdam``, ``SparseRowAdagrad``, ``SparseRowSGD``:
+  only touched rows and their state change) beside dense AdamW for everything else.
 """
 
 from collections import OrderedDict
@@ -12,12 +12,15 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .ops.dispatch import IMPLS as ROW_ADAM_IMPLS
-from .ops.row_adam import row_adam_update
+from .ops.dispatch import IMPLS as ROW_UPDATE_IMPLS
+from .ops.row_update import row_adagrad_update, row_adam_update, row_sgd_update
 from .retrieval import ProductKeys
 from .values import ValueTable
 
-VALUE_OPTIMIZERS = ("adamw", "sparse_adam")
+VALUE_OPTIMIZERS = ("adamw", "sparse_adam", "sparse_adagrad", "sparse_sgd")
+# value lr / base lr when none is given. Adagrad's and SGD's steps scale differently from Adam's:
+# these are the best of the ratios tried on the facts tasks (README, "Value learning rates").
+VALUE_LR_RATIOS = {"adamw": 10.0, "sparse_adam": 10.0, "sparse_adagrad": 1000.0, "sparse_sgd": 1e7}
 
 
 def _unique(params):
@@ -68,59 +71,132 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
-class SparseRowAdam(torch.optim.Optimizer):
-    """Lazy Adam for row-sparse gradients: only the rows present in the gradient, and their
-    moments, change; untouched rows stay bit-identical and a step costs O(rows touched), not O(N).
+def row_sparse_grad(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows (U,), grads (U, d))`` of ``p.grad``, a row-sparse COO gradient, with unique sorted rows.
 
-    The update is ``torch.optim.SparseAdam``'s (bias correction from the global step count, eps
-    added after the square root; tested equal), in fp32 arithmetic, done by
-    ``memlayers.ops.row_adam.row_adam_update``: on CUDA one fused Triton kernel (reads g, m, v, p
-    once, writes m, v, p once), elsewhere the chunked ``index_select`` / ``index_copy_`` reference.
-    ``impl`` ("auto", "reference" or "triton") picks the path, as in ``row_adam_update``; "reference"
-    forces the unfused one (e.g. to benchmark against it).
-    Moments are kept in the parameter's dtype, as SparseAdam does. No weight decay (values take none).
+    The bag's backward hands autograd a coalesced gradient (sorted unique rows), but autograd's
+    gradient accumulation rebuilds it without the flag, and ``coalesce()`` on a (U, d) gradient is
+    a sort plus a full copy (on an H200, most of the ~2 ms of a 5.1 ms Adam step at 0.9M x 1024
+    bf16 rows that was not the update kernel). So: rows already strictly
+    increasing (one cheap check) are marked coalesced in place; otherwise (gradients summed over
+    several backward passes, or a pool read by several layers) the gradient is coalesced and stored
+    back in ``p.grad``.
+    """
+    grad = p.grad
+    if not grad.is_coalesced():
+        rows = grad._indices()[0]
+        if grad.sparse_dim() == 1 and (rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all())):
+            grad._coalesced_(True)
+        else:
+            p.grad = grad = grad.coalesce()
+    return grad._indices()[0], grad._values()
+
+
+class RowSparseOptimizer(torch.optim.Optimizer):
+    """Base of the row-sparse optimizers: each step updates only the rows present in each
+    parameter's row-sparse gradient (and their state); untouched rows stay bit-identical and a
+    step costs O(rows touched), not O(N).
+
+    Subclasses set ``STATE`` (name -> "table" for an (N, d) tensor like the parameter, "per_row" for
+    an (N,) fp32 accumulator) and implement ``_update``. ``impl`` ("auto", "reference" or
+    "triton") picks the path of the ``memlayers.ops.row_update`` function doing the update: on CUDA
+    one fused Triton kernel, elsewhere the chunked ``index_select`` / ``index_copy_`` reference.
     """
 
-    def __init__(
-        self,
-        params,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        *,
-        impl: str = "auto",
-    ):
-        if not lr > 0 or not eps > 0 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"SparseRowAdam: need lr > 0, eps > 0 and betas in [0, 1), got {lr}, {eps}, {betas}")
-        if impl not in ROW_ADAM_IMPLS:
-            raise ValueError(f"SparseRowAdam: impl must be one of {ROW_ADAM_IMPLS}, got {impl!r}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+    STATE: dict[str, str] = {}
+
+    def __init__(self, params, defaults: dict, impl: str = "auto"):
+        if impl not in ROW_UPDATE_IMPLS:
+            raise ValueError(f"{type(self).__name__}: impl must be one of {ROW_UPDATE_IMPLS}, got {impl!r}")
+        super().__init__(params, defaults)
         self.impl = impl
+
+    def _update(self, p, rows, grads, group: dict, state: dict) -> None:
+        raise NotImplementedError
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if not p.grad.is_sparse:
                     raise RuntimeError(
-                        "SparseRowAdam needs row-sparse gradients: build the value tables with sparse_grad=True "
-                        "(MemoryConfig(sparse_values=True)), or use AdamW for dense gradients"
+                        f"{type(self).__name__} needs row-sparse gradients: build the value tables with "
+                        "sparse_grad=True (MemoryConfig(sparse_values=True)), or use AdamW for dense gradients"
                     )
-                grad = p.grad if p.grad.is_coalesced() else p.grad.coalesce()
-                rows, grads = grad.indices()[0], grad.values()  # (U,) unique, (U, d)
+                rows, grads = row_sparse_grad(p)
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    for name, kind in self.STATE.items():
+                        state[name] = (
+                            torch.zeros_like(p, memory_format=torch.preserve_format)
+                            if kind == "table"
+                            else torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+                        )
                 state["step"] += 1
-                m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
-                row_adam_update(p, m, v, rows, grads, group["lr"], beta1, beta2, group["eps"], t, impl=self.impl)
+                self._update(p, rows, grads, group, state)
         return loss
+
+
+class SparseRowAdam(RowSparseOptimizer):
+    """Lazy Adam for row-sparse gradients: only the rows present in the gradient, and their
+    moments, change.
+
+    The update is ``torch.optim.SparseAdam``'s (bias correction from the global step count, eps
+    added after the square root; tested equal), in fp32 arithmetic (``row_adam_update``: on CUDA
+    one fused kernel reads g, m, v, p once and writes m, v, p once). Moments are kept in the
+    parameter's dtype, as SparseAdam does: 2 x N x d of optimizer state. No weight decay.
+    """
+
+    STATE = {"exp_avg": "table", "exp_avg_sq": "table"}
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, *, impl: str = "auto"):
+        if not lr > 0 or not eps > 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"SparseRowAdam: need lr > 0, eps > 0 and betas in [0, 1), got {lr}, {eps}, {betas}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps), impl)
+
+    def _update(self, p, rows, grads, group, state):
+        beta1, beta2 = group["betas"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        row_adam_update(p, m, v, rows, grads, group["lr"], beta1, beta2, group["eps"], state["step"], impl=self.impl)
+
+
+class SparseRowAdagrad(RowSparseOptimizer):
+    """Row-wise Adagrad for row-sparse gradients (FBGEMM's "exact row-wise Adagrad"): one fp32
+    accumulator per row, ``s += mean(g**2)``, then ``p -= lr * g / (sqrt(s) + eps)``.
+
+    Optimizer state is N floats instead of Adam's 2 x N x d (64 MiB instead of 64 GiB for a
+    16M x 1024 bf16 table), and a step moves only g and p. No weight decay.
+    """
+
+    STATE = {"sum_sq": "per_row"}
+
+    def __init__(self, params, lr: float = 1e-2, eps: float = 1e-8, *, impl: str = "auto"):
+        if not lr > 0 or not eps > 0:
+            raise ValueError(f"SparseRowAdagrad: need lr > 0 and eps > 0, got {lr}, {eps}")
+        super().__init__(params, dict(lr=lr, eps=eps), impl)
+
+    def _update(self, p, rows, grads, group, state):
+        row_adagrad_update(p, state["sum_sq"], rows, grads, group["lr"], group["eps"], impl=self.impl)
+
+
+class SparseRowSGD(RowSparseOptimizer):
+    """Plain SGD on the touched rows, ``p -= lr * g`` (fp32 arithmetic, no state, no momentum).
+
+    Gradients of value rows are small (each row gets a softmax-weighted share of one token's
+    gradient), so SGD needs a much larger learning rate than the Adam-style optimizers.
+    """
+
+    def __init__(self, params, lr: float = 1e-1, *, impl: str = "auto"):
+        if not lr > 0:
+            raise ValueError(f"SparseRowSGD: need lr > 0, got {lr}")
+        super().__init__(params, dict(lr=lr), impl)
+
+    def _update(self, p, rows, grads, group, state):
+        row_sgd_update(p, rows, grads, group["lr"], impl=self.impl)
 
 
 class CombinedOptimizer(torch.optim.Optimizer):
@@ -180,37 +256,51 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     value_lr: float | None = None,
-    value_lr_ratio: float = 10.0,
+    value_lr_ratio: float | None = None,
     value_optimizer: str = "adamw",
 ) -> torch.optim.Optimizer:
-    """AdamW over ``param_groups(model, ...)`` (fused kernels: no full-size temporaries); with
-    ``value_optimizer="sparse_adam"`` the values use ``SparseRowAdam`` instead (their tables need
-    ``sparse_grad=True``, i.e. layers built with ``MemoryConfig(sparse_values=True)``), so a step
-    touches only the rows read.
+    """AdamW over ``param_groups(model, ...)`` (fused kernels: no full-size temporaries).
+
+    ``value_optimizer`` picks what updates the value tables: "adamw" (with the rest), or a
+    row-sparse optimizer that touches only the rows a step read: "sparse_adam" (``SparseRowAdam``,
+    same betas/eps), "sparse_adagrad" (``SparseRowAdagrad``, eps) or "sparse_sgd"
+    (``SparseRowSGD``). The sparse ones need ``sparse_grad=True`` tables, i.e. layers built with
+    ``MemoryConfig(sparse_values=True)``, and return a ``CombinedOptimizer``.
+
+    The values learn at ``value_lr``, else ``value_lr_ratio * lr``, where ``value_lr_ratio=None``
+    takes ``VALUE_LR_RATIOS[value_optimizer]`` (10 for the Adam variants; far more for Adagrad and SGD).
     """
     if value_optimizer not in VALUE_OPTIMIZERS:
         raise ValueError(f"value_optimizer must be one of {VALUE_OPTIMIZERS}, got {value_optimizer!r}")
     tables = value_tables(model)
     sparse = [t for t in tables if t.sparse_grad]
-    if value_optimizer == "sparse_adam" and len(sparse) != len(tables):
+    if value_optimizer != "adamw" and len(sparse) != len(tables):
         raise ValueError(
-            "value_optimizer='sparse_adam' needs row-sparse value gradients: build the memory layers "
+            f"value_optimizer={value_optimizer!r} needs row-sparse value gradients: build the memory layers "
             "with MemoryConfig(sparse_values=True) (or ValueTable(sparse_grad=True))"
         )
     if value_optimizer == "adamw" and sparse:
         raise ValueError(
-            "value tables with sparse_grad=True produce sparse gradients that AdamW cannot take: "
-            "use value_optimizer='sparse_adam', or build the layers with sparse_values=False"
+            "value tables with sparse_grad=True produce sparse gradients that AdamW cannot take: use "
+            f"value_optimizer in {VALUE_OPTIMIZERS[1:]}, or build the layers with sparse_values=False"
         )
+    if value_lr_ratio is None:
+        value_lr_ratio = VALUE_LR_RATIOS[value_optimizer]
     groups = param_groups(model, lr, weight_decay, value_lr, value_lr_ratio)
-    if value_optimizer == "sparse_adam":
-        dense = [g for g in groups if g["name"] != "values"]
-        value_groups = [{k: v for k, v in g.items() if k != "weight_decay"} for g in groups if g["name"] == "values"]
-        parts = [_adamw(dense, lr, betas, eps)] if dense else []
-        if value_groups:
-            parts.append(SparseRowAdam(value_groups, lr=value_groups[0]["lr"], betas=betas, eps=eps))
-        return CombinedOptimizer(parts)
-    return _adamw(groups, lr, betas, eps)
+    if value_optimizer == "adamw":
+        return _adamw(groups, lr, betas, eps)
+    dense = [g for g in groups if g["name"] != "values"]
+    value_groups = [{k: v for k, v in g.items() if k != "weight_decay"} for g in groups if g["name"] == "values"]
+    parts = [_adamw(dense, lr, betas, eps)] if dense else []
+    if value_groups:
+        value_lr = value_groups[0]["lr"]
+        if value_optimizer == "sparse_adam":
+            parts.append(SparseRowAdam(value_groups, lr=value_lr, betas=betas, eps=eps))
+        elif value_optimizer == "sparse_adagrad":
+            parts.append(SparseRowAdagrad(value_groups, lr=value_lr, eps=eps))
+        else:
+            parts.append(SparseRowSGD(value_groups, lr=value_lr))
+    return CombinedOptimizer(parts)
 
 
 def _adamw(groups: list[dict], lr: float, betas, eps: float) -> torch.optim.AdamW:
@@ -222,9 +312,8 @@ def _adamw(groups: list[dict], lr: float, betas, eps: float) -> torch.optim.Adam
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     norms = []
     for p in params:
-        if p.grad.is_sparse:
-            p.grad = p.grad.coalesce()  # rows read by several layers of a shared pool must be summed first
-            norms.append(torch.linalg.vector_norm(p.grad._values().float()))
+        if p.grad.is_sparse:  # rows read by several layers of a shared pool must be summed first
+            norms.append(torch.linalg.vector_norm(row_sparse_grad(p)[1].float()))
         else:
             norms.append(torch.linalg.vector_norm(p.grad.float()))
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
@@ -247,7 +336,7 @@ def clip_grad_norms(model: nn.Module, max_norm: float | None = 1.0, value_max_no
         norm = _grad_norm(part)
         if limit is not None and part:
             scale = (limit / (norm + 1e-6)).clamp(max=1.0)
-            for p in part:
-                p.grad.mul_(scale.to(p.grad.dtype))
+            for p in part:  # a sparse gradient's values in place: mul_ on it would drop its coalesced flag
+                (p.grad._values() if p.grad.is_sparse else p.grad).mul_(scale.to(p.grad.dtype))
         out.append(norm)
     return tuple(out)

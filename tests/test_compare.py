@@ -73,6 +73,27 @@ def test_overrides_reach_every_arm_and_a_changed_config_is_refused(tmp_path):
         run_compare(tiny_preset(), str(tmp_path), arms=["dense"], overrides=["train.steps=5"], progress=False)
 
 
+def test_a_failing_arm_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
+    from memlayers.compare import runner
+
+    real_train = runner.train
+
+    def train(cfg, out, **kw):
+        if out.endswith("moe"):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_train(cfg, out, **kw)
+
+    monkeypatch.setattr(runner, "train", train)
+    with pytest.raises(RuntimeError, match=r"1 arm\(s\) failed.*moe: OutOfMemoryError.*rerun the same command"):
+        run_compare(tiny_preset(), str(tmp_path), arms=["dense", "moe", "memory"], progress=False)
+    assert "arm 'moe' failed" in capsys.readouterr().err
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["dense", "memory"]  # the finished arms are reported
+    monkeypatch.setattr(runner, "train", real_train)
+    rows = run_compare(tiny_preset(), str(tmp_path), arms=["dense", "moe", "memory"], progress=False)
+    assert [r["arm"] for r in rows] == ["dense", "moe", "memory"]
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="unknown compare preset 'nope'"):
         get_preset("nope")

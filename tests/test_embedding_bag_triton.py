@@ -16,7 +16,7 @@ from conftest import TOL, TRITON_DEVICE as DEVICE, rel_err
 from memlayers.ops.embedding_bag import triton_backward
 from memlayers.ops.embedding_bag.reference import embedding_bag_reference, value_row_grads
 from memlayers.ops.embedding_bag.triton_autograd import embedding_bag_triton
-from memlayers.ops.embedding_bag.triton_backward import value_grad_triton, weight_grad_triton
+from memlayers.ops.embedding_bag.triton_backward import bag_backward_triton, value_grad_triton, weight_grad_triton
 from memlayers.ops.embedding_bag.triton_forward import bag_forward_triton
 
 
@@ -116,6 +116,32 @@ def test_mixed_heavy_and_light_rows(monkeypatch):
     assert rel_err(row_grads, ref_grads) < 1e-5
 
 
+@pytest.mark.parametrize("chunk", [4, 128])
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_fused_weight_grad_over_column_blocks_and_heavy_rows(chunk, sparse_grad, monkeypatch):
+    """The sorted backward computes the weight gradient in its per-row pass: d=300 spans two
+    column blocks (partial dot products summed after), row 7 is split into chunks when chunk=4."""
+    monkeypatch.setattr(triton_backward, "CHUNK", chunk)
+    values, indices, weights, grad_out = make(30, 11, 6, 300, torch.bfloat16, seed=3)
+    indices[:, :3] = 7
+    ours = run(lambda v, i, w: embedding_bag_triton(v, i, w, sparse_grad), values, indices, weights, grad_out)
+    ref = run(lambda v, i, w: embedding_bag_reference(v, i, w, sparse_grad), values, indices, weights, grad_out)
+    for a, b in zip(ours, ref):
+        assert rel_err(a, b) < 1e-2
+    exact = torch.einsum("tld,td->tl", values[indices].double(), grad_out.double())
+    assert rel_err(ours[2], exact) < 1e-5  # fp32 accumulation of the bf16 products
+
+
+@pytest.mark.parametrize("backward", ["sorted", "atomics"])
+def test_one_gradient_at_a_time(backward):
+    values, indices, weights, grad_out = make(40, 7, 5, 37, torch.float32)
+    fn = lambda v, i, w: embedding_bag_triton(v, i, w, False, backward)  # noqa: E731
+    (dw,) = torch.autograd.grad(fn(values, indices, weights.requires_grad_()), weights, grad_out)
+    (dv,) = torch.autograd.grad(fn(values.requires_grad_(), indices, weights.detach()), values, grad_out)
+    ref = run(embedding_bag_reference, values.detach(), indices, weights.detach(), grad_out)
+    assert rel_err(dv, ref[1]) < 1e-5 and rel_err(dw, ref[2]) < 1e-5
+
+
 def test_sorted_is_bitwise_deterministic(monkeypatch):
     monkeypatch.setattr(triton_backward, "CHUNK", 4)
     _, indices, weights, grad_out = make(16, 10, 8, 40, torch.bfloat16, seed=2)
@@ -123,6 +149,10 @@ def test_sorted_is_bitwise_deterministic(monkeypatch):
     first = value_grad_triton(indices, weights, grad_out, 16, "sorted")
     second = value_grad_triton(indices, weights, grad_out, 16, "sorted")
     assert torch.equal(first.view(torch.int16), second.view(torch.int16))
+    values = torch.randn(16, 40, device=DEVICE).to(torch.bfloat16)
+    both = [bag_backward_triton(values, indices, weights, grad_out) for _ in range(2)]
+    assert torch.equal(both[0][0].view(torch.int16), both[1][0].view(torch.int16))
+    assert torch.equal(both[0][1].view(torch.int32), both[1][1].view(torch.int32))
 
 
 def test_weight_grad_overwrites_out():

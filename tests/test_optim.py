@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from memlayers import MemoryLayer, ValueTable, build_optimizer, clip_grad_norms, param_groups
-from memlayers.optim import SparseRowAdam
+from memlayers import embedding_bag
+from memlayers.optim import VALUE_LR_RATIOS, VALUE_OPTIMIZERS, SparseRowAdagrad, SparseRowAdam, SparseRowSGD, row_sparse_grad
 
 
 def model(sparse=False, shared=False):
@@ -35,10 +36,11 @@ def _step(m, opt, x):
     opt.step()
 
 
-def test_sparse_adam_leaves_untouched_rows_bit_identical():
+@pytest.mark.parametrize("kind", VALUE_OPTIMIZERS[1:])
+def test_sparse_optimizers_leave_untouched_rows_bit_identical(kind):
     torch.manual_seed(0)
     m = model(sparse=True)
-    opt = build_optimizer(m, lr=1e-3, value_optimizer="sparse_adam")
+    opt = build_optimizer(m, lr=1e-3, value_optimizer=kind)
     table = m[0].values.weight
     x1, x2 = torch.randn(4, 24), torch.randn(4, 24)
     touched1 = m[0].retrieve(x1)[0].unique()
@@ -89,7 +91,7 @@ def test_sparse_adam_first_step_equals_adam_on_touched_rows():
 def test_optimizer_mismatch_errors():
     with pytest.raises(ValueError, match="sparse_values=True"):
         build_optimizer(model(sparse=False), lr=1e-3, value_optimizer="sparse_adam")
-    with pytest.raises(ValueError, match="use value_optimizer='sparse_adam'"):
+    with pytest.raises(ValueError, match="use value_optimizer in"):
         build_optimizer(model(sparse=True), lr=1e-3)
     with pytest.raises(ValueError, match="value_optimizer must be one of"):
         build_optimizer(model(), lr=1e-3, value_optimizer="sgd")
@@ -133,6 +135,8 @@ def test_clip_values_separately(sparse):
     table = m[0].values.weight
     norm_rest, norm_values = clip_grad_norms(m, max_norm=1.0, value_max_norm=0.5)
     assert norm_rest > 1.0 and norm_values > 0.5
+    if sparse:
+        assert table.grad.is_coalesced()  # summed once, for the norm; clipping keeps it so for the step
     value_grad = table.grad.coalesce()._values() if sparse else table.grad
     assert value_grad.norm() == pytest.approx(0.5, rel=1e-4)
     rest = torch.stack([p.grad.norm() for p in m.parameters() if p is not table])
@@ -180,3 +184,80 @@ def test_sparse_row_adam_edge_cases():
         opt.step()
     with pytest.raises(ValueError, match="need lr > 0"):
         SparseRowAdam([p], lr=0.0)
+
+
+def test_row_sparse_grad_skips_coalescing_when_rows_are_already_unique():
+    table = torch.nn.Parameter(torch.randn(50, 6))
+    idx, w = torch.randint(0, 50, (9, 4)), torch.rand(9, 4)
+    embedding_bag(table, idx, w, sparse_grad=True).sum().backward()
+    assert not table.grad.is_coalesced()  # autograd's accumulation drops the flag the bag set
+    values_ptr = table.grad._values().data_ptr()
+    rows, grads = row_sparse_grad(table)
+    assert table.grad.is_coalesced() and grads.data_ptr() == values_ptr  # marked, not copied
+    assert torch.equal(rows, idx.unique())
+    # a second backward pass appends entries: rows repeat, so the gradient must really be coalesced
+    embedding_bag(table, idx[:3], w[:3], sparse_grad=True).sum().backward()
+    expect = table.grad.coalesce()
+    rows, grads = row_sparse_grad(table)
+    assert torch.equal(rows, expect._indices()[0]) and torch.allclose(grads, expect._values())
+    assert table.grad.is_coalesced()
+
+
+@pytest.mark.parametrize("cls", [SparseRowAdagrad, SparseRowSGD])
+def test_sparse_adagrad_and_sgd_sum_repeated_rows_and_match_the_math(cls):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(50, 7))
+    opt = cls([p], lr=0.05)
+    expect, sum_sq = p.detach().double().clone(), torch.zeros(50, dtype=torch.float64)
+    for _ in range(4):
+        rows = torch.randint(0, 50, (20,))  # repeated rows: the gradient is summed per row
+        vals = torch.randn(20, 7)
+        p.grad = torch.sparse_coo_tensor(rows[None], vals, (50, 7), check_invariants=True)
+        opt.step()
+        g = torch.zeros(50, 7, dtype=torch.float64).index_add_(0, rows, vals.double())
+        hit = torch.zeros(50, dtype=torch.bool)
+        hit[rows] = True
+        if cls is SparseRowAdagrad:
+            sum_sq[hit] += g[hit].square().mean(1)
+            expect[hit] -= 0.05 * g[hit] / (sum_sq[hit].sqrt() + 1e-8)[:, None]
+        else:
+            expect[hit] -= 0.05 * g[hit]
+        assert torch.allclose(p.double(), expect, atol=1e-5)
+    if cls is SparseRowAdagrad:
+        assert opt.state[p]["sum_sq"].shape == (50,) and opt.state[p]["sum_sq"].dtype == torch.float32
+        assert torch.allclose(opt.state[p]["sum_sq"].double(), sum_sq, rtol=1e-5)
+    with pytest.raises(ValueError, match="need lr > 0"):
+        cls([p], lr=0.0)
+    p.grad = torch.zeros(50, 7)
+    with pytest.raises(RuntimeError, match=f"{cls.__name__} needs row-sparse gradients"):
+        opt.step()
+
+
+@pytest.mark.parametrize("kind", VALUE_OPTIMIZERS)
+def test_every_value_optimizer_checkpoints_and_resumes_exactly(kind):
+    torch.manual_seed(0)
+    sparse = kind != "adamw"
+    a = model(sparse=sparse)
+    opt_a = build_optimizer(a, lr=1e-2, value_optimizer=kind)
+    xs = [torch.randn(6, 24) for _ in range(4)]
+    for x in xs[:2]:
+        _step(a, opt_a, x)
+    b = copy.deepcopy(a)
+    opt_b = build_optimizer(b, lr=1e-2, value_optimizer=kind)
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    for x in xs[2:]:
+        _step(a, opt_a, x)
+        _step(b, opt_b, x)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("kind", VALUE_OPTIMIZERS)
+def test_value_lr_defaults_to_the_optimizers_own_ratio(kind):
+    m = model(sparse=kind != "adamw")
+    lrs = {g["name"]: g["lr"] for g in build_optimizer(m, lr=1e-3, value_optimizer=kind).param_groups}
+    assert lrs["values"] == pytest.approx(VALUE_LR_RATIOS[kind] * 1e-3) and lrs["decay"] == 1e-3
+    lrs = {g["name"]: g["lr"] for g in build_optimizer(m, lr=1e-3, value_optimizer=kind, value_lr_ratio=3).param_groups}
+    assert lrs["values"] == pytest.approx(3e-3)
+    lrs = {g["name"]: g["lr"] for g in build_optimizer(m, lr=1e-3, value_optimizer=kind, value_lr=0.5).param_groups}
+    assert lrs["values"] == 0.5

@@ -59,6 +59,13 @@ def test_yaml_and_overrides(tmp_path):
         ("train.lr=fast", ["'train.lr'", "Float"]),
         ("train.steps=0", ["train.steps", ">= 1"]),
         ("train.value_optimizer=sgd", ["train.value_optimizer", "sparse_adam"]),
+        # errors from the nested configs' own checks name the key as written in YAML and overrides
+        ("model.dim=0", ["model.dim:", ">= 1"]),
+        ("model.moe={experts: 0}", ["model.moe.experts:"]),
+        ("model.memories=[{layers: '1'}, {layers: '9'}]", ["model.memories[1].layers:", "out of range"]),
+        ("model.memories=[{layers: '1', options: {n_keyz: 3}}]", ["model.memories[0].options:", "n_keyz"]),
+        ("data.facts.people=0", ["data.facts.people:", ">= 1"]),
+        ("data.kind=foo", ["data.kind:", "facts, text"]),
         ("train.dtype=fp16", ["train.dtype", "bfloat16"]),
         ("train.steps", ["key=value"]),
         ("=3", ["no key"]),
@@ -70,6 +77,21 @@ def test_override_errors_name_the_key(override, words):
     msg = str(e.value).lower()
     for w in words:
         assert w.lower() in msg, (w, msg)
+
+
+def test_overrides_index_into_lists(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(YAML)
+    # the fix the sparse-optimizer error suggests must itself work
+    cfg = load_config(path, ["model.memories[0].options.sparse_values=true", "train.value_optimizer=sparse_adagrad"])
+    assert cfg.model.memories[0].options == {"n_keys": 32, "topk": 4, "sparse_values": True}
+    assert cfg.model.memories[0].layers == "1" and cfg.model.memories[0].pool == "shared"
+    cfg = load_config(path, ["model.memories[0].layers=2"])
+    assert cfg.model.memories[0].layers == "2"
+    with pytest.raises(ValueError, match=r"model.memories has 1 item\(s\), so index 3 does not exist.*model.memories=\[\.\.\.\]"):
+        load_config(path, ["model.memories[3].pool=x"])
+    with pytest.raises(ValueError, match=r"unknown config key 'model.memories\[0\].layerz'.*did you mean 'layers'"):
+        load_config(path, ["model.memories[0].layerz=1"])
 
 
 def test_yaml_errors(tmp_path):

@@ -10,6 +10,7 @@ resumes where it stopped and a finished arm is never trained twice); the outputs
 
 import json
 import os
+import sys
 import time
 
 from ..train import RunConfig, load_config, train
@@ -83,17 +84,25 @@ def run_compare(
 
     arms: a subset of the preset's arms, in the preset's order (None: all of them).
     overrides: dotlist overrides applied to every arm's RunConfig (``train.steps=100``).
-    Returns one row (dict) per arm.
+    Returns one row (dict) per arm. An arm that fails does not stop the others: the table and files
+    are written for the arms that finished, then a RuntimeError names the failed arms and why (if
+    every arm failed, the first one's error is raised as it was).
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
     configs = arm_configs(preset, overrides, arms)
     os.makedirs(out_dir, exist_ok=True)
     start = time.perf_counter()
-    results = {}
+    results, failed = {}, {}
     for i, (arm, cfg) in enumerate(configs.items()):
         if progress:
             print(f"[{i + 1}/{len(configs)}] {arm}", flush=True)
-        results[arm] = train(cfg, os.path.join(out_dir, arm), progress=progress)
+        try:
+            results[arm] = train(cfg, os.path.join(out_dir, arm), progress=progress)
+        except Exception as e:  # noqa: BLE001 (one arm running out of memory must not cost the others)
+            failed[arm] = e
+            print(f"arm {arm!r} failed ({type(e).__name__}: {e}); going on with the others", file=sys.stderr, flush=True)
+    if not results:
+        raise next(iter(failed.values()))
     dense = results.get("dense")
     dense_flops = dense["accounting"]["flops_per_token"] if dense else None
     rows = [arm_row(arm, result, dense_flops) for arm, result in results.items()]
@@ -102,4 +111,10 @@ def run_compare(
     print(f"\npreset {preset.name!r}: {preset.description}")
     print(format_table(rows))
     print(f"\n{len(rows)} arms in {time.perf_counter() - start:.0f} s (finished arms reused); outputs in {out_dir}/")
+    if failed:
+        raise RuntimeError(
+            f"{len(failed)} arm(s) failed, the table above leaves them out: "
+            + "; ".join(f"{arm}: {type(e).__name__}: {e}" for arm, e in failed.items())
+            + ". Fix the cause and rerun the same command: finished arms are reused, interrupted ones resume."
+        )
     return rows

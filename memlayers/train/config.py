@@ -13,12 +13,13 @@ it came from, and the valid keys (or the expected type).
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ..data import DataConfig
 from ..model import ModelConfig
@@ -35,11 +36,13 @@ class TrainConfig:
     batch_size: sequences per micro-batch; a step accumulates ``grad_accum`` micro-batches, which are the
         consecutive slices of the step's ``batch_size * grad_accum`` sequences (so accumulation only changes
         how a step's batch is split, never which sequences it holds).
-    lr: peak learning rate of the base groups; the values group runs at ``value_lr_ratio * lr``.
+    lr: peak learning rate of the base groups; the values group runs at ``value_lr_ratio * lr``
+        (``value_lr_ratio`` null: the value optimizer's default, ``memlayers.optim.VALUE_LR_RATIOS``).
     min_lr_ratio, warmup: linear warmup over ``warmup`` steps to the peak, then cosine decay to
         ``min_lr_ratio`` x peak at the last step, applied to every parameter group (each keeps its own peak).
     weight_decay, beta1, beta2: AdamW (no decay on values, sub-keys, biases and gains).
-    value_optimizer: "adamw" or "sparse_adam" (needs memories built with ``options: {sparse_values: true}``).
+    value_optimizer: "adamw", or a row-sparse one: "sparse_adam", "sparse_adagrad" or "sparse_sgd" (these
+        need memories built with ``options: {sparse_values: true}``; see ``memlayers.build_optimizer``).
     clip, value_clip: max gradient norm of the non-value parameters / of the value tables (None: no clipping).
     eval_every: steps between periodic evaluations (0: only the final one); eval_limit: probes per format in
         the periodic ones (the final evaluation has no limit).
@@ -64,7 +67,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    value_lr_ratio: float = 10.0
+    value_lr_ratio: float | None = None
     value_optimizer: str = "adamw"
     clip: float | None = 1.0
     value_clip: float | None = 1.0
@@ -94,8 +97,8 @@ class TrainConfig:
             fail("lr", f"must be a finite number > 0, got {self.lr}", "use e.g. 1e-3")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             fail("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}", "use e.g. 0.1")
-        if not (math.isfinite(self.value_lr_ratio) and self.value_lr_ratio > 0):
-            fail("value_lr_ratio", f"must be > 0, got {self.value_lr_ratio}", "use e.g. 10.0")
+        if self.value_lr_ratio is not None and not (math.isfinite(self.value_lr_ratio) and self.value_lr_ratio > 0):
+            fail("value_lr_ratio", f"must be > 0 or null, got {self.value_lr_ratio}", "use null for the optimizer's default")
         if not self.weight_decay >= 0:
             fail("weight_decay", f"must be >= 0, got {self.weight_decay}", "use e.g. 0.1")
         for name in ("beta1", "beta2"):
@@ -127,11 +130,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        if self.train.value_optimizer == "sparse_adam":
+        if self.train.value_optimizer != "adamw":
             dense = [i for i, m in enumerate(self.model.memories) if not dict(m.options).get("sparse_values", False)]
             if dense:
                 raise ValueError(
-                    "train.value_optimizer=sparse_adam needs row-sparse value gradients: set "
+                    f"train.value_optimizer={self.train.value_optimizer} needs row-sparse value gradients: set "
                     + ", ".join(f"model.memories[{i}].options.sparse_values=true" for i in dense)
                 )
 
@@ -170,19 +173,21 @@ def load_config(
         if not isinstance(loaded, DictConfig):
             raise ValueError(f"{path}: a run config must be a YAML mapping with keys model/data/train, got a list")
         layers.append((str(path), loaded))
+    updates = []
     for item in overrides:
         if not isinstance(item, str) or "=" not in item:
             raise ValueError(f"override {item!r} must look like key=value, e.g. train.lr=3e-4")
-        key = item.split("=", 1)[0].strip()
+        key, text = (part.strip() for part in item.split("=", 1))
         if not key:
             raise ValueError(f"override {item!r} has no key before '='; use e.g. train.lr=3e-4")
         try:
-            layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
+            value = OmegaConf.from_dotlist([f"value={text}"])["value"]  # OmegaConf's YAML parsing of the value
         except OmegaConfBaseException as e:
             raise ValueError(
                 f"override {item!r} could not be parsed ({_first_line(e)}); use key=value with a YAML value"
             ) from None
-    return _build(layers)
+        updates.append((f"override {item!r}", key, value))
+    return _build(layers, updates)
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
@@ -233,23 +238,60 @@ def _first_line(e: Exception) -> str:
     return str(e).split("\n")[0]
 
 
-def _build(layers: list[tuple[str, Any]]) -> RunConfig:
-    """Merge the (source, OmegaConf node) layers onto the RunConfig schema and instantiate the dataclasses."""
+def _build(layers: list[tuple[str, Any]], updates: list[tuple[str, str, Any]] = ()) -> RunConfig:
+    """Merge the (source, OmegaConf node) layers onto the RunConfig schema, apply the (source, dotted
+    key, value) updates (keys may index lists: ``model.memories[0].options.n_keys``) and instantiate
+    the dataclasses."""
     merged = OmegaConf.structured(RunConfig)
-    for source, node in layers:
+    steps = [(source, lambda m, node=node: OmegaConf.merge(m, node)) for source, node in layers]
+    steps += [(source, lambda m, k=key, v=value: _update(m, k, v)) for source, key, value in updates]
+    for source, apply in steps:
         try:
-            merged = OmegaConf.merge(merged, node)
-        except ConfigKeyError as e:
+            merged = apply(merged)
+        except (ConfigKeyError, ConfigAttributeError) as e:
             raise ValueError(_unknown_key_message(e, source)) from None
         except ValidationError as e:
             raise ValueError(_bad_value_message(e, source)) from None
         except OmegaConfBaseException as e:
             raise ValueError(f"{source}: {_first_line(e)}") from None
+    _validate_sections(merged)
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ValueError(f"config: {_first_line(e)}") from None
     return cfg
+
+
+def _validate_sections(node: Any, path: str = "") -> None:
+    """Build every nested config dataclass, innermost first, so that a ``ValueError`` from its checks
+    names the key as it is written in YAML and overrides (``model.moe.experts``, not ``MoESpec.experts``)."""
+    children = node.items() if isinstance(node, DictConfig) else enumerate(node) if isinstance(node, ListConfig) else ()
+    for key, child in children:
+        _validate_sections(child, f"{path}[{key}]" if isinstance(node, ListConfig) else f"{path}.{key}".lstrip("."))
+    cls = OmegaConf.get_type(node) if isinstance(node, DictConfig) and path else None
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return
+    try:
+        OmegaConf.to_object(node)
+    except ValueError as e:
+        msg = str(e).removeprefix(f"{cls.__name__}.")
+        for key, child in node.items():  # a check of a child's fields the child itself skips (DataConfig's of facts)
+            child_cls = OmegaConf.get_type(child) if isinstance(child, DictConfig) else None
+            if child_cls is not None and msg.startswith(f"{child_cls.__name__}."):
+                msg = f"{key}." + msg.removeprefix(f"{child_cls.__name__}.")
+        raise ValueError(msg if msg.startswith(f"{path}.") else f"{path}.{msg}") from None
+
+
+def _update(merged: DictConfig, key: str, value: Any) -> DictConfig:
+    for index in re.finditer(r"\[(\d+)\]", key):  # OmegaConf's own error for a missing item is a type error
+        items = OmegaConf.select(merged, key[: index.start()])
+        if isinstance(items, ListConfig) and int(index.group(1)) >= len(items):
+            raise ValueError(
+                f"config key {key!r}: {key[: index.start()]} has {len(items)} item(s), so index {index.group(1)} "
+                f"does not exist; to add items, give the whole list, e.g. {key[: index.start()]}=[...]"
+            )
+    OmegaConf.update(merged, key, value, merge=True)
+    return merged
 
 
 def _valid_keys(e: OmegaConfBaseException) -> str:

@@ -2,7 +2,7 @@
 
 import torch
 
-from .triton_backward import value_grad_triton, weight_grad_triton
+from .triton_backward import bag_backward_triton
 from .triton_forward import bag_forward_triton
 
 
@@ -17,21 +17,15 @@ class TritonEmbeddingBagFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         values, indices, weights = ctx.saved_tensors
-        grad_values = grad_weights = None
-        if ctx.needs_input_grad[2]:
-            dw = torch.empty(weights.shape, dtype=weights.dtype, device=weights.device)
-            grad_weights = weight_grad_triton(values, indices, grad_out, out=dw)
-        if ctx.needs_input_grad[0]:
-            grad = value_grad_triton(
-                indices, weights, grad_out.to(values.dtype), values.shape[0], ctx.algorithm, ctx.sparse_grad
+        need_values, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        grad_values, grad_weights = bag_backward_triton(
+            values, indices, weights, grad_out, ctx.algorithm, ctx.sparse_grad, need_values, need_weights
+        )
+        if need_values and ctx.sparse_grad:
+            rows, row_grads = grad_values
+            grad_values = torch.sparse_coo_tensor(
+                rows.unsqueeze(0), row_grads, values.shape, is_coalesced=True, check_invariants=False
             )
-            if ctx.sparse_grad:
-                rows, row_grads = grad
-                grad_values = torch.sparse_coo_tensor(
-                    rows.unsqueeze(0), row_grads, values.shape, is_coalesced=True, check_invariants=False
-                )
-            else:
-                grad_values = grad
         return grad_values, None, grad_weights, None, None
 
 

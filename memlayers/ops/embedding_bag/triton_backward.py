@@ -5,10 +5,13 @@
 * value gradient ``dV[r] = sum_{(t, l): indices[t, l] = r} weights[t, l] * grad_out[t]``, two ways:
   - ``"atomics"``: grid ``(T, cdiv(d, BLOCK_D))``, each program adds ``w * grad_out[t]`` into its
     rows of an fp32 buffer with ``atomic_add``. Fast, not deterministic;
-  - ``"sorted"``: entries sorted by row (stable ``torch.argsort``), then a segment sum where each
-    program owns whole rows and adds their entries in sorted order: bitwise deterministic.
-    A row with more than ``CHUNK`` entries is split into chunks whose fp32 partial sums are
-    reduced again the same way, so one hot row never serialises a single program on all T*L entries.
+  - ``"sorted"``: entries sorted by row (stable ``torch.argsort``, one host sync), then a segment
+    sum where each program owns whole rows and adds their entries in sorted order: bitwise
+    deterministic. A row with more than ``CHUNK`` entries is split into chunks whose fp32 partial
+    sums are reduced again the same way, so one hot row never serialises a single program on all
+    T*L entries. When both gradients are wanted (``bag_backward_triton``), this pass also computes
+    the weight gradient: each program loads its rows of ``values`` once and dots them with the
+    ``grad_out`` rows it gathers anyway, instead of a second pass reading all T*L value rows.
 
 Both produce the touched rows only (``rows (U,)``, ``row_grads (U, d)``) or a dense ``(N, d)`` gradient;
 the row-sparse path does no O(N) work.
@@ -93,11 +96,17 @@ def _segment_sum_kernel(
     ends_ptr,  # (K,) one past its last
     dest_ptr,  # (K,) row of `out` the segment's sum goes to
     out_ptr,  # (R, d), row stride `stride_o`
+    values_ptr,  # (N, d), row stride `stride_v` (WEIGHT_GRAD only)
+    vrows_ptr,  # (K,) value row of each segment (WEIGHT_GRAD only)
+    dw_ptr,  # (cdiv(d, BLOCK_D), E) ACC: per column block, the weight-gradient part of each entry
     K,
+    E,
     L,
     D,
     stride_o,
+    stride_v,
     GATHER: tl.constexpr,
+    WEIGHT_GRAD: tl.constexpr,
     ACC: tl.constexpr,
     SEGS: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -106,14 +115,19 @@ def _segment_sum_kernel(
 
     A program owns SEGS segments and walks them side by side (one entry of each per step), so their
     loads are in flight together. GATHER: row_s = order[s] // L, w_s = weights[order[s]];
-    else row_s = s, w_s = 1.
+    else row_s = s, w_s = 1. WEIGHT_GRAD (with GATHER): the same pass also writes each entry's
+    weight gradient <src[row_s], values[vrows[k]]> over this column block to dw[block, order[s]],
+    so the value rows are read once per touched row, not once per entry.
     """
     ks = tl.program_id(0).to(tl.int64) * SEGS + tl.arange(0, SEGS)
     mask_k = ks < K
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    block = tl.program_id(1)
+    offs_d = block * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     start = tl.load(starts_ptr + ks, mask=mask_k, other=0)
     count = tl.load(ends_ptr + ks, mask=mask_k, other=0) - start
+    if WEIGHT_GRAD:
+        v_ptrs = values_ptr + tl.load(vrows_ptr + ks, mask=mask_k, other=0).to(tl.int64)[:, None] * stride_v
     acc = tl.zeros((SEGS, BLOCK_D), dtype=ACC)
     for j in range(tl.max(count, axis=0)):
         mask_e = j < count
@@ -130,6 +144,9 @@ def _segment_sum_kernel(
             other=0,
         ).to(ACC)
         acc += w[:, None] * g
+        if WEIGHT_GRAD:  # the value rows are re-read from cache each step: holding them would cost registers
+            v = tl.load(v_ptrs + offs_d[None, :], mask=mask_e[:, None] & mask_d[None, :], other=0).to(ACC)
+            tl.store(dw_ptr + block * E + entry, tl.sum(g * v, axis=1).to(dw_ptr.dtype.element_ty), mask=mask_e)
     dest = tl.load(dest_ptr + ks, mask=mask_k, other=0)
     tl.store(out_ptr + dest[:, None] * stride_o + offs_d[None, :], acc, mask=mask_k[:, None] & mask_d[None, :])
 
@@ -195,33 +212,40 @@ def _scatter_atomic(dest: torch.Tensor, weights: torch.Tensor, grad_out: torch.T
     return out
 
 
-def _segment_sum(src, starts, ends, dest, out, order=None, weights=None, L=1) -> None:
+def _segment_sum(src, starts, ends, dest, out, order=None, weights=None, L=1, wgrad=None, check_heavy=True) -> None:
     """out[dest[k]] = sum of the (weighted) src rows of sorted positions [starts[k], ends[k]).
 
     src (S, d); starts, ends, dest (K,) int64; out (R, d). With ``order`` (E,) and flat ``weights``
     the rows are ``src[order[s] // L]`` weighted by ``weights[order[s]]``; without, ``src[s]`` unweighted.
+    ``wgrad = (values (N, d), vrows (K,), dw (n_blocks, E))`` also writes the entries' weight-gradient
+    parts (see the kernel). ``check_heavy=False``: the caller knows no segment exceeds CHUNK entries.
     """
     d = src.shape[1]
     acc = accumulation_dtype(src.dtype)
-    heavy = (ends - starts) > CHUNK
-    if bool(heavy.any()):
-        light = ~heavy
-        _segment_sum(src, starts[light], ends[light], dest[light], out, order, weights, L)
-        h_start, h_end = starts[heavy], ends[heavy]
-        n_chunks = triton.cdiv(h_end - h_start, CHUNK)
-        first = torch.cumsum(n_chunks, 0) - n_chunks  # first chunk of each heavy segment
-        seg = torch.repeat_interleave(torch.arange(len(n_chunks), device=src.device), n_chunks)
-        c_start = h_start[seg] + (torch.arange(len(seg), device=src.device) - first[seg]) * CHUNK
-        c_end = torch.minimum(c_start + CHUNK, h_end[seg])
-        partial = torch.empty(len(seg), d, dtype=acc, device=src.device)
-        _segment_sum(src, c_start, c_end, torch.arange(len(seg), device=src.device), partial, order, weights, L)
-        _segment_sum(partial, first, first + n_chunks, dest[heavy], out)
-        return
+    if check_heavy:
+        heavy = (ends - starts) > CHUNK
+        if bool(heavy.any()):
+            light = ~heavy
+            light_wgrad = wgrad and (wgrad[0], wgrad[1][light], wgrad[2])
+            _segment_sum(src, starts[light], ends[light], dest[light], out, order, weights, L, light_wgrad, False)
+            h_start, h_end = starts[heavy], ends[heavy]
+            n_chunks = triton.cdiv(h_end - h_start, CHUNK)
+            first = torch.cumsum(n_chunks, 0) - n_chunks  # first chunk of each heavy segment
+            seg = torch.repeat_interleave(torch.arange(len(n_chunks), device=src.device), n_chunks)
+            c_start = h_start[seg] + (torch.arange(len(seg), device=src.device) - first[seg]) * CHUNK
+            c_end = torch.minimum(c_start + CHUNK, h_end[seg])
+            partial = torch.empty(len(seg), d, dtype=acc, device=src.device)
+            chunk_wgrad = wgrad and (wgrad[0], wgrad[1][heavy][seg], wgrad[2])
+            chunk_ids = torch.arange(len(seg), device=src.device)
+            _segment_sum(src, c_start, c_end, chunk_ids, partial, order, weights, L, chunk_wgrad, False)
+            _segment_sum(partial, first, first + n_chunks, dest[heavy], out)
+            return
     K = len(starts)
     if K == 0:
         return
     block_d = _block_d(d)
     gather = order is not None
+    values, vrows, dw = wgrad or (src, starts, src)  # unused placeholders without WEIGHT_GRAD
     _segment_sum_kernel[(triton.cdiv(K, SEGS), triton.cdiv(d, block_d))](
         src,
         order if gather else starts,
@@ -230,16 +254,73 @@ def _segment_sum(src, starts, ends, dest, out, order=None, weights=None, L=1) ->
         ends,
         dest,
         out,
+        values,
+        vrows,
+        dw,
         K,
+        dw.shape[-1] if wgrad else 0,
         L,
         d,
         out.stride(0),
+        values.stride(0),
         GATHER=gather,
+        WEIGHT_GRAD=wgrad is not None,
         ACC=tl_dtype(acc),
         SEGS=SEGS,
         BLOCK_D=block_d,
         num_warps=max(1, block_d // 64),
     )
+
+
+def _sort_by_row(flat: torch.Tensor, num_rows: int):
+    """Entries grouped by row, with one host sync.
+
+    flat (E,) row ids -> order (E,) entry ids sorted by row (stable), rows (U,) sorted unique int64,
+    starts/ends (U,) their sorted-position ranges, heavy: whether some row has more than CHUNK entries.
+    """
+    keys = flat.int() if num_rows < 2**31 else flat  # 32-bit keys halve the radix sort's passes
+    E = keys.numel()
+    order = torch.argsort(keys, stable=True)
+    sorted_keys = keys[order]
+    is_start = torch.ones(E, dtype=torch.bool, device=keys.device)
+    is_start[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    # a row has more than CHUNK entries iff some sorted position shares its row with the one CHUNK later
+    heavy = (sorted_keys[CHUNK:] == sorted_keys[:-CHUNK]).any() if E > CHUNK else is_start.new_zeros(())
+    U, heavy = torch.stack([is_start.sum(), heavy.long()]).tolist()  # the one sync: sizes the outputs
+    starts = torch.nonzero_static(is_start, size=U).squeeze(1)
+    ends = torch.empty_like(starts)
+    ends[:-1] = starts[1:]
+    ends[-1:] = E
+    return order, sorted_keys[starts].long(), starts, ends, bool(heavy)
+
+
+def bag_backward_triton(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    grad_out: torch.Tensor,
+    algorithm: str = "sorted",
+    sparse: bool = False,
+    need_values: bool = True,
+    need_weights: bool = True,
+):
+    """Both gradients of the bag: ``(value grad or None, weight grad (T, L) in weights.dtype or None)``.
+
+    values (N, d), indices (T, L), weights (T, L), grad_out (T, d). The value gradient is as in
+    ``value_grad_triton``. With ``"sorted"`` and both gradients wanted, one pass over the touched rows
+    computes both (each touched value row read once, the weight gradient summed over column blocks
+    in a fixed order: deterministic); otherwise ``weight_grad_triton`` reads the T x L rows again.
+    """
+    grad_out = grad_out.to(values.dtype)
+    if not (need_values and need_weights and algorithm == "sorted"):
+        dw = dv = None
+        if need_weights:
+            dw = torch.empty(weights.shape, dtype=weights.dtype, device=weights.device)
+            weight_grad_triton(values, indices, grad_out, out=dw)
+        if need_values:
+            dv = value_grad_triton(indices, weights, grad_out, values.shape[0], algorithm, sparse)
+        return dv, dw
+    return _value_grad_sorted(indices, weights, grad_out, values.shape[0], sparse, values)
 
 
 def value_grad_triton(
@@ -257,31 +338,53 @@ def value_grad_triton(
     """
     if algorithm not in ("sorted", "atomics"):
         raise ValueError(f"value_grad_triton: algorithm must be 'sorted' or 'atomics', got {algorithm!r}")
+    if algorithm == "sorted":
+        return _value_grad_sorted(indices, weights, grad_out, num_rows, sparse)[0]
+    T, L = indices.shape
+    d = grad_out.shape[1]
+    if indices.numel() == 0 or d == 0:
+        return _empty_value_grad(grad_out, num_rows, sparse)
+    grad_out = grad_out.contiguous()
+    if not sparse:
+        return _scatter_atomic(indices, weights, grad_out, num_rows).to(grad_out.dtype)
+    keys = indices.reshape(-1)
+    keys = keys.int() if num_rows < 2**31 else keys
+    rows, inverse = torch.unique(keys, return_inverse=True)
+    return rows.long(), _scatter_atomic(inverse.view(T, L), weights, grad_out, len(rows)).to(grad_out.dtype)
+
+
+def _empty_value_grad(grad_out, num_rows: int, sparse: bool):
+    d = grad_out.shape[1]
+    if sparse:
+        return grad_out.new_zeros(0, dtype=torch.int64), grad_out.new_zeros(0, d)
+    return grad_out.new_zeros(num_rows, d)
+
+
+def _value_grad_sorted(indices, weights, grad_out, num_rows: int, sparse: bool, values=None):
+    """The deterministic sorted value gradient (as ``value_grad_triton``) and, given ``values``, the
+    weight gradient (T, L) in weights.dtype from the same pass (else None)."""
     T, L = indices.shape
     d = grad_out.shape[1]
     device, dtype = grad_out.device, grad_out.dtype
-    flat = indices.reshape(-1)
-    if flat.numel() == 0 or d == 0:
-        if sparse:
-            return flat.new_zeros(0, dtype=torch.int64), grad_out.new_zeros(0, d)
-        return grad_out.new_zeros(num_rows, d)
+    if indices.numel() == 0 or d == 0:
+        dw = None if values is None else torch.zeros_like(weights)
+        return _empty_value_grad(grad_out, num_rows, sparse), dw
     grad_out = grad_out.contiguous()
-    if algorithm == "atomics" and not sparse:
-        return _scatter_atomic(indices, weights, grad_out, num_rows).to(dtype)
-    keys = flat.int() if num_rows < 2**31 else flat  # 32-bit keys halve the radix sort's passes
-    if algorithm == "atomics":
-        rows, inverse = torch.unique(keys, return_inverse=True)
-        return rows.long(), _scatter_atomic(inverse.view(T, L), weights, grad_out, len(rows)).to(dtype)
-    order = torch.argsort(keys, stable=True)
-    rows, counts = torch.unique_consecutive(keys[order], return_counts=True)
-    rows = rows.long()
-    ends = torch.cumsum(counts, 0)
-    starts = ends - counts
+    order, rows, starts, ends, heavy = _sort_by_row(indices.reshape(-1), num_rows)
     if sparse:
         out = torch.empty(len(rows), d, dtype=dtype, device=device)
         dest = torch.arange(len(rows), device=device)
     else:
         out = torch.zeros(num_rows, d, dtype=dtype, device=device)
         dest = rows
-    _segment_sum(grad_out, starts, ends, dest, out, order, weights.contiguous().reshape(-1), L)
-    return (rows, out) if sparse else out
+    wgrad = None
+    if values is not None:
+        values = values if values.stride(1) == 1 else values.contiguous()
+        parts = torch.empty(triton.cdiv(d, _block_d(d)), T * L, dtype=accumulation_dtype(dtype), device=device)
+        wgrad = (values, rows, parts)
+    _segment_sum(grad_out, starts, ends, dest, out, order, weights.contiguous().reshape(-1), L, wgrad, heavy)
+    grad = (rows, out) if sparse else out
+    if values is None:
+        return grad, None
+    dw = parts[0] if len(parts) == 1 else parts.sum(0)  # column blocks in a fixed order: deterministic
+    return grad, dw.view(T, L).to(weights.dtype)

@@ -1,4 +1,5 @@
-"""Row-wise Adam (``memlayers.ops.row_adam``): the Triton kernel against the torch reference.
+"""Row-wise updates (``memlayers.ops.row_update``: Adam, row-wise Adagrad, SGD): the Triton kernels
+against the torch references, and the references against the math written out.
 
 Without a GPU the kernel runs on CPU under ``TRITON_INTERPRET=1``. The interpreter runs programs one
 after another, so it checks indexing, masking and arithmetic, not races; it also truncates
@@ -13,9 +14,16 @@ pytest.importorskip("triton")
 
 from conftest import TOL, TRITON_DEVICE as DEVICE, rel_err
 
-from memlayers.ops.row_adam import row_adam_reference, row_adam_update
-from memlayers.ops.row_adam.triton_kernel import row_adam_config
-from memlayers.optim import SparseRowAdam
+from memlayers.ops.row_update import (
+    row_adagrad_reference,
+    row_adagrad_update,
+    row_adam_reference,
+    row_adam_update,
+    row_sgd_reference,
+    row_sgd_update,
+)
+from memlayers.ops.row_update.triton_kernel import row_update_config
+from memlayers.optim import SparseRowAdagrad, SparseRowAdam, SparseRowSGD
 
 
 HYPER = dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8)
@@ -105,19 +113,100 @@ def test_int32_rows_strided_table_and_fp32_moments():
     assert torch.equal(buf[:, d:], other) and torch.equal(p, pk)
 
 
+def run_rule(rule, impl, p, sum_sq, rows, grads, lr=0.1, eps=1e-8):
+    """Copies of (param, sum_sq) after one Adagrad or SGD update through ``impl``."""
+    p, sum_sq = p.clone(), sum_sq.clone()
+    if rule == "adagrad":
+        if impl == "reference":
+            row_adagrad_reference(p, sum_sq, rows.long(), grads, lr, eps)
+        else:
+            row_adagrad_update(p, sum_sq, rows, grads, lr, eps, impl=impl)
+    elif impl == "reference":
+        row_sgd_reference(p, rows.long(), grads, lr)
+    else:
+        row_sgd_update(p, rows, grads, lr, impl=impl)
+    return p, sum_sq
+
+
+@pytest.mark.parametrize("rule", ["adagrad", "sgd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d, U", [(1, 45), (37, 13), (100, 45), (2500, 3)])  # d=2500: three column blocks
+def test_adagrad_and_sgd_kernels_match_reference(rule, dtype, d, U):
+    N = 64
+    p, _, _, rows, grads = problem(N, d, U, dtype)
+    sum_sq = torch.rand(N, device=DEVICE)  # earlier steps' accumulators
+    keep = untouched(N, rows)
+    p[keep], sum_sq[keep] = float("nan"), float("nan")  # never read, never written
+    before_p, before_s = bits(p).clone(), bits(sum_sq).clone()
+    pk, sk = run_rule(rule, "triton", p, sum_sq, rows, grads)
+    pr, sr = run_rule(rule, "reference", p, sum_sq, rows, grads)
+    tol = TOL[dtype]
+    assert rel_err(pk[rows], pr[rows]) < tol
+    if dtype == torch.float32:
+        assert rel_err(pk[rows] - p[rows], pr[rows] - p[rows]) < 1e-5
+    assert rel_err(sk[rows], sr[rows]) < 1e-5
+    assert torch.equal(bits(pk)[keep], before_p[keep]) and torch.equal(bits(sk)[keep], before_s[keep])
+    assert not torch.equal(pk[rows], p[rows])
+
+
+def test_adagrad_and_sgd_references_match_the_math():
+    N, d, U = 20, 6, 7
+    p, _, _, rows, grads = problem(N, d, U, torch.float32, device="cpu")
+    s0 = torch.rand(N)
+    lr, eps = 0.3, 1e-6
+    pa, sa = run_rule("adagrad", "reference", p, s0, rows, grads, lr, eps)
+    ps, _ = run_rule("sgd", "reference", p, s0, rows, grads, lr)
+    for i, r in enumerate(rows.tolist()):
+        g = grads[i].double()
+        s = s0[r].double() + (g * g).sum() / d
+        assert torch.allclose(sa[r].double(), s, rtol=1e-6)
+        assert torch.allclose(pa[r].double(), p[r].double() - lr * g / (s.sqrt() + eps), rtol=1e-6, atol=1e-7)
+        assert torch.allclose(ps[r].double(), p[r].double() - lr * g, rtol=1e-6, atol=1e-7)
+    keep = untouched(N, rows)
+    assert torch.equal(pa[keep], p[keep]) and torch.equal(sa[keep], s0[keep]) and torch.equal(ps[keep], p[keep])
+
+
+@pytest.mark.parametrize("rule", ["adagrad", "sgd"])
+def test_adagrad_and_sgd_empty_and_strided(rule):
+    p, _, _, rows, grads = problem(10, 7, 0, torch.bfloat16)
+    s = torch.zeros(10, device=DEVICE)
+    pk, sk = run_rule(rule, "triton", p, s, rows, grads)
+    assert torch.equal(pk, p) and torch.equal(sk, s)
+    N, d, U = 40, 37, 17
+    buf = torch.randn(N, 2 * d, device=DEVICE)
+    other = buf[:, d:].clone()
+    rows = torch.randperm(N, device=DEVICE)[:U].int()
+    grads = torch.randn(2 * U, d, device=DEVICE)[::2]
+    pr, sr = run_rule(rule, "reference", buf[:, :d], s.new_zeros(N), rows, grads)
+    if rule == "adagrad":
+        sum_sq = s.new_zeros(N)
+        row_adagrad_update(buf[:, :d], sum_sq, rows, grads, 0.1, 1e-8, impl="triton")
+        assert rel_err(sum_sq, sr) < 1e-5
+    else:
+        row_sgd_update(buf[:, :d], rows, grads, 0.1, impl="triton")
+    assert rel_err(buf[:, :d], pr) < 1e-5 and torch.equal(buf[:, d:], other)
+
+
 def test_default_config_tiles():
-    assert row_adam_config(1024) == {"BLOCK_U": 2, "BLOCK_D": 1024, "num_warps": 4}
-    assert row_adam_config(37)["BLOCK_D"] == 64 and row_adam_config(1)["BLOCK_U"] == 2048
-    assert row_adam_config(5000)["BLOCK_D"] == 1024
+    assert row_update_config(1024) == {"BLOCK_U": 2, "BLOCK_D": 1024, "num_warps": 4}
+    assert row_update_config(37)["BLOCK_D"] == 64 and row_update_config(1)["BLOCK_U"] == 2048
+    assert row_update_config(5000)["BLOCK_D"] == 1024
 
 
+OPTIMIZERS = {
+    "adam": lambda params, impl: SparseRowAdam(params, lr=1e-2, betas=(0.8, 0.95), eps=1e-6, impl=impl),
+    "adagrad": lambda params, impl: SparseRowAdagrad(params, lr=1e-1, eps=1e-6, impl=impl),
+    "sgd": lambda params, impl: SparseRowSGD(params, lr=1e-1, impl=impl),
+}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sparse_row_adam_kernel_equals_reference_path(dtype):
+def test_sparse_row_optimizer_kernel_equals_reference_path(name, dtype):
     N, d = 30, 19
     a = torch.nn.Parameter(torch.randn(N, d, device=DEVICE).to(dtype))
     b = torch.nn.Parameter(a.detach().clone())
-    ours = SparseRowAdam([a], lr=1e-2, betas=(0.8, 0.95), eps=1e-6, impl="triton")
-    ref = SparseRowAdam([b], lr=1e-2, betas=(0.8, 0.95), eps=1e-6, impl="reference")
+    ours, ref = OPTIMIZERS[name]([a], "triton"), OPTIMIZERS[name]([b], "reference")
     for _ in range(4):
         rows = torch.randint(0, N, (25,), device=DEVICE)  # repeated: coalesce sums them
         vals = torch.randn(25, d, device=DEVICE).to(dtype)
@@ -126,10 +215,10 @@ def test_sparse_row_adam_kernel_equals_reference_path(dtype):
         ours.step()
         ref.step()
     assert rel_err(a.detach(), b.detach()) < TOL[dtype]
-    for key in ("exp_avg", "exp_avg_sq"):
+    for key in ours.STATE:
         assert rel_err(ours.state[a][key], ref.state[b][key]) < TOL[dtype]
     with pytest.raises(ValueError, match="impl must be one of"):
-        SparseRowAdam([a], impl="fused")
+        OPTIMIZERS[name]([a], "fused")
 
 
 def test_bad_inputs_raise(monkeypatch):
@@ -165,6 +254,27 @@ def test_bad_inputs_raise(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         row_adam_update(p, m, v, rows, grads, **h, impl="triton")
+
+
+def test_adagrad_and_sgd_bad_inputs_raise():
+    p, _, _, rows, grads = problem(10, 4, 3, torch.float32, device="cpu")
+    s = torch.zeros(10)
+    with pytest.raises(ValueError, match=r"sum_sq shape \(10, 4\) must be \(10,\)"):
+        row_adagrad_update(p, torch.zeros(10, 4), rows, grads, 0.1, 1e-8)
+    with pytest.raises(ValueError, match="need eps > 0"):
+        row_adagrad_update(p, s, rows, grads, 0.1, 0.0)
+    with pytest.raises(ValueError, match="need lr >= 0"):
+        row_sgd_update(p, rows, grads, -1.0)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        row_sgd_update(p, rows, grads, 0.1, impl="fast")
+    with pytest.raises(ValueError, match="one device"):
+        row_adagrad_update(p, s.to("meta"), rows, grads, 0.1, 1e-8)
+    with pytest.raises(TypeError, match="rows must be int64 or int32"):
+        row_sgd_update(p, rows.float(), grads, 0.1)
+    pk, _, _, rk, gk = problem(10, 4, 3, torch.float32)
+    with pytest.raises(ValueError, match="needs a contiguous accumulator"):
+        row_adagrad_update(pk, torch.zeros(20, device=pk.device)[::2], rk, gk, 0.1, 1e-8, impl="triton")
+    row_adagrad_update(pk, torch.zeros(20, device=pk.device)[::2], rk, gk, 0.1, 1e-8)  # auto: the reference
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="N * d > 2**31 needs ~13 GB of GPU memory")

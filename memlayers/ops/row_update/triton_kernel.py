@@ -1,0 +1,205 @@
+"""Triton row-wise optimizer updates: the functions of ``reference.py``, each in one kernel.
+
+Every kernel reads each touched element once and writes it once, with no temporaries in memory;
+rows not in ``rows`` are never touched. Any ``d`` works (the column tail is masked); row offsets
+are int64, so ``N * d`` may exceed 2**31.
+
+* Adam and SGD: grid ``(cdiv(U, BLOCK_U), cdiv(d, BLOCK_D))``; a program owns ``BLOCK_U``
+  consecutive entries of ``rows`` and one column block: it loads their row ids, then the
+  ``(BLOCK_U, BLOCK_D)`` tiles of the gradient (and moments) and the parameter, computes in fp32
+  and stores. Adam moves 14 bytes per element in bf16 (g, m, v, p read; m, v, p written).
+* Row-wise Adagrad: grid ``(cdiv(U, BLOCK_U),)``; a program owns whole rows, since the update
+  needs the row's mean squared gradient first: one sweep over the columns sums ``g * g``, a
+  second reads ``g`` again (from cache) with ``p`` and stores ``p``.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import adam_step_size
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _row_adam_kernel(
+    param_ptr,  # (N, d), row stride `stride_p`, unit column stride
+    exp_avg_ptr,  # (N, d), row stride `stride_m`
+    exp_avg_sq_ptr,  # (N, d), row stride `stride_v`
+    rows_ptr,  # (U,) int32/int64, unique
+    grads_ptr,  # (U, d), row stride `stride_g`
+    U,
+    D,
+    stride_p,
+    stride_m,
+    stride_v,
+    stride_g,
+    step_size,  # lr * sqrt(1 - beta2**t) / (1 - beta1**t)
+    beta2,
+    one_minus_beta1,
+    one_minus_beta2,
+    eps,
+    BLOCK_U: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    offs_u = tl.program_id(0).to(tl.int64) * BLOCK_U + tl.arange(0, BLOCK_U)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_u = offs_u < U
+    mask = mask_u[:, None] & (offs_d < D)[None, :]
+    r = tl.load(rows_ptr + offs_u, mask=mask_u, other=0).to(tl.int64)
+    p_ptrs = param_ptr + r[:, None] * stride_p + offs_d[None, :]
+    m_ptrs = exp_avg_ptr + r[:, None] * stride_m + offs_d[None, :]
+    v_ptrs = exp_avg_sq_ptr + r[:, None] * stride_v + offs_d[None, :]
+    g = tl.load(grads_ptr + offs_u[:, None] * stride_g + offs_d[None, :], mask=mask, other=0).to(tl.float32)
+    m = tl.load(m_ptrs, mask=mask, other=0).to(tl.float32)
+    v = tl.load(v_ptrs, mask=mask, other=0).to(tl.float32)
+    p = tl.load(p_ptrs, mask=mask, other=0).to(tl.float32)
+    # torch.lerp's two-sided formula (weight >= 0.5 keeps beta1 = 0 exact: m = g)
+    diff = g - m
+    m = tl.where(one_minus_beta1 < 0.5, m + one_minus_beta1 * diff, g - diff * (1.0 - one_minus_beta1))
+    v = v * beta2 + one_minus_beta2 * g * g
+    p = p - step_size * tl.div_rn(m, tl.sqrt_rn(v) + eps)
+    tl.store(m_ptrs, m.to(exp_avg_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptrs, v.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptrs, p.to(param_ptr.dtype.element_ty), mask=mask)
+
+
+def row_update_config(d: int) -> dict:
+    """Tile sizes and warps (for all three kernels) for rows of width ``d``: tiles of about 2048 elements, 4 warps
+    (16 elements of each of g, m, v, p per thread; a 1024-wide bf16 row is one 2 KiB tile row)."""
+    block_d = min(triton.next_power_of_2(max(d, 1)), 1024)
+    return {"BLOCK_U": max(1, 2048 // block_d), "BLOCK_D": block_d, "num_warps": 4}
+
+
+def row_adam_triton(
+    param: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    rows: torch.Tensor,
+    grads: torch.Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: int,
+    config: dict | None = None,
+) -> None:
+    """In-place Adam on ``rows`` of param/exp_avg/exp_avg_sq (N, d), gradient grads (U, d).
+
+    The (N, d) tensors need a unit column stride (any row stride); ``rows`` must be unique and in
+    [0, N) (not checked: duplicates race, out-of-range ids write out of bounds). ``config``
+    overrides ``row_update_config(d)`` (BLOCK_U, BLOCK_D, num_warps).
+    """
+    U, d = grads.shape
+    if U == 0 or d == 0:
+        return
+    grads = grads if grads.stride(1) == 1 else grads.contiguous()
+    cfg = dict(config or row_update_config(d))
+    grid = (triton.cdiv(U, cfg["BLOCK_U"]), triton.cdiv(d, cfg["BLOCK_D"]))
+    _row_adam_kernel[grid](
+        param,
+        exp_avg,
+        exp_avg_sq,
+        rows.contiguous(),
+        grads,
+        U,
+        d,
+        param.stride(0),
+        exp_avg.stride(0),
+        exp_avg_sq.stride(0),
+        grads.stride(0),
+        float(adam_step_size(lr, beta1, beta2, step)),  # scalars go in as fp32
+        float(beta2),
+        float(1 - beta1),
+        float(1 - beta2),
+        float(eps),
+        **cfg,
+    )
+
+
+@triton.jit
+def _row_adagrad_kernel(
+    param_ptr,  # (N, d), row stride `stride_p`, unit column stride
+    sum_sq_ptr,  # (N,) contiguous
+    rows_ptr,  # (U,) int32/int64, unique
+    grads_ptr,  # (U, d), row stride `stride_g`
+    U,
+    D,
+    stride_p,
+    stride_g,
+    lr,
+    eps,
+    BLOCK_U: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    offs_u = tl.program_id(0).to(tl.int64) * BLOCK_U + tl.arange(0, BLOCK_U)
+    mask_u = offs_u < U
+    r = tl.load(rows_ptr + offs_u, mask=mask_u, other=0).to(tl.int64)
+    sq = tl.zeros((BLOCK_U, BLOCK_D), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_u[:, None] & (offs_d < D)[None, :]
+        g = tl.load(grads_ptr + offs_u[:, None] * stride_g + offs_d[None, :], mask=mask, other=0).to(tl.float32)
+        sq += g * g
+    s = tl.load(sum_sq_ptr + r, mask=mask_u, other=0).to(tl.float32) + tl.sum(sq, axis=1) / D
+    tl.store(sum_sq_ptr + r, s.to(sum_sq_ptr.dtype.element_ty), mask=mask_u)
+    scale = lr / (tl.sqrt_rn(s) + eps)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_u[:, None] & (offs_d < D)[None, :]
+        g = tl.load(grads_ptr + offs_u[:, None] * stride_g + offs_d[None, :], mask=mask, other=0).to(tl.float32)
+        p_ptrs = param_ptr + r[:, None] * stride_p + offs_d[None, :]
+        p = tl.load(p_ptrs, mask=mask, other=0).to(tl.float32) - scale[:, None] * g
+        tl.store(p_ptrs, p.to(param_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_sgd_kernel(
+    param_ptr,  # (N, d), row stride `stride_p`, unit column stride
+    rows_ptr,  # (U,) int32/int64, unique
+    grads_ptr,  # (U, d), row stride `stride_g`
+    U,
+    D,
+    stride_p,
+    stride_g,
+    lr,
+    BLOCK_U: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    offs_u = tl.program_id(0).to(tl.int64) * BLOCK_U + tl.arange(0, BLOCK_U)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_u = offs_u < U
+    mask = mask_u[:, None] & (offs_d < D)[None, :]
+    r = tl.load(rows_ptr + offs_u, mask=mask_u, other=0).to(tl.int64)
+    p_ptrs = param_ptr + r[:, None] * stride_p + offs_d[None, :]
+    g = tl.load(grads_ptr + offs_u[:, None] * stride_g + offs_d[None, :], mask=mask, other=0).to(tl.float32)
+    p = tl.load(p_ptrs, mask=mask, other=0).to(tl.float32) - lr * g
+    tl.store(p_ptrs, p.to(param_ptr.dtype.element_ty), mask=mask)
+
+
+def row_adagrad_triton(param, sum_sq, rows, grads, lr: float, eps: float, config: dict | None = None) -> None:
+    """In-place row-wise Adagrad on ``rows`` of param (N, d) and sum_sq (N,), gradient grads (U, d).
+
+    Same contract as ``row_adam_triton`` (unit column stride, unique in-range rows; ``sum_sq``
+    contiguous). ``config`` overrides ``row_update_config(d)``.
+    """
+    U, d = grads.shape
+    if U == 0 or d == 0:
+        return
+    grads = grads if grads.stride(1) == 1 else grads.contiguous()
+    cfg = dict(config or row_update_config(d))
+    _row_adagrad_kernel[(triton.cdiv(U, cfg["BLOCK_U"]),)](
+        param, sum_sq, rows.contiguous(), grads, U, d, param.stride(0), grads.stride(0), float(lr), float(eps), **cfg
+    )
+
+
+def row_sgd_triton(param, rows, grads, lr: float, config: dict | None = None) -> None:
+    """In-place SGD on ``rows`` of param (N, d), gradient grads (U, d); contract as ``row_adam_triton``."""
+    U, d = grads.shape
+    if U == 0 or d == 0:
+        return
+    grads = grads if grads.stride(1) == 1 else grads.contiguous()
+    cfg = dict(config or row_update_config(d))
+    grid = (triton.cdiv(U, cfg["BLOCK_U"]), triton.cdiv(d, cfg["BLOCK_D"]))
+    _row_sgd_kernel[grid](param, rows.contiguous(), grads, U, d, param.stride(0), grads.stride(0), float(lr), **cfg)
