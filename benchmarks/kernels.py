@@ -182,16 +182,24 @@ def main() -> None:
             fn = functools.partial(value_grad_triton, indices, weights, grad_out, N, algo, sparse)
             name = f"ours bwd piece: value grad {algo} {'sparse' if sparse else 'dense'}"
             if sparse:
-                timed(name, fn, None, ref[1:2], lambda g: [torch.sparse_coo_tensor(g[0][None], g[1], (N, d), check_invariants=False)])
+                timed(
+                    name,
+                    fn,
+                    None,
+                    ref[1:2],
+                    lambda g: [torch.sparse_coo_tensor(g[0][None], g[1], (N, d), check_invariants=False)],
+                )
             else:
                 timed(name, fn, None, ref[1:2], one)
     for sparse in (False, True):  # what the sorted backward runs: both gradients in one per-row pass
         fn = functools.partial(bag_backward_triton, values, indices, weights, grad_out, "sorted", sparse)
         name = f"ours bwd: value + weight grad sorted fused {'sparse' if sparse else 'dense'}"
-        if sparse:
-            timed(name, fn, None, ref[1:], lambda g: [torch.sparse_coo_tensor(g[0][0][None], g[0][1], (N, d), check_invariants=False), g[1]])
-        else:
-            timed(name, fn, None, ref[1:], list)
+
+        def as_list(g, sparse=sparse):
+            dv = torch.sparse_coo_tensor(g[0][0][None], g[0][1], (N, d), check_invariants=False) if sparse else g[0]
+            return [dv, g[1]]
+
+        timed(name, fn, None, ref[1:], as_list)
 
     def timed_fwd_bwd(name, fn, vals, g):
         step = functools.partial(fwd_bwd, fn, vals, indices, weights, g)

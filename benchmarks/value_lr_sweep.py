@@ -10,6 +10,8 @@ table. The lm runs are kept under ``--out`` and reused when the script runs agai
 """
 
 import argparse
+import contextlib
+import io
 import sys
 
 from memlayers.compare import run_compare
@@ -33,7 +35,9 @@ def lm_recall(optimizer: str, ratio: float, out: str) -> float:
     overrides = [f"train.value_optimizer={optimizer}", f"train.value_lr_ratio={ratio}"]
     if optimizer != "adamw":
         overrides.append("model.memories[0].options.sparse_values=true")
-    rows = run_compare("cpu", f"{out}/{optimizer}-{ratio:g}", arms=["memory_plus"], overrides=overrides, progress=False)
+    out_dir = f"{out}/{optimizer}-{ratio:g}"
+    with contextlib.redirect_stdout(io.StringIO()):  # run_compare prints its own one-row table
+        rows = run_compare("cpu", out_dir, arms=["memory_plus"], overrides=overrides, progress=False)
     return rows[0]["recall/records"]
 
 

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=pos_int, default=d.batch_size, help="facts per step")
     train.add_argument("--lr", type=pos_float, default=d.lr, help="base learning rate of the memory model")
     train.add_argument("--value-lr-ratio", type=pos_float, default=d.value_lr_ratio,
-                       help="value lr / base lr (default: the value optimizer's, 10 for the Adam variants)")  # fmt: skip
+                       help="value lr / base lr (default: the value optimizer's own; 10 for Adam)")  # fmt: skip
     train.add_argument("--value-optimizer", choices=VALUE_OPTIMIZERS, default=d.value_optimizer,
                        help="dense AdamW on the value table, or a row-sparse optimizer")  # fmt: skip
     train.add_argument("--baseline-lr", type=pos_float, default=d.baseline_lr, help="learning rate of the dense MLP")

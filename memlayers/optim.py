@@ -8,6 +8,7 @@
 """
 
 from collections import OrderedDict
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from .values import ValueTable
 VALUE_OPTIMIZERS = ("adamw", "sparse_adam", "sparse_adagrad", "sparse_sgd")
 # value lr / base lr when none is given. Adagrad's and SGD's steps scale differently from Adam's:
 # these are the best of the ratios tried on the facts tasks (README, "Value learning rates").
-VALUE_LR_RATIOS = {"adamw": 10.0, "sparse_adam": 10.0, "sparse_adagrad": 1000.0, "sparse_sgd": 1e7}
+VALUE_LR_RATIOS = {"adamw": 10.0, "sparse_adam": 10.0, "sparse_adagrad": 1000.0, "sparse_sgd": 3e7}
 
 
 def _unique(params):
@@ -103,7 +104,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
     one fused Triton kernel, elsewhere the chunked ``index_select`` / ``index_copy_`` reference.
     """
 
-    STATE: dict[str, str] = {}
+    STATE: ClassVar[dict[str, str]] = {}
 
     def __init__(self, params, defaults: dict, impl: str = "auto"):
         if impl not in ROW_UPDATE_IMPLS:
@@ -151,7 +152,7 @@ class SparseRowAdam(RowSparseOptimizer):
     parameter's dtype, as SparseAdam does: 2 x N x d of optimizer state. No weight decay.
     """
 
-    STATE = {"exp_avg": "table", "exp_avg_sq": "table"}
+    STATE: ClassVar[dict[str, str]] = {"exp_avg": "table", "exp_avg_sq": "table"}
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, *, impl: str = "auto"):
         if not lr > 0 or not eps > 0 or not all(0 <= b < 1 for b in betas):
@@ -172,7 +173,7 @@ class SparseRowAdagrad(RowSparseOptimizer):
     16M x 1024 bf16 table), and a step moves only g and p. No weight decay.
     """
 
-    STATE = {"sum_sq": "per_row"}
+    STATE: ClassVar[dict[str, str]] = {"sum_sq": "per_row"}
 
     def __init__(self, params, lr: float = 1e-2, eps: float = 1e-8, *, impl: str = "auto"):
         if not lr > 0 or not eps > 0:

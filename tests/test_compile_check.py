@@ -33,7 +33,7 @@ def test_every_kernel_compiles_for_sm90():
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "compile_check.py"), "--tokens", "16", "--arch", "90"],
-        env=env, capture_output=True, text=True, timeout=900,
+        env=env, capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     table = result.stdout

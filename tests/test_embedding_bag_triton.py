@@ -11,7 +11,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import TOL, TRITON_DEVICE as DEVICE, rel_err
+from conftest import TOL, rel_err
+from conftest import TRITON_DEVICE as DEVICE
 
 from memlayers.ops.embedding_bag import triton_backward
 from memlayers.ops.embedding_bag.reference import embedding_bag_reference, value_row_grads
@@ -135,7 +136,7 @@ def test_fused_weight_grad_over_column_blocks_and_heavy_rows(chunk, sparse_grad,
 @pytest.mark.parametrize("backward", ["sorted", "atomics"])
 def test_one_gradient_at_a_time(backward):
     values, indices, weights, grad_out = make(40, 7, 5, 37, torch.float32)
-    fn = lambda v, i, w: embedding_bag_triton(v, i, w, False, backward)  # noqa: E731
+    fn = lambda v, i, w: embedding_bag_triton(v, i, w, False, backward)
     (dw,) = torch.autograd.grad(fn(values, indices, weights.requires_grad_()), weights, grad_out)
     (dv,) = torch.autograd.grad(fn(values.requires_grad_(), indices, weights.detach()), values, grad_out)
     ref = run(embedding_bag_reference, values.detach(), indices, weights.detach(), grad_out)

@@ -14,19 +14,24 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import TRITON_DEVICE as DEVICE, rel_err
+from conftest import TRITON_DEVICE as DEVICE
+from conftest import rel_err
 
 from memlayers import MemoryLayer, build_optimizer
 from memlayers.optim import VALUE_OPTIMIZERS
 
 # the modules whose dispatch decides kernel or reference (memlayers.ops re-exports functions of the same names)
-OP_MODULES = [importlib.import_module(f"memlayers.ops.{m}") for m in ("embedding_bag", "product_key_topk", "row_update")]
+OP_MODULES = [
+    importlib.import_module(f"memlayers.ops.{m}") for m in ("embedding_bag", "product_key_topk", "row_update")
+]
 
 
 def train(layer, kind, xs, use_kernels: bool, monkeypatch) -> list[float]:
     """A few optimizer steps with the kernels (or the references) forced; the losses."""
     for module in OP_MODULES:
-        monkeypatch.setattr(module, "use_triton", lambda op, impl, tensor, problem=None: use_kernels and problem is None)
+        monkeypatch.setattr(
+            module, "use_triton", lambda op, impl, tensor, problem=None: use_kernels and problem is None
+        )
     opt = build_optimizer(layer, lr=1e-2, value_lr=1e-2, value_optimizer=kind)
     losses = []
     for x in xs:
@@ -42,7 +47,9 @@ def train(layer, kind, xs, use_kernels: bool, monkeypatch) -> list[float]:
 def test_training_through_the_kernels_matches_the_references(kind, monkeypatch):
     torch.manual_seed(0)
     # d=24 with 2 heads x top-4 of 9^2 slots: rows collide within and across steps
-    ref = MemoryLayer.from_preset("memory_plus", 24, n_keys=9, heads=2, topk=4, sparse_values=kind != "adamw").to(DEVICE)
+    ref = MemoryLayer.from_preset("memory_plus", 24, n_keys=9, heads=2, topk=4, sparse_values=kind != "adamw").to(
+        DEVICE
+    )
     ours, init = copy.deepcopy(ref), copy.deepcopy(ref)
     xs = [torch.randn(13, 24, device=DEVICE) for _ in range(4)]
     ref_losses = train(ref, kind, xs, False, monkeypatch)

@@ -3,9 +3,15 @@ import copy
 import pytest
 import torch
 
-from memlayers import MemoryLayer, ValueTable, build_optimizer, clip_grad_norms, param_groups
-from memlayers import embedding_bag
-from memlayers.optim import VALUE_LR_RATIOS, VALUE_OPTIMIZERS, SparseRowAdagrad, SparseRowAdam, SparseRowSGD, row_sparse_grad
+from memlayers import MemoryLayer, ValueTable, build_optimizer, clip_grad_norms, embedding_bag, param_groups
+from memlayers.optim import (
+    VALUE_LR_RATIOS,
+    VALUE_OPTIMIZERS,
+    SparseRowAdagrad,
+    SparseRowAdam,
+    SparseRowSGD,
+    row_sparse_grad,
+)
 
 
 def model(sparse=False, shared=False):
@@ -27,7 +33,6 @@ def test_param_groups_hygiene():
     n_grouped = sum(len(g["params"]) for g in groups.values())
     assert n_grouped == len(list(m.parameters()))
     assert {g["name"]: g["lr"] for g in param_groups(m, 1e-4, value_lr=5e-3)}["values"] == 5e-3
-
 
 
 def _step(m, opt, x):
@@ -101,21 +106,25 @@ def test_combined_optimizer_with_scheduler_and_checkpoint():
     torch.manual_seed(0)
     m = model(sparse=True, shared=True)
     opt = build_optimizer(m, lr=1e-3, value_optimizer="sparse_adam")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
     xs = [torch.randn(4, 24) for _ in range(4)]
     _step(m, opt, xs[0])
     sched.step()
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs["values"] == pytest.approx(5e-3) and lrs["decay"] == pytest.approx(5e-4)
     # resume from a checkpoint: the same next steps as the uninterrupted run
-    saved_model, saved_opt, saved_sched = copy.deepcopy(m.state_dict()), copy.deepcopy(opt.state_dict()), sched.state_dict()
+    saved_model, saved_opt, saved_sched = (
+        copy.deepcopy(m.state_dict()),
+        copy.deepcopy(opt.state_dict()),
+        sched.state_dict(),
+    )
     for x in xs[1:]:
         _step(m, opt, x)
         sched.step()
     m2 = model(sparse=True, shared=True)
     m2.load_state_dict(saved_model)
     opt2 = build_optimizer(m2, lr=1e-3, value_optimizer="sparse_adam")
-    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda step: 0.5 ** step)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda step: 0.5**step)
     opt2.load_state_dict(saved_opt)
     sched2.load_state_dict(saved_sched)
     for x in xs[1:]:
@@ -176,7 +185,9 @@ def test_sparse_row_adam_edge_cases():
     p = torch.nn.Parameter(torch.randn(10, 3))
     opt = SparseRowAdam([p])
     before = p.detach().clone()
-    p.grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 3), (10, 3), check_invariants=True)
+    p.grad = torch.sparse_coo_tensor(
+        torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 3), (10, 3), check_invariants=True
+    )
     opt.step()  # no rows touched: nothing changes
     assert torch.equal(p, before)
     p.grad = torch.zeros(10, 3)

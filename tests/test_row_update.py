@@ -12,7 +12,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import TOL, TRITON_DEVICE as DEVICE, rel_err
+from conftest import TOL, rel_err
+from conftest import TRITON_DEVICE as DEVICE
 
 from memlayers.ops.row_update import (
     row_adagrad_reference,
@@ -24,7 +25,6 @@ from memlayers.ops.row_update import (
 )
 from memlayers.ops.row_update.triton_kernel import row_update_config
 from memlayers.optim import SparseRowAdagrad, SparseRowAdam, SparseRowSGD
-
 
 HYPER = dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8)
 
@@ -286,4 +286,4 @@ def test_int64_offsets_on_gpu():
     row_adam_update(p, m, v, rows, grads, **HYPER, step=1, impl="triton")
     expect = -HYPER["lr"] * grads.float().sign()  # first step: |update| = lr (eps aside)
     assert rel_err(p[rows], expect) < 1e-2
-    assert p[N - 2].eq(0).all() and p[: 5].eq(0).all() and p[6 : N - 3].eq(0).all()
+    assert p[N - 2].eq(0).all() and p[:5].eq(0).all() and p[6 : N - 3].eq(0).all()

@@ -27,7 +27,9 @@ def test_yaml_and_overrides(tmp_path):
     path.write_text(YAML)
     with pytest.raises(ValueError, match=r"set model.memories\[0\].options.sparse_values=true"):
         load_config(path, ["train.value_optimizer=sparse_adam"])
-    sparse_memory = "model.memories=[{layers: '1,2', pool: shared, options: {n_keys: 32, topk: 4, sparse_values: true}}]"
+    sparse_memory = (
+        "model.memories=[{layers: '1,2', pool: shared, options: {n_keys: 32, topk: 4, sparse_values: true}}]"
+    )
     cfg = load_config(path, ["train.steps=7", "model.dim=96", "train.value_optimizer=sparse_adam", sparse_memory])
     assert isinstance(cfg, RunConfig) and isinstance(cfg.train, TrainConfig)
     assert cfg.model.dim == 96 and cfg.model.n_layers == 3  # override beats the file, the file beats defaults
@@ -35,7 +37,11 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.train.value_optimizer == "sparse_adam" and cfg.train.batch_size == TrainConfig().batch_size
     assert cfg.data.facts.people == 50
     (spec,) = cfg.model.memories
-    assert isinstance(spec, MemorySpec) and spec.pool == "shared" and spec.options == {"n_keys": 32, "topk": 4, "sparse_values": True}
+    assert (
+        isinstance(spec, MemorySpec)
+        and spec.pool == "shared"
+        and spec.options == {"n_keys": 32, "topk": 4, "sparse_values": True}
+    )
 
     # a list override replaces the whole list
     cfg2 = load_config(path, ["model.memories=[{layers: '0,2', options: {n_keys: 8, topk: 2}}, {layers: '1'}]"])
@@ -88,7 +94,9 @@ def test_overrides_index_into_lists(tmp_path):
     assert cfg.model.memories[0].layers == "1" and cfg.model.memories[0].pool == "shared"
     cfg = load_config(path, ["model.memories[0].layers=2"])
     assert cfg.model.memories[0].layers == "2"
-    with pytest.raises(ValueError, match=r"model.memories has 1 item\(s\), so index 3 does not exist.*model.memories=\[\.\.\.\]"):
+    with pytest.raises(
+        ValueError, match=r"model.memories has 1 item\(s\), so index 3 does not exist.*model.memories=\[\.\.\.\]"
+    ):
         load_config(path, ["model.memories[3].pool=x"])
     with pytest.raises(ValueError, match=r"unknown config key 'model.memories\[0\].layerz'.*did you mean 'layers'"):
         load_config(path, ["model.memories[0].layerz=1"])

@@ -58,7 +58,9 @@ def loss_curve(run_dir: str) -> list[tuple[float, float]]:
     return points
 
 
-def arm_configs(preset: CompareConfig, overrides: list[str] = (), arms: list[str] | None = None) -> dict[str, RunConfig]:
+def arm_configs(
+    preset: CompareConfig, overrides: list[str] = (), arms: list[str] | None = None
+) -> dict[str, RunConfig]:
     """The full ``RunConfig`` of each arm (all, or those in ``arms``, in the preset's order): the preset's
     data and train sections, the arm's model, then ``overrides`` (dotlist, e.g. ``train.steps=100``)."""
     if arms is not None:
@@ -100,7 +102,8 @@ def run_compare(
             results[arm] = train(cfg, os.path.join(out_dir, arm), progress=progress)
         except Exception as e:  # noqa: BLE001 (one arm running out of memory must not cost the others)
             failed[arm] = e
-            print(f"arm {arm!r} failed ({type(e).__name__}: {e}); going on with the others", file=sys.stderr, flush=True)
+            why = f"{type(e).__name__}: {e}"
+            print(f"arm {arm!r} failed ({why}); going on with the others", file=sys.stderr, flush=True)
     if not results:
         raise next(iter(failed.values()))
     dense = results.get("dense")

@@ -98,7 +98,11 @@ class TrainConfig:
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             fail("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}", "use e.g. 0.1")
         if self.value_lr_ratio is not None and not (math.isfinite(self.value_lr_ratio) and self.value_lr_ratio > 0):
-            fail("value_lr_ratio", f"must be > 0 or null, got {self.value_lr_ratio}", "use null for the optimizer's default")
+            fail(
+                "value_lr_ratio",
+                f"must be > 0 or null, got {self.value_lr_ratio}",
+                "use null for the optimizer's default",
+            )
         if not self.weight_decay >= 0:
             fail("weight_decay", f"must be >= 0, got {self.weight_decay}", "use e.g. 0.1")
         for name in ("beta1", "beta2"):

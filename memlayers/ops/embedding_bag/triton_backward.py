@@ -6,11 +6,12 @@
   - ``"atomics"``: grid ``(T, cdiv(d, BLOCK_D))``, each program adds ``w * grad_out[t]`` into its
     rows of an fp32 buffer with ``atomic_add``. Fast, not deterministic;
   - ``"sorted"``: entries sorted by row (stable ``torch.argsort``, one host sync), then a segment
-    sum where each program owns whole rows and adds their entries in sorted order: bitwise
+    sum where each program owns whole rows (handed out longest first, so that the rows a program
+    walks side by side have similar lengths) and adds their entries in sorted order: bitwise
     deterministic. A row with more than ``CHUNK`` entries is split into chunks whose fp32 partial
     sums are reduced again the same way, so one hot row never serialises a single program on all
     T*L entries. When both gradients are wanted (``bag_backward_triton``), this pass also computes
-    the weight gradient: each program loads its rows of ``values`` once and dots them with the
+    the weight gradient: each program dots its rows of ``values`` (re-read from cache) with the
     ``grad_out`` rows it gathers anyway, instead of a second pass reading all T*L value rows.
 
 Both produce the touched rows only (``rows (U,)``, ``row_grads (U, d)``) or a dense ``(N, d)`` gradient;
@@ -377,11 +378,16 @@ def _value_grad_sorted(indices, weights, grad_out, num_rows: int, sparse: bool, 
     else:
         out = torch.zeros(num_rows, d, dtype=dtype, device=device)
         dest = rows
+    # A program walks its SEGS segments side by side for as many steps as the longest one has
+    # entries; handing out segments longest first groups equal lengths, so few steps are masked.
+    # Each segment's sum is the same whichever program computes it: still deterministic.
+    by_length = torch.sort(ends - starts, descending=True, stable=True).indices
+    starts, ends, dest, seg_rows = starts[by_length], ends[by_length], dest[by_length], rows[by_length]
     wgrad = None
     if values is not None:
         values = values if values.stride(1) == 1 else values.contiguous()
         parts = torch.empty(triton.cdiv(d, _block_d(d)), T * L, dtype=accumulation_dtype(dtype), device=device)
-        wgrad = (values, rows, parts)
+        wgrad = (values, seg_rows, parts)
     _segment_sum(grad_out, starts, ends, dest, out, order, weights.contiguous().reshape(-1), L, wgrad, heavy)
     grad = (rows, out) if sparse else out
     if values is None:
