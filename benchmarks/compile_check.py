@@ -32,7 +32,12 @@ from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.runtime.jit import JITFunction
 
-from memlayers.ops.embedding_bag.triton_backward import bag_backward_triton, value_grad_triton, weight_grad_triton
+from memlayers.ops.embedding_bag.triton_backward import (
+    CHUNK,
+    bag_backward_triton,
+    value_grad_triton,
+    weight_grad_triton,
+)
 from memlayers.ops.embedding_bag.triton_forward import bag_forward_triton
 from memlayers.ops.product_key_topk.triton_select import product_key_select_triton, select_config
 from memlayers.ops.row_update.triton_kernel import row_adagrad_triton, row_adam_triton, row_sgd_triton
@@ -115,7 +120,7 @@ def cases(T: int, d: int) -> dict:
     weights = torch.rand(T, L)
     grad_out = torch.randn(T, d, dtype=torch.bfloat16)
     hot = indices.clone()
-    hot[:, :8] = 7  # one row read 8T times: the sorted backward's chunked path
+    hot[:, : CHUNK // T + 1] = 7  # one row read more than CHUNK times: the sorted backward's chunked path
     rows = torch.randperm(N)[: T * L // 2]
     row_grads = torch.randn(len(rows), d, dtype=torch.bfloat16)
     moments = [torch.zeros(N, d, dtype=torch.bfloat16) for _ in range(2)]

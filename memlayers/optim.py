@@ -115,6 +115,15 @@ class RowSparseOptimizer(torch.optim.Optimizer):
     def _update(self, p, rows, grads, group: dict, state: dict) -> None:
         raise NotImplementedError
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)  # casts floating state to each parameter's dtype...
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in enumerate(params):  # ...but per-row accumulators stay fp32 (a bf16 sum stops growing)
+            for name, kind in self.STATE.items():
+                if kind == "per_row" and name in saved.get(i, {}):
+                    self.state[p][name] = saved[i][name].to(device=p.device, dtype=torch.float32, copy=True)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None

@@ -133,6 +133,27 @@ def test_fused_weight_grad_over_column_blocks_and_heavy_rows(chunk, sparse_grad,
     assert rel_err(ours[2], exact) < 1e-5  # fp32 accumulation of the bf16 products
 
 
+def test_sorted_backward_syncs_once_with_heavy_rows(monkeypatch):
+    """Rows of 9, 5 and 13 entries with CHUNK=4 (chunked, none over CHUNK**2): still one host
+    sync (the only Tensor -> Python conversion), and both gradients match the reference."""
+    monkeypatch.setattr(triton_backward, "CHUNK", 4)
+    values, indices, weights, grad_out = make(40, 12, 5, 24, torch.float32, seed=4)
+    flat = indices.view(-1)
+    flat[:9], flat[9:14], flat[20:33] = 3, 5, 8
+    conversions = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__index__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _n=name, _f=real, **k: conversions.append(_n) or _f(self, *a, **k)
+        )
+    (rows, row_grads), dw = bag_backward_triton(values, indices, weights, grad_out, "sorted", sparse=True)
+    monkeypatch.undo()
+    assert conversions == ["tolist"]
+    ref_rows, ref_grads = value_row_grads(indices, weights, grad_out)
+    assert torch.equal(rows, ref_rows) and rel_err(row_grads, ref_grads) < 1e-5
+    assert rel_err(dw, torch.einsum("tld,td->tl", values[indices].double(), grad_out.double())) < 1e-5
+
+
 @pytest.mark.parametrize("backward", ["sorted", "atomics"])
 def test_one_gradient_at_a_time(backward):
     values, indices, weights, grad_out = make(40, 7, 5, 37, torch.float32)

@@ -272,3 +272,16 @@ def test_value_lr_defaults_to_the_optimizers_own_ratio(kind):
     assert lrs["values"] == pytest.approx(3e-3)
     lrs = {g["name"]: g["lr"] for g in build_optimizer(m, lr=1e-3, value_optimizer=kind, value_lr=0.5).param_groups}
     assert lrs["values"] == 0.5
+
+
+def test_adagrad_accumulator_stays_fp32_through_a_checkpoint():
+    p = torch.nn.Parameter(torch.randn(20, 6).to(torch.bfloat16))
+    opt = SparseRowAdagrad([p], lr=0.1)
+    p.grad = torch.sparse_coo_tensor(
+        torch.tensor([[1, 4]]), torch.randn(2, 6).to(torch.bfloat16), (20, 6), check_invariants=True
+    )
+    opt.step()
+    again = SparseRowAdagrad([p], lr=0.1)
+    again.load_state_dict(copy.deepcopy(opt.state_dict()))  # torch casts state to the parameter's dtype
+    assert again.state[p]["sum_sq"].dtype == torch.float32
+    assert torch.equal(again.state[p]["sum_sq"], opt.state[p]["sum_sq"])

@@ -226,6 +226,8 @@ def test_jsonl_schema_and_result(reference):
     assert ref["accounting"]["memory_params"] == 16 * 16 * 32 and ref["accounting"]["flops_per_token"] > 0
     assert json.loads((ref_dir / "result.json").read_text()) == ref
     assert load_config(ref_dir / "config.yaml").model.vocab_size == ref["config"]["model"]["vocab_size"] > 0
+    # the value lr ratio is saved as the number used (10 for adamw), not as "the default"
+    assert load_config(ref_dir / "config.yaml").train.value_lr_ratio == ref["config"]["train"]["value_lr_ratio"] == 10.0
 
 
 def test_finished_run_is_reused_not_retrained(reference, tmp_path):

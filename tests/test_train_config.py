@@ -94,6 +94,8 @@ def test_overrides_index_into_lists(tmp_path):
     assert cfg.model.memories[0].layers == "1" and cfg.model.memories[0].pool == "shared"
     cfg = load_config(path, ["model.memories[0].layers=2"])
     assert cfg.model.memories[0].layers == "2"
+    cfg = load_config(path, ["train.steps=300", "train.warmup=${train.steps}"])  # interpolation, resolved at the end
+    assert cfg.train.warmup == 300
     with pytest.raises(
         ValueError, match=r"model.memories has 1 item\(s\), so index 3 does not exist.*model.memories=\[\.\.\.\]"
     ):

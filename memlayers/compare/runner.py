@@ -104,7 +104,7 @@ def run_compare(
             failed[arm] = e
             why = f"{type(e).__name__}: {e}"
             print(f"arm {arm!r} failed ({why}); going on with the others", file=sys.stderr, flush=True)
-    if not results:
+    if failed and not results:
         raise next(iter(failed.values()))
     dense = results.get("dense")
     dense_flops = dense["accounting"]["flops_per_token"] if dense else None

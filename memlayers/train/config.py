@@ -185,7 +185,8 @@ def load_config(
         if not key:
             raise ValueError(f"override {item!r} has no key before '='; use e.g. train.lr=3e-4")
         try:
-            value = OmegaConf.from_dotlist([f"value={text}"])["value"]  # OmegaConf's YAML parsing of the value
+            # OmegaConf's YAML parsing of the value; interpolations (${train.steps}) resolve later, in the whole config
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]), resolve=False)["value"]
         except OmegaConfBaseException as e:
             raise ValueError(
                 f"override {item!r} could not be parsed ({_first_line(e)}); use key=value with a YAML value"

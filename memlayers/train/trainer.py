@@ -4,7 +4,7 @@
     result = train(load_config("run.yaml", ["train.steps=2000"]), "runs/memory_plus")
 
 out_dir/ holds:
-    config.yaml      the resolved RunConfig (vocab_size filled in), written when the run starts
+    config.yaml      the resolved RunConfig (vocab_size, value_lr_ratio filled in), written when the run starts
     metrics.jsonl    one JSON object per logged step (see ``train``)
     checkpoint.pt    the latest checkpoint (``memlayers.train.checkpoint``), replaced atomically
     result.json      the final summary, written atomically and last: its presence means the run finished
@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from ..data import build_dataset
 from ..model import Transformer
-from ..optim import build_optimizer, clip_grad_norms
+from ..optim import VALUE_LR_RATIOS, build_optimizer, clip_grad_norms
 from .checkpoint import (
     CHECKPOINT,
     CheckpointError,
@@ -149,6 +149,8 @@ def train(
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the dataset's vocabulary "
                 f"({dataset.vocab_size}); set model.vocab_size=null to take it from the dataset"
             )
+        if cfg.train.value_lr_ratio is None:  # saved as the number used: a new default cannot change a resumed run
+            cfg.train.value_lr_ratio = VALUE_LR_RATIOS[cfg.train.value_optimizer]
         _check_buildable(cfg, dataset, probes)  # before anything is written or archived
         kind, saved = _prepare_out_dir(out_dir, cfg.to_dict(), force)
         if kind == "finished":

@@ -5,14 +5,15 @@
 * value gradient ``dV[r] = sum_{(t, l): indices[t, l] = r} weights[t, l] * grad_out[t]``, two ways:
   - ``"atomics"``: grid ``(T, cdiv(d, BLOCK_D))``, each program adds ``w * grad_out[t]`` into its
     rows of an fp32 buffer with ``atomic_add``. Fast, not deterministic;
-  - ``"sorted"``: entries sorted by row (stable ``torch.argsort``, one host sync), then a segment
-    sum where each program owns whole rows (handed out longest first, so that the rows a program
-    walks side by side have similar lengths) and adds their entries in sorted order: bitwise
-    deterministic. A row with more than ``CHUNK`` entries is split into chunks whose fp32 partial
-    sums are reduced again the same way, so one hot row never serialises a single program on all
-    T*L entries. When both gradients are wanted (``bag_backward_triton``), this pass also computes
-    the weight gradient: each program dots its rows of ``values`` (re-read from cache) with the
-    ``grad_out`` rows it gathers anyway, instead of a second pass reading all T*L value rows.
+  - ``"sorted"``: entries sorted by row (stable ``torch.argsort``; one host sync unless a row has
+    more than CHUNK**2 entries), then a segment sum where each program owns whole rows (handed out
+    longest first, so that the rows a program walks side by side have similar lengths) and adds
+    their entries in sorted order: bitwise deterministic. A row with more than ``CHUNK`` entries is
+    split into chunks whose fp32 partial sums are reduced again the same way, so one hot row never
+    serialises a single program on all T*L entries. When both gradients are wanted
+    (``bag_backward_triton``), this pass also computes the weight gradient: each program dots its
+    rows of ``values`` (re-read from cache) with the ``grad_out`` rows it gathers anyway, instead
+    of a second pass reading all T*L value rows.
 
 Both produce the touched rows only (``rows (U,)``, ``row_grads (U, d)``) or a dense ``(N, d)`` gradient;
 the row-sparse path does no O(N) work.
@@ -213,34 +214,44 @@ def _scatter_atomic(dest: torch.Tensor, weights: torch.Tensor, grad_out: torch.T
     return out
 
 
-def _segment_sum(src, starts, ends, dest, out, order=None, weights=None, L=1, wgrad=None, check_heavy=True) -> None:
+def _segment_sum(src, starts, ends, dest, out, order=None, weights=None, L=1, wgrad=None, n_heavy=None) -> None:
     """out[dest[k]] = sum of the (weighted) src rows of sorted positions [starts[k], ends[k]).
 
     src (S, d); starts, ends, dest (K,) int64; out (R, d). With ``order`` (E,) and flat ``weights``
     the rows are ``src[order[s] // L]`` weighted by ``weights[order[s]]``; without, ``src[s]`` unweighted.
     ``wgrad = (values (N, d), vrows (K,), dw (n_blocks, E))`` also writes the entries' weight-gradient
-    parts (see the kernel). ``check_heavy=False``: the caller knows no segment exceeds CHUNK entries.
+    parts (see the kernel).
+
+    Segments come longest first, so the ``n_heavy`` with more than CHUNK entries are a prefix; each
+    is split into chunks of CHUNK whose fp32 partial sums are then summed the same way (one level
+    down, the segments with more than CHUNK chunks are again a prefix: ``n_huge``, rows of more than
+    CHUNK**2 entries). ``n_heavy`` and ``n_huge`` come from the caller's one host sync; None: count
+    them here (a sync; only below the levels the caller counted).
     """
     d = src.shape[1]
     acc = accumulation_dtype(src.dtype)
-    if check_heavy:
-        heavy = (ends - starts) > CHUNK
-        if bool(heavy.any()):
-            light = ~heavy
-            light_wgrad = wgrad and (wgrad[0], wgrad[1][light], wgrad[2])
-            _segment_sum(src, starts[light], ends[light], dest[light], out, order, weights, L, light_wgrad, False)
-            h_start, h_end = starts[heavy], ends[heavy]
-            n_chunks = triton.cdiv(h_end - h_start, CHUNK)
-            first = torch.cumsum(n_chunks, 0) - n_chunks  # first chunk of each heavy segment
-            seg = torch.repeat_interleave(torch.arange(len(n_chunks), device=src.device), n_chunks)
-            c_start = h_start[seg] + (torch.arange(len(seg), device=src.device) - first[seg]) * CHUNK
-            c_end = torch.minimum(c_start + CHUNK, h_end[seg])
-            partial = torch.empty(len(seg), d, dtype=acc, device=src.device)
-            chunk_wgrad = wgrad and (wgrad[0], wgrad[1][heavy][seg], wgrad[2])
-            chunk_ids = torch.arange(len(seg), device=src.device)
-            _segment_sum(src, c_start, c_end, chunk_ids, partial, order, weights, L, chunk_wgrad, False)
-            _segment_sum(partial, first, first + n_chunks, dest[heavy], out)
-            return
+    if n_heavy is None:
+        n_heavy = int(((ends - starts) > CHUNK).sum())
+    n_heavy, n_huge = (n_heavy, None) if isinstance(n_heavy, int) else n_heavy
+    if n_heavy:
+        light_wgrad = wgrad and (wgrad[0], wgrad[1][n_heavy:], wgrad[2])
+        _segment_sum(src, starts[n_heavy:], ends[n_heavy:], dest[n_heavy:], out, order, weights, L, light_wgrad, 0)
+        h_start, h_end = starts[:n_heavy], ends[:n_heavy]
+        n_chunks = triton.cdiv(h_end - h_start, CHUNK)
+        last = torch.cumsum(n_chunks, 0)  # one past the last chunk of each heavy segment
+        first = last - n_chunks
+        # Every chunk gets a row of `partial`, without a sync: their number is at most
+        # E / CHUNK + n_heavy; the spare rows get empty segments (sums of nothing, never read).
+        n_rows = (len(order) if order is not None else len(src)) // CHUNK + n_heavy
+        chunk = torch.arange(n_rows, device=src.device)
+        seg = torch.searchsorted(last, chunk, right=True).clamp_max(n_heavy - 1)  # heavy segment of each chunk
+        c_start = h_start[seg] + (chunk - first[seg]) * CHUNK
+        c_end = torch.where(chunk < last[-1], torch.minimum(c_start + CHUNK, h_end[seg]), c_start)
+        partial = torch.empty(n_rows, d, dtype=acc, device=src.device)
+        chunk_wgrad = wgrad and (wgrad[0], wgrad[1][:n_heavy][seg], wgrad[2])
+        _segment_sum(src, c_start, c_end, chunk, partial, order, weights, L, chunk_wgrad, 0)
+        _segment_sum(partial, first, last, dest[:n_heavy], out, n_heavy=n_huge)
+        return
     K = len(starts)
     if K == 0:
         return
@@ -277,7 +288,8 @@ def _sort_by_row(flat: torch.Tensor, num_rows: int):
     """Entries grouped by row, with one host sync.
 
     flat (E,) row ids -> order (E,) entry ids sorted by row (stable), rows (U,) sorted unique int64,
-    starts/ends (U,) their sorted-position ranges, heavy: whether some row has more than CHUNK entries.
+    starts/ends (U,) their sorted-position ranges, and (rows with more than CHUNK entries, rows with
+    more than CHUNK**2) as ints.
     """
     keys = flat.int() if num_rows < 2**31 else flat  # 32-bit keys halve the radix sort's passes
     E = keys.numel()
@@ -285,14 +297,17 @@ def _sort_by_row(flat: torch.Tensor, num_rows: int):
     sorted_keys = keys[order]
     is_start = torch.ones(E, dtype=torch.bool, device=keys.device)
     is_start[1:] = sorted_keys[1:] != sorted_keys[:-1]
-    # a row has more than CHUNK entries iff some sorted position shares its row with the one CHUNK later
-    heavy = (sorted_keys[CHUNK:] == sorted_keys[:-CHUNK]).any() if E > CHUNK else is_start.new_zeros(())
-    U, heavy = torch.stack([is_start.sum(), heavy.long()]).tolist()  # the one sync: sizes the outputs
+
+    def rows_longer_than(c: int) -> torch.Tensor:  # a row starting at s has more than c entries iff row(s + c) = row(s)
+        return (is_start[:-c] & (sorted_keys[c:] == sorted_keys[:-c])).sum() if E > c else is_start.new_zeros(())
+
+    counts = torch.stack([is_start.sum(), rows_longer_than(CHUNK), rows_longer_than(CHUNK * CHUNK)])
+    U, n_heavy, n_huge = counts.tolist()  # the one sync: sizes the outputs and the chunking
     starts = torch.nonzero_static(is_start, size=U).squeeze(1)
     ends = torch.empty_like(starts)
     ends[:-1] = starts[1:]
     ends[-1:] = E
-    return order, sorted_keys[starts].long(), starts, ends, bool(heavy)
+    return order, sorted_keys[starts].long(), starts, ends, (n_heavy, n_huge)
 
 
 def bag_backward_triton(
@@ -371,7 +386,7 @@ def _value_grad_sorted(indices, weights, grad_out, num_rows: int, sparse: bool, 
         dw = None if values is None else torch.zeros_like(weights)
         return _empty_value_grad(grad_out, num_rows, sparse), dw
     grad_out = grad_out.contiguous()
-    order, rows, starts, ends, heavy = _sort_by_row(indices.reshape(-1), num_rows)
+    order, rows, starts, ends, heavy = _sort_by_row(indices.reshape(-1), num_rows)  # heavy: (n_heavy, n_huge)
     if sparse:
         out = torch.empty(len(rows), d, dtype=dtype, device=device)
         dest = torch.arange(len(rows), device=device)
