@@ -133,6 +133,23 @@ def test_fused_weight_grad_over_column_blocks_and_heavy_rows(chunk, sparse_grad,
     assert rel_err(ours[2], exact) < 1e-5  # fp32 accumulation of the bf16 products
 
 
+@pytest.mark.parametrize("chunk", [2, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sorted_backward_on_zipf_rows(chunk, seed, monkeypatch):
+    """Skewed reads (Zipf): rows of every length, several levels of chunks (CHUNK=2: chunks of
+    chunks of chunks), against the reference for both gradients, dense and sparse."""
+    monkeypatch.setattr(triton_backward, "CHUNK", chunk)
+    values, _, weights, grad_out = make(50, 11, 7, 40, torch.float32, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    zipf = 1.0 / torch.arange(1, 51, dtype=torch.float64) ** 1.5
+    indices = torch.multinomial(zipf, 11 * 7, replacement=True, generator=g).view(11, 7).to(DEVICE)
+    for sparse in (False, True):
+        ours = run(lambda v, i, w: embedding_bag_triton(v, i, w, sparse), values, indices, weights, grad_out)
+        ref = run(lambda v, i, w: embedding_bag_reference(v, i, w, sparse), values, indices, weights, grad_out)
+        for a, b in zip(ours, ref):
+            assert rel_err(a, b) < 1e-5
+
+
 def test_sorted_backward_syncs_once_with_heavy_rows(monkeypatch):
     """Rows of 9, 5 and 13 entries with CHUNK=4 (chunked, none over CHUNK**2): still one host
     sync (the only Tensor -> Python conversion), and both gradients match the reference."""

@@ -123,7 +123,7 @@ def _segment_sum_kernel(
     """
     ks = tl.program_id(0).to(tl.int64) * SEGS + tl.arange(0, SEGS)
     mask_k = ks < K
-    block = tl.program_id(1)
+    block = tl.program_id(1).to(tl.int64)  # int64: dw is (n_blocks, E), and n_blocks * E may pass 2**31
     offs_d = block * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     start = tl.load(starts_ptr + ks, mask=mask_k, other=0)
