@@ -30,8 +30,9 @@ def memory_flops(layer: MemoryLayer) -> int:
       query projection        2 * dim * h * d_k
       sub-key scores          2 * h * n * d_k          (both halves: 2 * n * d_k/2 multiply-adds each)
       per-half top-k          2 * h * n                (one comparison per sub-key score)
-      k x k candidate grid    h * k * k                (one add per candidate)
-      final top-k over k*k    h * k * k                (one comparison per candidate)
+      candidate grid cells    h * C                    (one add each; C = sum_r floor(k / r) <= k (1 + ln k),
+                                                        the cells of the k x k grid that can win)
+      final top-k over them   h * C                    (one comparison per candidate)
       score function          3 * h * k (softmax: exp, sum, divide), h * k (relu), 0 (identity)
       weighted bag            2 * h * k * d_v          (heads*k rows read and summed)
       gate / out projections  2 * dim * d_v each, when present (Memory+ has both)
@@ -41,8 +42,9 @@ def memory_flops(layer: MemoryLayer) -> int:
     flops = 2 * c.dim * h * c.key_dim  # query projection
     flops += 2 * h * n * c.key_dim  # scores of both halves' sub-keys
     flops += 2 * h * n  # each half's top-k: n comparisons per half per head
-    flops += h * k * k  # the k x k candidate grid: one add each
-    flops += h * k * k  # the final top-k over the k*k candidates
+    candidates = sum(k // r for r in range(1, k + 1))  # len(grid_candidates(k))
+    flops += h * candidates  # the grid cells that can win: one add each
+    flops += h * candidates  # the final top-k over them
     flops += {"softmax": 3 * h * k, "relu": h * k}.get(c.score_fn, 0)
     flops += 2 * h * k * c.value_dim  # the weighted bag
     for proj in (layer.gate_proj, layer.out_proj):

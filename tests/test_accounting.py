@@ -71,7 +71,8 @@ def memory_plus_by_hand(dim=16, n=8, heads=2, k=4, key_dim=8, value_dim=16) -> t
     flops = 2 * dim * heads * key_dim  # query projection
     flops += 2 * heads * n * key_dim  # scores of all 2n sub-keys (key_dim/2 wide)
     flops += heads * 2 * n  # top-k of each half: one comparison per score
-    flops += 2 * heads * k * k  # k*k grid adds + the final top-k comparisons
+    candidates = {4: 8}[k]  # grid cells with (a+1)(b+1) <= 4: (0, 0..3), (1, 0..1), (2, 0), (3, 0)
+    flops += 2 * heads * candidates  # their adds + the final top-k comparisons
     flops += 3 * heads * k  # softmax over k
     flops += 2 * heads * k * value_dim  # the bag of heads*k rows
     flops += 2 * 2 * dim * value_dim  # W1 and W2
@@ -84,7 +85,7 @@ def test_memory_by_hand():
     model = Transformer(ModelConfig(**BASE, memories=[spec]))
     acc = account(model, SEQ)
     params, values, flops = memory_plus_by_hand()
-    assert (params, values, flops) == (272 + 128 + 544, 1024, 512 + 256 + 32 + 64 + 24 + 256 + 1024)
+    assert (params, values, flops) == (272 + 128 + 544, 1024, 512 + 256 + 32 + 32 + 24 + 256 + 1024)
     assert memory_flops(model.blocks[1].memory) == flops == acc.breakdown["memory"]
     total = EMB + 2 * (ATTN + NORMS) + FFN + params + values + 16
     assert acc.total_params == total and acc.memory_params == values == 1024
@@ -124,12 +125,13 @@ def test_memory_flops_variants_by_hand():
     # plain "memory" preset: no gate; value_dim 8 != dim 16 -> an out projection; relu scores; 3 heads, n 10, k 5
     layer = MemoryLayer(preset("memory", 16, n_keys=10, heads=3, topk=5, value_dim=8, score_fn="relu"))
     assert layer.gate_proj is None and layer.out_proj is not None
-    expected = 2 * 16 * 3 * 8 + 2 * 3 * 10 * 8 + 3 * 2 * 10 + 2 * 3 * 25 + 3 * 5 + 2 * 3 * 5 * 8 + 2 * 8 * 16
-    assert memory_flops(layer) == expected == 768 + 480 + 60 + 150 + 15 + 240 + 256
+    # top-5 grid: 5 + 2 + 1 + 1 + 1 = 10 cells with (a+1)(b+1) <= 5, each one add and one comparison
+    expected = 2 * 16 * 3 * 8 + 2 * 3 * 10 * 8 + 3 * 2 * 10 + 2 * 3 * 10 + 3 * 5 + 2 * 3 * 5 * 8 + 2 * 8 * 16
+    assert memory_flops(layer) == expected == 768 + 480 + 60 + 60 + 15 + 240 + 256
     # identity scores, value_dim == dim: no projections at all
     bare = MemoryLayer(preset("memory", 16, n_keys=10, heads=3, topk=5, score_fn="identity"))
     assert bare.out_proj is None
-    assert memory_flops(bare) == 768 + 480 + 60 + 150 + 2 * 3 * 5 * 16
+    assert memory_flops(bare) == 768 + 480 + 60 + 60 + 2 * 3 * 5 * 16
 
 
 def test_demo_reexports_memory_flops():

@@ -44,13 +44,14 @@ def test_matches_full_key_scoring_float64():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("seed", range(5))
-def test_ties_lower_index_wins(seed, device):
+def test_ties_lower_index_wins(seed, dtype, device):
     torch.manual_seed(seed)
     T, H, n, h, k = 40, 2, 24, 3, 10
     # Small integers: exact float sums and many ties, at the per-half boundaries and in the grid.
-    q1, q2 = torch.randint(-1, 2, (2, T, H, h), device=device).float().unbind(0)
-    k1, k2 = torch.randint(-1, 2, (2, H, n, h), device=device).float().unbind(0)
+    q1, q2 = torch.randint(-1, 2, (2, T, H, h), device=device).to(dtype).unbind(0)
+    k1, k2 = torch.randint(-1, 2, (2, H, n, h), device=device).to(dtype).unbind(0)
     scores, indices = product_key_topk(q1, q2, k1, k2, k)
     ref_scores, ref_indices = brute_force(q1, q2, k1, k2, k)
     assert torch.equal(indices, ref_indices) and torch.equal(scores, ref_scores)
@@ -103,3 +104,13 @@ def test_top_k_selection_order_matches_stable_sort(dtype):
 def test_bad_impl():
     with pytest.raises(ValueError, match="impl must be one of"):
         product_key_topk(*_random(3, 2, 8, 4), 2, impl="cuda")
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 10, 32])
+def test_grid_candidates_are_the_cells_with_few_cells_ahead(k):
+    from memlayers.ops.product_key_topk.reference import grid_candidates
+
+    a, b = grid_candidates(k)
+    cells = {(x, y) for x in range(k) for y in range(k) if (x + 1) * (y + 1) <= k}
+    assert list(zip(a.tolist(), b.tolist())) == sorted(cells)  # each once, row by row
+    assert len(a) == sum(k // r for r in range(1, k + 1))  # 119 for k = 32

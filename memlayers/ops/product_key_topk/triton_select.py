@@ -1,34 +1,36 @@
 """Fused Triton selection for exact product-key top-k.
 
 Given the sub-key scores ``s1, s2`` (R rows, n) of R = tokens x heads rows, one kernel does per row:
-top-k of ``s1`` and of ``s2``, the k x k grid of sums ``s1[i] + s2[j]`` and the final top-k of the
-grid, and writes the flat key ids ``i*n + j`` best first. The scoring matmuls stay in torch (cuBLAS).
+top-k of ``s1`` and of ``s2``, the sums ``s1[i] + s2[j]`` of the grid cells that can win and their
+top-k, and writes the flat key ids ``i*n + j`` best first. The scoring matmuls stay in torch (cuBLAS).
 
-Order is exactly the reference's (``reference.py``): every stage sorts by (score descending, position
-ascending). Each score becomes an int64 key ``(order-preserving int32 bits of the fp32 score) << 32 |
-(2**32 - 1 - position)``, so one ``tl.topk`` over the keys is a stable descending selection; the
-position of a half is its sub-key id, the position of a grid cell is its flat id ``i*n + j`` (the
-reference's row-major grid of ascending ids orders ties the same way). ``-0.0`` is turned into
-``+0.0`` first (they tie, as in the reference); the half scores are decoded back from their keys, so
-the grid adds the very floats the reference adds.
+Order is exactly the reference's (``reference.py``): every stage sorts by (score descending, then
+sub-key id or flat id ascending). Each score becomes an int64 key ``(order-preserving int32 bits of
+the fp32 score) << 32 | (2**32 - 1 - id)``, so one ``tl.topk`` over the keys is a stable descending
+selection. ``-0.0`` is turned into ``+0.0`` first (they tie, as in the reference); the half scores
+are decoded back from their keys, so the grid adds the very floats the reference adds.
 
 Grid ``(cdiv(R, ROWS),)``: a program owns ``ROWS`` rows. Row lengths are padded to powers of two:
-``BLOCK_N = next_pow2(n)`` (pads load as ``-inf`` with positions >= n, below every real entry) and
-``KP = next_pow2(k)`` (grid cells of rank >= k in either half are masked to the smallest key, and
-only the first k results are stored). Sorting networks: ``tl.topk`` of ``(ROWS, BLOCK_N)`` twice and of
-``(ROWS, KP*KP)`` once (bitonic: sort blocks of KP, then halve by pairwise max and re-merge), all
-unrolled. ``TL_TOPK=False`` swaps in the same network written with ``tl.sum`` partners, which compiles
-to the same SASS and which the Triton interpreter runs ~100x faster (it is what the CPU tests use).
-
-Offline sm_90 compile (ptxas -v), n=1024, k=32, one row per program: 1 warp 168 registers (8 bytes
-spilled), 2 warps 91, 4 warps 72, 8 warps 64, none spilling; about 15.9k / 20.7k / 24.6k / 29.1k
-warp-instructions per row. k=64 (a 4096-key grid sort): 8 warps, 98 registers.
+``BLOCK_N = next_pow2(n)`` (pads load as ``-inf`` with positions >= n, below every real entry),
+``KP = next_pow2(k)`` (only the first k results are stored) and ``CP = next_pow2(C)`` for the
+C = sum_r floor(k / r) grid cells of ranks (a, b) with (a + 1)(b + 1) <= k
+(``reference.grid_candidates``: no other cell can be in the top k), gathered from the two halves'
+top-k with ``tl.gather``; pads get the smallest key. Sorting networks: ``tl.topk`` of
+``(ROWS, BLOCK_N)`` twice and of ``(ROWS, CP)`` once (bitonic: sort blocks of KP, then halve by
+pairwise max and re-merge), all unrolled. For n = 1024, k = 32 the last one sorts 128 keys instead
+of the whole 1,024-cell grid: 13.8k instead of 18.5k SASS instructions per row (sm_90, one warp;
+counted offline, not timed). ``TL_TOPK=False`` swaps in the same network written with ``tl.sum``
+partners, which compiles to the same SASS and which the Triton interpreter runs ~100x faster (it
+is what the CPU tests use).
 """
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from .reference import grid_candidates
 from .reference import product_key_topk as product_key_topk_reference
 
 LOW32 = tl.constexpr(0xFFFFFFFF)  # mask of the position field of a key
@@ -121,10 +123,13 @@ def _product_key_select_kernel(
     s1_ptr,  # (T, H, n), strides (stride_1t, stride_1h, 1)
     s2_ptr,  # (T, H, n), strides (stride_2t, stride_2h, 1)
     out_ptr,  # (T, H, k) int64, contiguous
+    cand_a_ptr,  # (C,) int32 grid ranks a of the candidate cells (``reference.grid_candidates``)
+    cand_b_ptr,  # (C,) int32 their ranks b
     R,  # T * H rows
     H,
     n,
     k,
+    C,
     stride_1t,
     stride_1h,
     stride_2t,
@@ -132,6 +137,7 @@ def _product_key_select_kernel(
     ROWS: tl.constexpr,  # rows (t, h) per program
     LOG_N: tl.constexpr,  # BLOCK_N = 2**LOG_N >= n
     LOG_K: tl.constexpr,  # KP = 2**LOG_K >= k
+    LOG_C: tl.constexpr,  # CP = 2**LOG_C >= C
     BF16_SUM: tl.constexpr,
     TL_TOPK: tl.constexpr,
 ):
@@ -152,18 +158,21 @@ def _product_key_select_kernel(
     x2 = tl.load(s2_ptr + (t * stride_2t + h * stride_2h)[:, None] + cols[None, :], mask=mask, other=float("-inf"))
     top2 = _topk_rows(_keys(x2.to(tl.float32), payload), ROWS, LOG_N, LOG_K, TL_TOPK)
 
-    # The k x k grid of the first k of each half; cells of rank >= k in either half get the smallest key.
-    i = low32 - (top1 & low32)  # sub-key ids (ROWS, KP)
-    j = low32 - (top2 & low32)
-    sums = _key_score(top1)[:, :, None] + _key_score(top2)[:, None, :]  # (ROWS, KP, KP)
+    # The cells of the k x k grid that can win, (a + 1)(b + 1) <= k (pads: the smallest key).
+    CP: tl.constexpr = 2**LOG_C
+    c = tl.arange(0, CP)
+    ca = tl.broadcast_to(tl.load(cand_a_ptr + c, mask=c < C, other=0)[None, :], (ROWS, CP))
+    cb = tl.broadcast_to(tl.load(cand_b_ptr + c, mask=c < C, other=0)[None, :], (ROWS, CP))
+    ka = tl.gather(top1, ca, axis=1)  # (ROWS, CP) keys of the candidates' halves
+    kb = tl.gather(top2, cb, axis=1)
+    sums = _key_score(ka) + _key_score(kb)
     if BF16_SUM:
         sums = _round_bf16(sums)
-    flat = i[:, :, None] * n + j[:, None, :]
-    rank = tl.arange(0, KP)
-    in_grid = (rank < k)[:, None] & (rank < k)[None, :]
-    grid = tl.where(in_grid[None, :, :], _keys(sums, low32 - flat), -9223372036854775807 - 1)
-    best = _topk_rows(tl.reshape(grid, (ROWS, KP * KP)), ROWS, 2 * LOG_K, LOG_K, TL_TOPK)  # (ROWS, KP)
+    flat = (low32 - (ka & low32)) * n + (low32 - (kb & low32))
+    cand = tl.where((c < C)[None, :], _keys(sums, low32 - flat), -9223372036854775807 - 1)
+    best = _topk_rows(cand, ROWS, LOG_C, LOG_K, TL_TOPK)  # (ROWS, KP)
 
+    rank = tl.arange(0, KP)
     tl.store(
         out_ptr + rows[:, None] * k + rank[None, :],
         low32 - (best & low32),
@@ -185,6 +194,12 @@ def select_config(n: int, k: int, device: torch.device) -> dict:
     # About 32 int64 keys per thread: at n=1024, k=32 one warp measured fastest on an H200
     # (select kernel 2.61 ms vs 3.62 ms with 4 warps; benchmarks/RESULTS.md).
     return {"ROWS": 1, "num_warps": min(8, max(1, elements // 1024)), "TL_TOPK": True}
+
+
+@functools.cache
+def _candidates(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.grid_candidates(k)`` as int32 tensors on ``device`` (made once per k and device)."""
+    return tuple(x.to(device=device, dtype=torch.int32) for x in grid_candidates(k))
 
 
 def product_key_select_triton(s1: torch.Tensor, s2: torch.Tensor, k: int, config: dict | None = None) -> torch.Tensor:
@@ -212,20 +227,26 @@ def product_key_select_triton(s1: torch.Tensor, s2: torch.Tensor, k: int, config
     s1 = s1 if s1.stride(-1) == 1 else s1.contiguous()
     s2 = s2 if s2.stride(-1) == 1 else s2.contiguous()
     cfg = dict(config or select_config(n, k, s1.device))
+    cand_a, cand_b = _candidates(k, s1.device)
+    C = len(cand_a)
     _product_key_select_kernel[(triton.cdiv(T * H, cfg["ROWS"]),)](
         s1,
         s2,
         out,
+        cand_a,
+        cand_b,
         T * H,
         H,
         n,
         k,
+        C,
         s1.stride(0),
         s1.stride(1),
         s2.stride(0),
         s2.stride(1),
         LOG_N=(n - 1).bit_length(),
         LOG_K=(k - 1).bit_length(),
+        LOG_C=(C - 1).bit_length(),
         BF16_SUM=s1.dtype == torch.bfloat16,
         **cfg,
     )
