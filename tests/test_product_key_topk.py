@@ -35,7 +35,9 @@ def test_matches_full_key_scoring_float64():
     """Against concatenated full keys [K1[i], K2[j]] scored as one dot product."""
     T, H, n, h, k = 11, 2, 20, 5, 6
     q1, q2, k1, k2 = _random(T, H, n, h, torch.float64)
-    full_keys = torch.cat([k1.unsqueeze(2).expand(H, n, n, h), k2.unsqueeze(1).expand(H, n, n, h)], -1).reshape(H, n * n, 2 * h)
+    full_keys = torch.cat([k1.unsqueeze(2).expand(H, n, n, h), k2.unsqueeze(1).expand(H, n, n, h)], -1).reshape(
+        H, n * n, 2 * h
+    )
     full = torch.einsum("thd,hnd->thn", torch.cat([q1, q2], -1), full_keys)
     ref = full.topk(k, dim=-1)
     scores, indices = product_key_topk(q1, q2, k1, k2, k)
@@ -114,3 +116,9 @@ def test_grid_candidates_are_the_cells_with_few_cells_ahead(k):
     cells = {(x, y) for x in range(k) for y in range(k) if (x + 1) * (y + 1) <= k}
     assert list(zip(a.tolist(), b.tolist())) == sorted(cells)  # each once, row by row
     assert len(a) == sum(k // r for r in range(1, k + 1))  # 119 for k = 32
+
+
+def test_too_many_subkeys_for_32_bit_flat_ids():
+    q1, q2, k1, k2 = _random(2, 1, 65536 + 1, 1)
+    with pytest.raises(ValueError, match="flat ids i\\*n \\+ j must fit in 32 bits"):
+        product_key_topk(q1, q2, k1, k2, 4)

@@ -240,9 +240,11 @@ def _segment_sum(src, starts, ends, dest, out, order=None, weights=None, L=1, wg
         n_chunks = triton.cdiv(h_end - h_start, CHUNK)
         last = torch.cumsum(n_chunks, 0)  # one past the last chunk of each heavy segment
         first = last - n_chunks
-        # Every chunk gets a row of `partial`, without a sync: their number is at most
-        # E / CHUNK + n_heavy; the spare rows get empty segments (sums of nothing, never read).
-        n_rows = (len(order) if order is not None else len(src)) // CHUNK + n_heavy
+        # Every chunk gets a row of `partial`, without a sync: the heavy segments hold at most the
+        # entries the light ones (>= 1 each) leave, so there are at most that / CHUNK + n_heavy
+        # chunks; the spare rows get empty segments (sums of nothing, never read).
+        entries = len(order) if order is not None else len(src)
+        n_rows = (entries - (len(starts) - n_heavy)) // CHUNK + n_heavy
         chunk = torch.arange(n_rows, device=src.device)
         seg = torch.searchsorted(last, chunk, right=True).clamp_max(n_heavy - 1)  # heavy segment of each chunk
         c_start = h_start[seg] + (chunk - first[seg]) * CHUNK

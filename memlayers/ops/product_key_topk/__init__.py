@@ -37,6 +37,8 @@ def product_key_topk(
         )
     if not 1 <= k <= n:
         raise ValueError(f"product_key_topk: k={k} must be in [1, n={n}] (n sub-keys per half)")
+    if n * n > 2**32 - 1:
+        raise ValueError(f"product_key_topk: n={n} sub-keys per half is too many: flat ids i*n + j must fit in 32 bits")
     if not (q1.device == q2.device == keys1.device == keys2.device):
         raise ValueError("product_key_topk: queries and keys must be on one device")
     if use_triton("product_key_topk", impl, q1):
