@@ -23,6 +23,19 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
+def _row_tile(rows_ptr, grads_ptr, U, D, stride_g, BLOCK_U: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's tile of entries x columns: row ids (BLOCK_U,) int64, column offsets (BLOCK_D,),
+    the in-bounds mask and the fp32 gradient tile (BLOCK_U, BLOCK_D)."""
+    offs_u = tl.program_id(0).to(tl.int64) * BLOCK_U + tl.arange(0, BLOCK_U)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_u = offs_u < U
+    mask = mask_u[:, None] & (offs_d < D)[None, :]
+    r = tl.load(rows_ptr + offs_u, mask=mask_u, other=0).to(tl.int64)
+    g = tl.load(grads_ptr + offs_u[:, None] * stride_g + offs_d[None, :], mask=mask, other=0).to(tl.float32)
+    return r, offs_d, mask, g
+
+
+@triton.jit
 def _row_adam_kernel(
     param_ptr,  # (N, d), row stride `stride_p`, unit column stride
     exp_avg_ptr,  # (N, d), row stride `stride_m`
@@ -43,15 +56,10 @@ def _row_adam_kernel(
     BLOCK_U: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    offs_u = tl.program_id(0).to(tl.int64) * BLOCK_U + tl.arange(0, BLOCK_U)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_u = offs_u < U
-    mask = mask_u[:, None] & (offs_d < D)[None, :]
-    r = tl.load(rows_ptr + offs_u, mask=mask_u, other=0).to(tl.int64)
+    r, offs_d, mask, g = _row_tile(rows_ptr, grads_ptr, U, D, stride_g, BLOCK_U, BLOCK_D)
     p_ptrs = param_ptr + r[:, None] * stride_p + offs_d[None, :]
     m_ptrs = exp_avg_ptr + r[:, None] * stride_m + offs_d[None, :]
     v_ptrs = exp_avg_sq_ptr + r[:, None] * stride_v + offs_d[None, :]
-    g = tl.load(grads_ptr + offs_u[:, None] * stride_g + offs_d[None, :], mask=mask, other=0).to(tl.float32)
     m = tl.load(m_ptrs, mask=mask, other=0).to(tl.float32)
     v = tl.load(v_ptrs, mask=mask, other=0).to(tl.float32)
     p = tl.load(p_ptrs, mask=mask, other=0).to(tl.float32)
@@ -167,13 +175,8 @@ def _row_sgd_kernel(
     BLOCK_U: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    offs_u = tl.program_id(0).to(tl.int64) * BLOCK_U + tl.arange(0, BLOCK_U)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_u = offs_u < U
-    mask = mask_u[:, None] & (offs_d < D)[None, :]
-    r = tl.load(rows_ptr + offs_u, mask=mask_u, other=0).to(tl.int64)
+    r, offs_d, mask, g = _row_tile(rows_ptr, grads_ptr, U, D, stride_g, BLOCK_U, BLOCK_D)
     p_ptrs = param_ptr + r[:, None] * stride_p + offs_d[None, :]
-    g = tl.load(grads_ptr + offs_u[:, None] * stride_g + offs_d[None, :], mask=mask, other=0).to(tl.float32)
     p = tl.load(p_ptrs, mask=mask, other=0).to(tl.float32) - lr * g
     tl.store(p_ptrs, p.to(param_ptr.dtype.element_ty), mask=mask)
 
