@@ -20,7 +20,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("benchmarks/compile_check.py: unset TRITON_INTERPRET (it compiles the kernels, it does not run them)")
@@ -150,7 +149,6 @@ def main() -> None:
     torch.manual_seed(0)
     seen, rows, failures = set(), [], []
     for case, kernel, args, kwargs in record_launches(cases(a.tokens, a.dim)):
-        start = time.perf_counter()
         try:
             compiled, constexprs = compile_launch(kernel, args, kwargs, target)
         except Exception as e:  # noqa: BLE001 (report every kernel, then fail)
@@ -162,10 +160,10 @@ def main() -> None:
         if key in seen:
             continue
         seen.add(key)
-        rows.append((case, kernel.__name__, meta, ptxas_report(compiled, a.arch), time.perf_counter() - start))
+        rows.append((case, kernel.__name__, meta, ptxas_report(compiled, a.arch)))
     print(f"Triton {triton.__version__}, target sm_{a.arch}, tokens={a.tokens}, d={a.dim}")
     print(f"{'case':<44} {'kernel':<28} {'regs':>4} {'spill B':>7} {'smem B':>6} {'warps/SM':>8}  config")
-    for case, name, meta, r, _ in rows:
+    for case, name, meta, r in rows:
         warps = resident_warps(r["regs"], meta["num_warps"])
         print(f"{case:<44} {name:<28} {r['regs']:>4} {r['spill']:>7} {r['smem']:>6} {warps:>8}  {meta}")
     print("warps/SM: most warps of the kernel one SM holds at once as its registers allow (of 64 on sm_90)")
