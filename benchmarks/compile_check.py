@@ -2,7 +2,7 @@
 
     python benchmarks/compile_check.py [--arch 90] [--tokens 64] [--dim 1024]
 
-Each kernel is compiled ahead of time exactly as its wrapper launches it at the DESIGN.md §4
+Each kernel is compiled ahead of time exactly as its wrapper launches it at the paper-scale
 config (L = 4 heads x k = 32 rows per token, d = 1024, bf16 table, n = 1024 sub-keys, half dim
 256; fewer tokens, which changes grids, not kernels): the wrappers run on CPU tensors with
 Triton's launcher replaced by a recorder, then each recorded launch is compiled with Triton's own

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/kernels.py [--quick] [--sweep]
 
-Default size is DESIGN.md §4's: T=16384 tokens, L=128 rows per token (4 heads x k=32), N=2^20 rows,
+Default size is the paper-scale config: T=16384 tokens, L=128 rows per token (4 heads x k=32), N=2^20 rows,
 d=1024, bf16. Every op is checked against the fp32 reference at the benchmark size before it is timed;
 ``rel err`` is the largest of ||ours - ref|| / ||ref|| over the output and both gradients.
 ``TB/s`` counts the bytes of value rows read plus output written. ``--sweep`` adds forward tile
@@ -61,7 +61,7 @@ def copy_ceiling() -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Product-key top-k (DESIGN.md §4 "product-key scoring + top-k"): the torch reference (einsum + three
+# Product-key top-k (the paper-scale "product-key scoring + top-k"): the torch reference (einsum + three
 # topk passes) against einsum + the fused Triton selection kernel, fp32, forward and forward+backward.
 # ---------------------------------------------------------------------------------------------------
 

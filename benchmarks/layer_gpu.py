@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/layer_gpu.py [--tokens 16384] [--dim 1024] [--n-keys 1024]
 
-DESIGN.md §4's config: 16,384 tokens, 4 heads x k=32, N = 1024^2, d = 1024, bf16 autocast with a
+the paper-scale config: 16,384 tokens, 4 heads x k=32, N = 1024^2, d = 1024, bf16 autocast with a
 bf16 value table. Rows: the layer forward+backward and its pieces (scoring + top-k, the bag), a
 SwiGLU FFN (hidden 2816) forward+backward, and one optimizer step on the value table at growing N:
 fused dense AdamW, torch's SparseAdam and memlayers' row-sparse optimizers (SparseRowAdam with its

@@ -5,7 +5,10 @@ Subcommands:
     memlayers compare                      # dense vs MoE vs Memory vs Memory+ at matched FLOPs (CPU, <10 min)
     memlayers compare --preset gpu --out runs/gpu train.steps=3000
     memlayers train --config run.yaml --out runs/a train.lr=3e-4   # one run (YAML + key=value overrides)
+    memlayers train --config memlayers:facts_memory_plus --out runs/b  # an example config shipped with memlayers
     memlayers eval runs/a                  # recall, QA, loss and memory usage of a checkpoint
+    memlayers eval runs/a --probes facts.jsonl   # + recall of your own {"prompt", "answer"} lines
+    memlayers generate runs/a "prompt"     # sample a continuation (KV cache; --temperature, --top-k, --top-p)
     memlayers demo                         # a lone memory layer memorises 4096 Zipf-sampled facts (~30 s)
     memlayers --version
 """
@@ -13,11 +16,15 @@ Subcommands:
 import argparse
 import json
 import math
+import os
 import sys
 
 from . import __version__
+from ._extras import missing_extra
+from .errors import RunError
 from .config import PRESETS
 from .demo import DemoConfig, run_demo
+from .generate_cli import generate_command
 from .optim import VALUE_OPTIMIZERS
 
 
@@ -90,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         "config.yaml, metrics.jsonl, checkpoint.pt and, when finished, result.json; rerunning the same command "
         "resumes exactly where it stopped.",
     )
-    tr.add_argument("--config", metavar="YAML", help="a run config (sections model, data, train); default: defaults")
+    tr.add_argument("--config", metavar="YAML", help="a run config (sections model, data, train), or memlayers:NAME "
+                    "for an example shipped with memlayers (memlayers:facts_memory_plus, memlayers:text_bytes); "
+                    "default: the defaults")  # fmt: skip
     tr.add_argument("--out", metavar="DIR", default="runs/train", help="run directory")
     tr.add_argument("--force", action="store_true", help="start over (the old files move to DIR/prev/<n>/)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -106,6 +115,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=pos_int, default=None, help="at most this many probes per format (default: all)")
     ev.add_argument("--device", default="cpu", help="where to run (cpu, cuda, cuda:1, ...)")
     ev.add_argument("--json", metavar="PATH", help="also write the metrics as JSON to PATH")
+    ev.add_argument("--probes", metavar="JSONL", help="JSONL of your facts (prompt, answer): report recall")
+
+    gen = sub.add_parser(
+        "generate",
+        help="continue a prompt with a checkpoint (KV cache; greedy, or sampled with temperature/top-k/top-p)",
+        description="Encode PROMPT with the run's tokenizer (bos prepended), decode up to --max-new-tokens tokens "
+        "and print the continuation.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    gen.add_argument("checkpoint", help="a run directory or its checkpoint.pt")
+    gen.add_argument("prompt", help="text to continue (facts runs: words of the run's corpus only)")
+    gen.add_argument("--max-new-tokens", type=_number(int, 0), default=64, help="tokens to generate at most")
+    gen.add_argument("--temperature", type=nonneg_float, default=0.0, help="0: greedy; else sample softmax(logits/T)")
+    gen.add_argument("--top-k", type=pos_int, default=None, help="sample only from the k most likely tokens")
+    gen.add_argument("--top-p", type=pos_float, default=None, help="nucleus sampling: the smallest set with mass >= p")
+    gen.add_argument("--seed", type=int, default=None, help="seed of the sampler (None: different samples every run)")
+    gen.add_argument("--device", default="cpu", help="where to run (cpu, cuda, cuda:1, ...)")
+    gen.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True,
+                     help="stop at the end-of-document token")  # fmt: skip
 
     cmp = sub.add_parser(
         "compare",
@@ -130,7 +158,7 @@ def _train(args) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    result = train(cfg, args.out, progress=not args.quiet, force=args.force)
+    result = train(cfg, args.out, progress=False if args.quiet else None, force=args.force)
     print(json.dumps({k: result[k] for k in ("steps", "tokens", "final_loss", "tokens_per_s", "wall_time")}, indent=2))
     print(f"final evaluation: {json.dumps(result['eval'], indent=2)}")
     return 0
@@ -138,12 +166,18 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     from .data import build_dataset
-    from .evaluate import evaluate
+    from .evaluate import evaluate, load_probes, probe_recall
     from .train import load_checkpoint
 
-    cfg, model, extra = load_checkpoint(args.checkpoint, device=args.device)
-    metrics = evaluate(model, build_dataset(cfg.data), limit=args.limit, batch_size=cfg.train.batch_size,
+    from .train.trainer import resolve_device
+
+    cfg, model, extra = load_checkpoint(args.checkpoint, device=resolve_device(args.device, "--device"))
+    dataset = build_dataset(cfg.data)
+    # the user's probes first: a bad file fails before the (longer) evaluation
+    probes = probe_recall(model, load_probes(args.probes, dataset.tokenizer)) if args.probes else {}
+    metrics = evaluate(model, dataset, limit=args.limit, batch_size=cfg.train.batch_size,
                        seq_len=cfg.train.seq_len)  # fmt: skip
+    metrics.update(probes)
     print(f"{args.checkpoint}: step {extra['step']}, {extra['tokens']:,} tokens")
     width = max(map(len, metrics), default=0)
     for key, value in metrics.items():
@@ -169,15 +203,50 @@ def _compare(args) -> int:
     return 0
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, except that KEY=VALUE overrides may also follow options (``train --quiet a.b=1``),
+    which argparse's one positional list cannot take."""
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
+        extra = [a for a in extra if a not in args.overrides]
+    if extra:
+        getattr(args, "subparser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    commands = {"train": _train, "eval": _eval, "compare": _compare}
+    args = _parse(parser, argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt as e:  # training says where it stopped and how to resume
+        print(f"memlayers {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (`memlayers compare --list | head -1`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
+    except ImportError as e:  # a module of an extra (tqdm, omegaconf, ...) is missing: one line naming the extra
+        missing = missing_extra(e)
+        if missing is None:
+            raise
+        print(f"memlayers {args.command}: error: {missing}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    commands = {"train": _train, "eval": _eval, "compare": _compare, "generate": generate_command}
     if args.command in commands:
         try:
             return commands[args.command](args)
-        except (ValueError, FileNotFoundError) as e:  # bad configs, checkpoints, presets: one clear line
+        except BrokenPipeError:
+            raise
+        except RunError as e:  # the run went wrong, not its input: diverged, failed arms
             print(f"memlayers {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        except (ValueError, OSError) as e:  # bad configs, checkpoints, presets, paths, full disks: one clear line
+            ours = isinstance(e, OSError) and e.strerror and e.filename is None  # ours: no "[Errno N]" prefix
+            print(f"memlayers {args.command}: error: {e.strerror if ours else e}", file=sys.stderr)
             return 2
     if args.command == "demo":
         try:

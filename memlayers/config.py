@@ -1,9 +1,43 @@
 """MemoryConfig, the one description of a memory layer, and the papers' presets."""
 
-from dataclasses import asdict, dataclass, fields, replace
+import types
+import typing
+from dataclasses import MISSING, Field, asdict, dataclass, fields, replace
 
 from .norms import QUERY_NORMS
 from .retrieval import SCORE_FNS
+
+
+_KINDS = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
+
+
+def type_problem(value, annotation) -> str | None:
+    """Why ``value`` does not fit a field annotated ``annotation``, or None if it does.
+
+    Checks ``bool``, ``int``, ``float``, ``str`` and their ``X | None``; other annotations pass. A bool
+    is not an int (nor a float) here; an int is a float. E.g. ``"must be an integer, got 16.5 (float)"``.
+    """
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    allowed = typing.get_args(annotation) if union else (annotation,)
+    optional = type(None) in allowed
+    kinds = [t for t in allowed if t is not type(None)]
+    if (value is None and optional) or len(kinds) != 1 or kinds[0] not in _KINDS:
+        return None
+    kind = kinds[0]
+    if kind is bool:
+        ok = isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
+    if ok:
+        return None
+    return f"must be {_KINDS[kind]}{' or None' if optional else ''}, got {value!r} ({type(value).__name__})"
+
+
+def field_type_problems(obj) -> list[tuple[Field, str]]:
+    """(field, problem) for every field of the dataclass instance ``obj`` whose value has the wrong type."""
+    hints = typing.get_type_hints(type(obj))
+    found = [(f, type_problem(getattr(obj, f.name), hints[f.name])) for f in fields(obj)]
+    return [(f, problem) for f, problem in found if problem]
 
 
 @dataclass(frozen=True)
@@ -45,6 +79,10 @@ class MemoryConfig:
         def fail(name, problem, fix):
             raise ValueError(f"MemoryConfig.{name}: {problem}; {fix}")
 
+        for f, problem in field_type_problems(self):  # types first: the checks below compare and divide
+            if f.default is MISSING:
+                fail(f.name, problem, "pass the model width")
+            fail(f.name, problem, "use None for the default" if f.default is None else f"use e.g. {f.default!r}")
         if self.dim < 1:
             fail("dim", f"must be >= 1, got {self.dim}", "pass the model width")
         if self.key_dim is None:

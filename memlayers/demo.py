@@ -25,10 +25,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
+from ._extras import require
 from .accounting import memory_flops
-from .config import PRESETS, preset
+from .config import PRESETS, field_type_problems, preset
 from .layers import MemoryLayer
 from .optim import VALUE_OPTIMIZERS, build_optimizer, clip_grad_norms
 
@@ -114,6 +114,8 @@ class DemoConfig:
     threads: int | None = None  # None: every CPU this process may use
 
     def __post_init__(self):
+        for f, problem in field_type_problems(self):  # types first: the checks below compare
+            raise ValueError(f"{f.name} {problem}")
         for name in ("facts", "steps", "batch_size", "n_keys", "heads", "topk", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -178,6 +180,7 @@ def train(model: nn.Module, task: RecallTask, cfg: DemoConfig, lr: float, desc: 
     seen = torch.zeros(task.num_facts, dtype=torch.bool)
     loss_ema = None
     start = time.perf_counter()
+    tqdm = require("tqdm", "train").tqdm  # imported here: `import memlayers.cli` needs only torch
     bar = tqdm(range(cfg.steps), desc=f"{desc:>9}", disable=not progress, mininterval=0.5, dynamic_ncols=True)
     for step in bar:
         ids = task.sample(cfg.batch_size, g)  # (B,)

@@ -3,7 +3,8 @@
 ``evaluate(model, dataset)`` returns one flat dict of floats:
 
     loss, ppl                      mean next-token loss (and its exp) on ``dataset.val_batches`` (facts:
-                                   the training documents, in a fixed packing; text: held-out files)
+                                   the training documents, in a fixed packing; text: held-out files or
+                                   file tails); absent when there is no validation (text, val_fraction=0)
     recall/<format>                exact-match recall of the facts in a trained format (records, bios, qa),
     recall/<format>/<attribute>      over every person, and per attribute
     qa_heldout, qa_heldout/<attr>  QA accuracy on the held-out people, whose QA pairs were never trained:
@@ -15,9 +16,16 @@ Recall is exact match under greedy decoding: the model is prompted with a probe'
 by teacher forcing: greedy decoding reproduces the answer iff at every answer position the argmax
 of the logits, given the prompt and the previous answer tokens, is the next answer token. One
 forward pass per probe, batched over probes of equal length (no padding, so nothing to mask).
+
+The user's own facts: ``probe_recall(model, load_probes(path, tokenizer))`` reads a JSONL file of
+``{"prompt": ..., "answer": ..., "attribute": ...}`` lines (attribute optional) and returns
+``probes/recall`` and ``probes/recall/<attribute>``, the same exact-match greedy recall
+(``memlayers eval RUN --probes FILE.jsonl``).
 """
 
+import json
 import math
+import os
 import random
 from collections import defaultdict
 
@@ -43,6 +51,82 @@ def probe_hits(model: nn.Module, probes: list, batch_size: int = 256, device=Non
             predicted = logits[:, n_prompt - 1 :].argmax(-1)  # (b, n_answer): the answer positions
             hits[chunk] = (predicted == rows[:, n_prompt:]).all(-1).cpu()
     return hits
+
+
+def load_probes(path: str | os.PathLike, tokenizer) -> list:
+    """The probes of a JSONL file, one ``{"prompt": str, "answer": str, "attribute": str}`` per line
+    (attribute optional; blank lines skipped), encoded with ``tokenizer`` (the run's dataset's).
+
+    Each is a ``memlayers.data.Probe`` with ``prompt`` = [bos] + encode(prompt), ``answer`` =
+    encode(answer), ``person`` = its 1-based line number, ``attribute`` = the attribute or "".
+    The byte tokenizer encodes the strings exactly, so ``prompt + answer`` must be the text the model
+    should continue (put the separating space in one of them). Errors name the file and line.
+    """
+    from .data import Probe
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"probes file {path!r} does not exist")
+    probes = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{where}: not valid JSON ({e.msg}); each line must be an object like "
+                    '{"prompt": "...", "answer": "..."}'
+                ) from None
+            if not isinstance(item, dict):
+                raise ValueError(f"{where}: expected a JSON object with keys prompt and answer, got {line.strip()!r}")
+            missing = [k for k in ("prompt", "answer") if k not in item]
+            if missing:
+                raise ValueError(f"{where}: missing key(s) {', '.join(missing)}; each line needs prompt and answer")
+            attribute = item.get("attribute", "")
+            for key, value in (("prompt", item["prompt"]), ("answer", item["answer"]), ("attribute", attribute)):
+                if not isinstance(value, str):
+                    raise ValueError(f"{where}: {key} must be a string, got {value!r}")
+            try:
+                prompt, answer = tokenizer.encode(item["prompt"]), tokenizer.encode(item["answer"])
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            if not answer:
+                raise ValueError(f"{where}: empty answer ({item['answer']!r} encodes to no token); give a real one")
+            probes.append(Probe(n, attribute, [tokenizer.bos_id] + prompt, answer, heldout=False))
+    if not probes:
+        raise ValueError(f"probes file {path!r} holds no probe; write one JSON object per line")
+    return probes
+
+
+@torch.no_grad()
+def probe_recall(model: nn.Module, probes: list, *, batch_size: int = 256, device=None) -> dict[str, float]:
+    """Exact-match greedy recall of ``probes`` (from ``load_probes``): ``{"probes/recall": overall,
+    "probes/recall/<attribute>": per attribute}`` (probes without an attribute count only overall)."""
+    if not probes:
+        return {}
+    limit = model.config.max_seq_len
+    for p in probes:
+        if len(p.prompt) + len(p.answer) - 1 > limit:  # the forward reads prompt + answer but the last token
+            raise ValueError(
+                f"probe on line {p.person} is {len(p.prompt) + len(p.answer) - 1} tokens (prompt + answer - 1), "
+                f"longer than the model's max_seq_len={limit}; shorten it"
+            )
+    was_training = model.training
+    model.eval()
+    try:
+        hits = probe_hits(model, probes, batch_size=batch_size, device=device)
+    finally:
+        model.train(was_training)
+    out = {"probes/recall": hits.float().mean().item()}
+    by_attr = defaultdict(list)
+    for p, h in zip(probes, hits.tolist()):
+        if p.attribute:
+            by_attr[p.attribute].append(h)
+    out.update({f"probes/recall/{a}": sum(h) / len(h) for a, h in sorted(by_attr.items())})
+    return out
 
 
 def _recall(prefix: str, probes: list, hits: torch.Tensor) -> dict[str, float]:

@@ -96,7 +96,7 @@ class MemoryLayer(nn.Module):
             )
 
     def retrieve(self, x: torch.Tensor, mask: torch.Tensor | None = None):
-        """x (..., dim) -> indices (..., H, k) int64 slot ids, weights (..., H, k) float32 (for analysis)."""
+        """x (..., dim) -> indices (..., H, k) int64 slot ids, weights (..., H, k) float32 (float64 if x is)."""
         self._check_input(x, mask)
         lead = x.shape[:-1]
         weights, indices = self.retrieval(x.reshape(-1, self.config.dim), None if mask is None else mask.reshape(-1))

@@ -12,7 +12,8 @@ class MaskedBatchNorm(nn.Module):
     Training: normalise with the mean/variance of the real tokens (``mask`` True) and update the
     running statistics from them; an empty or fully padded batch leaves them unchanged.
     Eval: normalise with the running statistics, so a token's output never depends on its batch.
-    Runs without host syncs.
+    Runs without host syncs. Statistics are computed in float32 (float64 for float64 input) and the
+    running statistics stored in their own dtype, so the module trains after ``.to(torch.bfloat16)``.
 
     x (T, C), mask (T,) bool or None -> (T, C)
     """
@@ -27,10 +28,11 @@ class MaskedBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        acc = torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 (fp64 for fp64 input)
         if not self.training or x.shape[0] == 0:
-            mean, var = self.running_mean, self.running_var
+            mean, var = self.running_mean.to(acc), self.running_var.to(acc)
         else:
-            xf = x.float()
+            xf = x.to(acc)
             m = torch.ones_like(xf[:, :1]) if mask is None else mask.reshape(-1, 1).to(xf.dtype)
             count = m.sum()
             mean = (xf * m).sum(0) / count.clamp_min(1)
@@ -38,9 +40,10 @@ class MaskedBatchNorm(nn.Module):
             with torch.no_grad():
                 unbiased = var * count / (count - 1).clamp_min(1)
                 seen = count > 0
-                self.running_mean.copy_(torch.where(seen, self.running_mean.lerp(mean, self.momentum), self.running_mean))
-                self.running_var.copy_(torch.where(seen, self.running_var.lerp(unbiased, self.momentum), self.running_var))
-        out = (x.float() - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+                for buf, stat in ((self.running_mean, mean), (self.running_var, unbiased)):
+                    old = buf.to(acc)
+                    buf.copy_(torch.where(seen, old.lerp(stat, self.momentum), old))  # stored in buf's dtype
+        out = (x.to(acc) - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
         return out.to(x.dtype)
 
 

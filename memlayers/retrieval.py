@@ -57,8 +57,12 @@ class ProductKeys(nn.Module):
             nn.init.zeros_(self.query.bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
-        """x (T, dim), mask (T,) bool or None -> weights (T, H, k) float32, indices (T, H, k) int64."""
+        """x (T, dim), mask (T,) bool or None -> weights (T, H, k), indices (T, H, k) int64.
+
+        Scores and weights are float32, or float64 for a float64 x.
+        """
         T = x.shape[0]
+        dtype = torch.promote_types(x.dtype, torch.float32)
         q = self.query(x)  # (T, H*key_dim)
         if isinstance(self.query_norm, MaskedBatchNorm):
             q = self.query_norm(q, mask)
@@ -66,10 +70,11 @@ class ProductKeys(nn.Module):
         if self.query_norm is not None and not isinstance(self.query_norm, MaskedBatchNorm):
             q = self.query_norm(q)
         q = self.query_dropout(q)
-        q1, q2 = q.float().view(T, self.heads, 2, self.key_dim // 2).unbind(2)  # (T, H, key_dim/2) each
-        keys = self.keys.float()
+        q1, q2 = q.to(dtype).view(T, self.heads, 2, self.key_dim // 2).unbind(2)  # (T, H, key_dim/2) each
+        keys = self.keys.to(dtype)
         if self.qk_norm is not None:
-            q1, q2 = self.qk_norm(q1), self.qk_norm(q2)
+            gain = self.qk_norm.weight.to(dtype)  # a bf16 gain with fp32 halves misses the fused rms_norm (and warns)
+            q1, q2 = (F.rms_norm(h, h.shape[-1:], gain, self.qk_norm.eps) for h in (q1, q2))
             keys = F.rms_norm(keys, keys.shape[-1:]) * keys.shape[-1] ** -0.5
         scores, indices = product_key_topk(q1, q2, keys[:, 0], keys[:, 1], self.topk)
         return self._weights(scores), indices

@@ -26,6 +26,15 @@ def test_print_config_applies_overrides(capsys):
     assert "dim: 48" in capsys.readouterr().out
 
 
+def test_bad_memory_option_type_is_one_line_naming_the_key(capsys):
+    assert cli.main(["train", "--print-config", "model.memories=[{layers: '1', options: {n_keys: 16.5}}]"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "memlayers train: error: model.memories[0].options: MemoryConfig.n_keys: must be an integer, got 16.5 (float); "
+        "use e.g. 1024\n"
+    )
+
+
 def test_compare_list(capsys):
     assert cli.main(["compare", "--list"]) == 0
     printed = capsys.readouterr().out

@@ -75,7 +75,10 @@ def test_run_demo_is_deterministic_and_sparse_adam_runs():
 @pytest.mark.parametrize(
     "overrides, match",
     [(dict(steps=0), "steps"), (dict(topk=32, n_keys=16), "topk"), (dict(preset="nope"), "preset"),
-     (dict(value_optimizer="sgd"), "value_optimizer"), (dict(lr=0.0), "lr"), (dict(classes=1), "classes")],
+     (dict(value_optimizer="sgd"), "value_optimizer"), (dict(lr=0.0), "lr"), (dict(classes=1), "classes"),
+     (dict(steps=1.5), r"^steps must be an integer, got 1.5 \(float\)$"), (dict(n_keys="16"), "n_keys must be an int"),
+     (dict(baseline=0), r"baseline must be True or False, got 0 \(int\)"), (dict(lr="1e-3"), "lr must be a number"),
+     (dict(threads=2.0), "threads must be an integer or None"), (dict(preset=None), "preset must be a string")],
 )  # fmt: skip
 def test_demo_config_rejects_bad_values(overrides, match):
     with pytest.raises(ValueError, match=match):

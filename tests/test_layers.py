@@ -93,6 +93,52 @@ def test_autocast_bf16():
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("query_norm", ["none", "layernorm", "rmsnorm", "batchnorm"])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_trains_after_cast(device, dtype, query_norm, qk_norm):
+    layer = small("memory_plus", query_norm=query_norm, qk_norm=qk_norm).to(device, dtype)
+    x = torch.randn(3, 5, 24, device=device, dtype=dtype)
+    y = layer(x)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    y.float().square().mean().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all(), name
+    if query_norm == "batchnorm":
+        bn = layer.retrieval.query_norm
+        assert bn.running_mean.dtype == bn.running_var.dtype == dtype
+        assert bn.running_mean.abs().sum() > 0 and (bn.running_var != 1).any()  # updated from the batch
+    _, weights = layer.retrieve(x)
+    assert weights.dtype == torch.promote_types(dtype, torch.float32)  # scores in fp32, fp64 for fp64
+    layer.eval()
+    y = layer(x)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+
+
+def test_batchnorm_low_precision_stats_are_fp32_stats_rounded():
+    x = torch.randn(10, 6).bfloat16()
+    bn16, bn32 = MaskedBatchNorm(6).bfloat16(), MaskedBatchNorm(6)
+    out = bn16(x)
+    assert out.dtype == torch.bfloat16 and rel_err(out, bn32(x.float())) < 1e-2
+    assert torch.equal(bn16.running_mean, bn32.running_mean.bfloat16())
+    assert torch.equal(bn16.running_var, bn32.running_var.bfloat16())
+
+
+@pytest.mark.parametrize("query_norm, qk_norm", [("none", True), ("batchnorm", False)])
+def test_float64_layer_passes_gradcheck(query_norm, qk_norm):
+    torch.manual_seed(0)  # no near-ties among the scores: the top-k selection is piecewise constant
+    cfg = MemoryConfig(dim=8, n_keys=4, heads=2, topk=3, query_norm=query_norm, qk_norm=qk_norm)
+    layer = MemoryLayer(cfg).double().eval()  # eval: BatchNorm uses its running statistics
+    names, params = zip(*layer.named_parameters())
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *params):
+        return torch.func.functional_call(layer, dict(zip(names, params)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
 def test_keys_init_range():
     layer = small(key_dim=36)
     assert layer.retrieval.keys.abs().max() <= 36**-0.5
@@ -239,11 +285,47 @@ def test_impossible_configs(kwargs, match):
         MemoryConfig(dim=24, **{"n_keys": 16, "topk": 4, **kwargs})
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n_keys=16.5), "MemoryConfig.n_keys: must be an integer, got 16.5 (float); use e.g. 1024"),
+        (dict(n_keys="16"), "MemoryConfig.n_keys: must be an integer, got '16' (str); use e.g. 1024"),
+        (dict(dim=True), "MemoryConfig.dim: must be an integer, got True (bool); pass the model width"),
+        (dict(topk=4.0), "MemoryConfig.topk: must be an integer, got 4.0 (float); use e.g. 32"),
+        (dict(heads=None), "MemoryConfig.heads: must be an integer, got None (NoneType); use e.g. 4"),
+        (dict(key_dim=8.0), "MemoryConfig.key_dim: must be an integer or None, got 8.0 (float); use None for the"),
+        (dict(value_dim=False), "MemoryConfig.value_dim: must be an integer or None, got False (bool)"),
+        (dict(usage_window=1e2), "MemoryConfig.usage_window: must be an integer, got 100.0 (float)"),
+        (dict(query_bias=1), "MemoryConfig.query_bias: must be True or False, got 1 (int); use e.g. True"),
+        (dict(qk_norm="yes"), "MemoryConfig.qk_norm: must be True or False, got 'yes' (str)"),
+        (dict(gated=None), "MemoryConfig.gated: must be True or False, got None"),
+        (dict(sparse_values=0), "MemoryConfig.sparse_values: must be True or False"),
+        (dict(track_usage="false"), "MemoryConfig.track_usage: must be True or False"),
+        (dict(input_dropout=True), "MemoryConfig.input_dropout: must be a number, got True (bool); use e.g. 0.0"),
+        (dict(query_dropout="0.1"), "MemoryConfig.query_dropout: must be a number, got '0.1' (str)"),
+        (dict(value_dropout=None), "MemoryConfig.value_dropout: must be a number"),
+        (dict(query_norm=None), "MemoryConfig.query_norm: must be a string, got None (NoneType); use e.g. 'none'"),
+        (dict(score_fn=1), "MemoryConfig.score_fn: must be a string, got 1 (int); use e.g. 'softmax'"),
+    ],
+)
+def test_config_field_types(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        MemoryConfig(**{"dim": 24, "n_keys": 16, "topk": 4, **kwargs})
+    assert str(e.value).startswith(message)
+
+
+def test_config_accepts_ints_for_floats_and_none_sizes():
+    cfg = MemoryConfig(dim=24, n_keys=16, topk=4, key_dim=None, value_dim=None, input_dropout=0, value_dropout=0.5)
+    assert (cfg.key_dim, cfg.value_dim, cfg.input_dropout) == (12, 24, 0)
+
+
 def test_preset_errors():
     with pytest.raises(ValueError, match="unknown memory preset 'peer'"):
         preset("peer", 64)
     with pytest.raises(ValueError, match="unknown MemoryConfig field\\(s\\) \\['nkeys'\\]"):
         preset("memory", 64, nkeys=3)
+    with pytest.raises(ValueError, match="MemoryConfig.n_keys: must be an integer, got 16.5"):
+        preset("memory", 64, n_keys=16.5)
 
 
 @pytest.mark.parametrize(

@@ -269,6 +269,26 @@ def test_memory_presets_and_options_are_applied():
     assert (c.n_keys, c.topk, c.query_norm, c.heads, c.dim) == (8, 2, "batchnorm", 4, 32)
 
 
+def test_pkm_memory_model_trains_in_bf16():
+    model = Transformer(tiny(memories=[mem("1", preset="pkm")])).to(torch.bfloat16).train()
+    bn = model.blocks[1].memory.retrieval.query_norm
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    out = model(tokens(), tokens(seed=1))
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    opt.step()
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert bn.running_mean.dtype == torch.bfloat16 and bn.running_mean.abs().sum() > 0
+
+
+def test_bad_memory_option_types_name_the_field():
+    with pytest.raises(ValueError) as e:
+        tiny(memories=[mem("1", options={"n_keys": 16.5})])
+    message = "memories[0].options: MemoryConfig.n_keys: must be an integer, got 16.5 (float); use e.g. 1024"
+    assert str(e.value) == message
+
+
 def test_shared_pool_is_one_table_counted_once():
     specs = [mem("0,2", pool="p"), mem("3", pool="p", mode="beside"), mem("1")]
     model = Transformer(tiny(memories=specs))

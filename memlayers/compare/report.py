@@ -9,6 +9,7 @@ import json
 import math
 import os
 
+from .._extras import require
 from ..train import atomic_write
 
 # (key in a row, column title, format)
@@ -88,8 +89,7 @@ def write_plots(rows: list[dict], curves: dict[str, list[tuple[float, float]]], 
 
     curves: arm -> [(tokens seen, training loss), ...].
     """
-    import matplotlib
-
+    matplotlib = require("matplotlib", "train")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -13,9 +13,14 @@ import os
 import sys
 import time
 
+from ..errors import RunError
 from ..train import RunConfig, load_config, train
 from .presets import CompareConfig, get_preset
 from .report import format_table, write_plots, write_tables
+
+
+class ArmsFailedError(RunError, RuntimeError):
+    """Some arms of a comparison failed (the others finished and are in the table)."""
 
 
 def _mean_usage(evaluation: dict) -> float | None:
@@ -86,6 +91,7 @@ def run_compare(
 
     arms: a subset of the preset's arms, in the preset's order (None: all of them).
     overrides: dotlist overrides applied to every arm's RunConfig (``train.steps=100``).
+    progress: print each arm's name and let ``train.progress`` show its bar; False: quiet.
     Returns one row (dict) per arm. An arm that fails does not stop the others: the table and files
     are written for the arms that finished, then a RuntimeError names the failed arms and why (if
     every arm failed, the first one's error is raised as it was).
@@ -99,7 +105,7 @@ def run_compare(
         if progress:
             print(f"[{i + 1}/{len(configs)}] {arm}", flush=True)
         try:
-            results[arm] = train(cfg, os.path.join(out_dir, arm), progress=progress)
+            results[arm] = train(cfg, os.path.join(out_dir, arm), progress=None if progress else False)
         except Exception as e:  # noqa: BLE001 (one arm running out of memory must not cost the others)
             failed[arm] = e
             why = f"{type(e).__name__}: {e}"
@@ -115,7 +121,7 @@ def run_compare(
     print(format_table(rows))
     print(f"\n{len(rows)} arms in {time.perf_counter() - start:.0f} s (finished arms reused); outputs in {out_dir}/")
     if failed:
-        raise RuntimeError(
+        raise ArmsFailedError(
             f"{len(failed)} arm(s) failed, the table above leaves them out: "
             + "; ".join(f"{arm}: {type(e).__name__}: {e}" for arm, e in failed.items())
             + ". Fix the cause and rerun the same command: finished arms are reused, interrupted ones resume."

@@ -1,10 +1,12 @@
 """Datasets for training transformers with memory layers: synthetic facts (measure memory) and local text.
 
-``build_dataset(DataConfig)`` returns a ``FactsDataset`` or a ``TextDataset``; both offer
+``build_dataset(DataConfig)`` returns a ``FactsDataset`` or a ``TextDataset`` (``build_tokenizer(DataConfig)``
+just its tokenizer, reading no corpus); both offer
 
     tokenizer, vocab_size
     train_batch(step, batch_size, seq_len) -> (x (B, T), y (B, T)) int64   # pure in (config, step): resumable
-    val_batches(batch_size, seq_len, limit=None) -> [(x (b, T), y (b, T)), ...]  # fixed; limit = max rows
+    val_batches(batch_size, seq_len, limit=None) -> [(x (b, T), y (b, T)), ...]  # fixed; limit = max rows;
+                                                   # [] without validation (text, val_fraction=0)
     probes(format) -> list[Probe]   # facts: recall questions; text: []
     probe_formats                   # the formats worth probing (facts: the trained ones; text: none)
     describe() -> dict              # small JSON-able summary
@@ -36,6 +38,18 @@ class DataConfig:
             validate_facts(self.facts)  # text paths are checked when the corpus is read
 
 
+def build_tokenizer(cfg: DataConfig) -> WordTokenizer | ByteTokenizer:
+    """The tokenizer of the dataset ``cfg`` describes, without reading a text corpus (facts: built from the
+    generated world, as ``FactsDataset`` does; text: ``TextConfig.tokenizer``)."""
+    if cfg.kind == "facts":
+        return FactsDataset(cfg.facts).tokenizer  # the world is small and generated: ~0.1 s for 1000 people
+    if cfg.kind == "text":
+        if cfg.text.tokenizer != "byte":
+            raise ValueError(f"TextConfig.tokenizer: unknown {cfg.text.tokenizer!r}; choose one of byte")
+        return ByteTokenizer()
+    raise ValueError(f"DataConfig.kind: unknown {cfg.kind!r}; choose one of {', '.join(KINDS)}")
+
+
 def build_dataset(cfg: DataConfig) -> FactsDataset | TextDataset:
     """The dataset ``cfg.kind`` names, built from its sub-config."""
     if cfg.kind == "facts":
@@ -60,6 +74,7 @@ __all__ = [
     "TextDataset",
     "WordTokenizer",
     "build_dataset",
+    "build_tokenizer",
     "fixed_batches",
     "generate_choices",
     "generate_people",

@@ -178,8 +178,10 @@ class PackedDataset:
         """A fixed list of (x (b, T), y (b, T)) validation batches (see ``val_documents``).
 
         ``limit`` = at most this many rows (sequences); ``None`` = every validation document once.
-        Same arguments, same batches.
+        Same arguments, same batches; [] when there are no validation documents.
         """
+        if not self.val_documents:
+            return []
         streams = self.__dict__.setdefault("_val_streams", {})
         if seq_len not in streams:
             streams[seq_len] = PackedStream(self.val_documents, seq_len, seed=self.val_seed)

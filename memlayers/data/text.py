@@ -6,10 +6,21 @@ if their extension is in ``extensions`` (an empty list keeps every file); files 
 always kept. Each non-empty file is one document, ``[bos] + bytes + [eos]`` with the ``ByteTokenizer``
 (vocab 259), read as raw bytes (no decoding, so any encoding works).
 
-The train/val split is by file and deterministic: files are ranked by a SHA-1 hash of
-``(seed, key)``, where the key is the path relative to the directory it was found under (or the path
-as given), and the first ``max(1, round(val_fraction * files))`` files are validation. Hashing makes
-the split independent of file order and stable when files are added elsewhere or the corpus is moved.
+The train/val split is deterministic, with ``n_val = round(val_fraction * files)``:
+
+- ``val_fraction == 0``: no validation; every file trains (``val_batches`` returns []).
+- ``n_val >= 1``: by file. Files are ranked by a SHA-1 hash of ``(seed, key)``, where the key is the
+  path relative to the directory it was found under (or the path as given), and the first ``n_val``
+  files are validation. Hashing makes the split independent of file order and stable when files are
+  added elsewhere or the corpus is moved.
+- ``n_val < 1`` (too few files, e.g. one): by position. The last ``round(val_fraction * bytes)`` bytes
+  of every file are validation, the rest trains: the framed document ``[bos] + bytes + [eos]`` is cut
+  in two, ``[bos] + head`` trains and ``tail + [eos]`` validates (a contiguous tail leaks less than
+  random pieces would).
+
+Training documents longer than ``chunk_tokens`` are cut into consecutive chunks of ``chunk_tokens``
+tokens (the last may be shorter) and the packer permutes chunks each epoch, so a corpus of a few large
+files is not read in the same order every epoch. Validation documents stay whole (their order is fixed).
 """
 
 import glob
@@ -30,13 +41,17 @@ class TextConfig:
     """A corpus of local text files (see the module docstring).
 
     paths: files, directories (recursive) and globs. extensions: kept suffixes for directory/glob
-    matches, e.g. [".py", ".txt", ".md"]; [] keeps all. val_fraction: share of files held out for
-    validation, in (0, 1). tokenizer: "byte". seed: split and packing order.
+    matches, e.g. [".py", ".txt", ".md"]; [] keeps all. val_fraction: share held out for validation, in
+    [0, 1): 0 = no validation; whole files (hashed) when ``round(val_fraction * files) >= 1``, else the
+    last ``val_fraction`` of every file's bytes. chunk_tokens: training documents are cut into chunks of
+    this many tokens, shuffled per epoch (0 or null: whole files). tokenizer: "byte". seed: split and
+    packing order.
     """
 
     paths: list[str] = field(default_factory=list)
     extensions: list[str] = field(default_factory=lambda: [".txt", ".md", ".py"])
     val_fraction: float = 0.05
+    chunk_tokens: int | None = 4096
     tokenizer: str = "byte"
     seed: int = 0
 
@@ -104,13 +119,16 @@ def find_files(cfg: TextConfig) -> list[tuple[str, str]]:
 
 
 def split_files(files: list[tuple[str, str]], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """(train paths, val paths): the ``max(1, round(val_fraction * n))`` files with the smallest hash are val."""
-    if len(files) < 2:
+    """(train paths, val paths): the ``round(val_fraction * n)`` files with the smallest hash are val.
+
+    Needs ``1 <= round(val_fraction * n) < n`` (``TextDataset`` splits inside the files below that).
+    """
+    n_val = round(val_fraction * len(files))
+    if n_val < 1:
         raise ValueError(
-            f"TextConfig: the train/val split is by file and needs at least 2 non-empty files, found {len(files)}; "
-            "add files (or split a single large file into several)"
+            f"TextConfig.val_fraction={val_fraction} of {len(files)} file(s) rounds to no validation file; "
+            "split_files needs round(val_fraction * files) >= 1"
         )
-    n_val = max(1, round(val_fraction * len(files)))
     if n_val >= len(files):
         raise ValueError(
             f"TextConfig.val_fraction={val_fraction} puts all {len(files)} files in validation, leaving no training "
@@ -122,20 +140,43 @@ def split_files(files: list[tuple[str, str]], val_fraction: float, seed: int) ->
     return train, val
 
 
+def split_tail(doc: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``doc`` = [bos] + bytes + [eos] (n + 2,) -> ([bos] + head, tail + [eos]), tail = the last
+    ``round(val_fraction * n)`` bytes; either part may be just its special token."""
+    n = len(doc) - 2
+    cut = 1 + n - round(val_fraction * n)
+    return doc[:cut], doc[cut:]
+
+
+def chunk(docs: list[torch.Tensor], chunk_tokens: int | None) -> list[torch.Tensor]:
+    """Each document cut into consecutive pieces of ``chunk_tokens`` tokens (the last may be shorter);
+    ``chunk_tokens`` 0 or None: ``docs`` unchanged."""
+    if not chunk_tokens:
+        return list(docs)
+    return [piece for d in docs for piece in torch.split(d, chunk_tokens)]
+
+
 class TextDataset(PackedDataset):
     """Byte-level text corpus: same ``train_batch`` / ``val_batches`` / ``describe`` API as ``FactsDataset``.
 
-    Attributes: cfg, tokenizer (ByteTokenizer), vocab_size (259), train_files / val_files (paths),
-    documents / val_documents (1-D int16 tensors, [bos] + bytes + [eos]).
+    Attributes: cfg, tokenizer (ByteTokenizer), vocab_size (259), split ("files", "tail" or "none", see
+    the module docstring), train_files / val_files (paths; with "tail" both are every file),
+    val_documents (1-D int16 tensors: [bos] + bytes + [eos], or with "tail" each file's tail + [eos]),
+    documents (the training chunks, 1-D int16 tensors of at most ``chunk_tokens`` tokens, in file order).
     """
 
     def __init__(self, cfg: TextConfig):
         if cfg.tokenizer not in TOKENIZERS:
             raise ValueError(f"TextConfig.tokenizer: unknown {cfg.tokenizer!r}; choose one of {TOKENIZERS}")
-        if not 0.0 < cfg.val_fraction < 1.0:
+        if not 0.0 <= cfg.val_fraction < 1.0:
             raise ValueError(
-                f"TextConfig.val_fraction: must be in (0, 1), got {cfg.val_fraction}; use e.g. 0.05 "
-                "(validation needs at least one file)"
+                f"TextConfig.val_fraction: must be in [0, 1), got {cfg.val_fraction}; use e.g. 0.05 "
+                "(0 = no validation, every file trains)"
+            )
+        if cfg.chunk_tokens is not None and cfg.chunk_tokens < 0:
+            raise ValueError(
+                f"TextConfig.chunk_tokens: must be >= 0 or null, got {cfg.chunk_tokens}; use e.g. 4096 "
+                "(0 or null = whole files)"
             )
         self.cfg = cfg
         self.tokenizer = ByteTokenizer()
@@ -147,9 +188,29 @@ class TextDataset(PackedDataset):
             raise ValueError(
                 f"TextConfig.paths: the corpus is empty ({len(files)} file(s) found, all empty); point paths at text"
             )
-        self.train_files, self.val_files = split_files(nonempty, cfg.val_fraction, cfg.seed)
-        self.documents = [self._read(p) for p in self.train_files]
-        self.val_documents = [self._read(p) for p in self.val_files]
+        if cfg.val_fraction == 0:
+            self.split = "none"
+            self.train_files, self.val_files = sorted(path for path, _ in nonempty), []
+            train_docs, self.val_documents = [self._read(p) for p in self.train_files], []
+        elif round(cfg.val_fraction * len(nonempty)) >= 1:
+            self.split = "files"
+            self.train_files, self.val_files = split_files(nonempty, cfg.val_fraction, cfg.seed)
+            train_docs = [self._read(p) for p in self.train_files]
+            self.val_documents = [self._read(p) for p in self.val_files]
+        else:  # too few files to hold any out: hold out the tail of each
+            self.split = "tail"
+            self.train_files = self.val_files = sorted(path for path, _ in nonempty)
+            parts = [split_tail(self._read(p), cfg.val_fraction) for p in self.train_files]
+            train_docs = [head for head, _ in parts]
+            self.val_documents = [tail for _, tail in parts]
+            # (each head keeps a byte: here val_fraction * files <= 0.5, so a tail is at most half its file)
+            if sum(len(d) - 1 for d in self.val_documents) == 0:
+                raise ValueError(
+                    f"TextConfig.val_fraction={cfg.val_fraction}: the corpus ({sum(sizes.values())} bytes) is too "
+                    "small to hold out any byte; raise val_fraction, add text, or use val_fraction=0"
+                )
+        self.documents = chunk(train_docs, cfg.chunk_tokens)
+        self.n_train_documents = len(train_docs)
         self.seed = self.val_seed = cfg.seed
         self.tokens_per_epoch = sum(len(d) for d in self.documents)
 
@@ -171,10 +232,12 @@ class TextDataset(PackedDataset):
     def describe(self) -> dict:
         return {
             "kind": "text",
-            "files": len(self.train_files) + len(self.val_files),
+            "split": self.split,
+            "files": len(set(self.train_files) | set(self.val_files)),
             "train_files": len(self.train_files),
             "val_files": len(self.val_files),
-            "documents": len(self.documents),
+            "documents": self.n_train_documents,
+            "chunks": len(self.documents),
             "tokens_per_epoch": self.tokens_per_epoch,
             "val_tokens": sum(len(d) for d in self.val_documents),
             "vocab_size": self.vocab_size,

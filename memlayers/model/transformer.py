@@ -7,6 +7,7 @@ Usage:
     model = Transformer(cfg)
     out = model(idx, targets)        # idx, targets (B, T) int64 -> out.logits (B, T, V), out.loss, out.aux_loss
     loss = out.loss + out.aux_loss   # aux_loss: the weighted MoE load-balancing losses (0. without MoE)
+    model.generate(idx, 20, temperature=0.8, top_p=0.9)  # (B, T) -> (B, T + 20), with a KV cache
 """
 
 import math
@@ -19,6 +20,7 @@ from torch import nn
 from ..layers import MemoryLayer
 from ..values import ValueTable
 from .config import ModelConfig
+from .generation import check_sampling, sample_next
 from .moe import MoE
 
 
@@ -38,7 +40,7 @@ class RoPE(nn.Module):
     """Rotary position embedding (rotate-half form): rotates channel pairs (i, i + hd/2) by pos * theta^(-2i/hd).
 
     The cos/sin tables (max_seq_len, head_dim/2) are non-persistent buffers (rebuilt, never saved).
-    forward: x (B, H, T, head_dim) -> (B, H, T, head_dim), position t = 0..T-1.
+    forward: x (B, H, T, head_dim), start -> (B, H, T, head_dim), positions start..start+T-1.
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
@@ -48,17 +50,41 @@ class RoPE(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         T = x.shape[-2]
-        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)  # (T, hd/2)
+        cos, sin = self.cos[start : start + T].to(x.dtype), self.sin[start : start + T].to(x.dtype)  # (T, hd/2)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class KVCache:
+    """One attention layer's keys and values for incremental decoding: (B, H, max_len, head_dim) buffers,
+    allocated on the first ``append`` (its batch, device and dtype), filled up to ``length`` tokens."""
+
+    def __init__(self, max_len: int):
+        self.max_len, self.length = max_len, 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, H, T, hd) of the next T positions -> all keys and values so far, (B, H, length, hd) each."""
+        start, end = self.length, self.length + k.shape[2]
+        if self.k is None:
+            shape = (*k.shape[:2], self.max_len, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        elif k.shape[0] != self.k.shape[0]:
+            raise ValueError(f"KVCache: batch size {k.shape[0]}, but the cache holds {self.k.shape[0]} rows")
+        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class Attention(nn.Module):
     """Causal multi-head self-attention with RoPE, no biases: x (B, T, dim) -> (B, T, dim).
 
     ``qkv`` (3*dim, dim) fused projection; ``out`` (dim, dim) a residual output projection.
+    With a ``KVCache`` holding ``L`` earlier tokens, x is the next T tokens (positions L..L+T-1): they
+    attend to the cached keys and values and to each other causally, and are appended to the cache.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -68,11 +94,19 @@ class Attention(nn.Module):
         self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.rope = RoPE(self.head_dim, cfg.max_seq_len, cfg.rope_theta)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, T, hd) each
-        q, k = self.rope(q), self.rope(k)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        start = 0 if cache is None else cache.length
+        q, k = self.rope(q, start), self.rope(k, start)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, H, start + T, hd)
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        else:  # is_causal aligns the mask top-left; new tokens need it bottom-right (query i sees keys <= start + i)
+            mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         return self.out(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -97,7 +131,8 @@ class Block(nn.Module):
 
     ffn: a ``SwiGLU``, an ``MoE``, or None when a memory layer replaces it; memory: a ``MemoryLayer``
     (mode "replace": instead of the FFN; "beside": added to the FFN's output) or None.
-    forward: x (B, T, dim) -> (x (B, T, dim), aux: scalar unweighted MoE load-balancing loss or None).
+    forward: x (B, T, dim), cache (the attention's KVCache or None) -> (x (B, T, dim), aux: scalar
+    unweighted MoE load-balancing loss or None).
     """
 
     def __init__(self, cfg: ModelConfig, ffn: nn.Module | None, memory: MemoryLayer | None = None):
@@ -109,8 +144,8 @@ class Block(nn.Module):
         self.memory = memory
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = x + self.drop(self.attn(self.attn_norm(x)))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = x + self.drop(self.attn(self.attn_norm(x), cache))
         h = self.ffn_norm(x)
         aux, out = None, None
         if isinstance(self.ffn, MoE):
@@ -244,17 +279,33 @@ class Transformer(nn.Module):
                         "tokenizer and ModelConfig.vocab_size"
                     )
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+    def new_cache(self) -> list[KVCache]:
+        """An empty KV cache for ``forward(idx, cache=...)``: one ``KVCache`` per block, ``max_seq_len`` long."""
+        return [KVCache(self.config.max_seq_len) for _ in self.blocks]
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: list[KVCache] | None = None
+    ) -> ModelOutput:
         """idx (B, T) int64, targets (B, T) int64 or None (-100 = ignore) -> ModelOutput.
 
         The loss is the mean cross-entropy over the targets that are not -100 (0. if all are ignored),
-        computed in float32.
+        computed in float32. cache: ``new_cache()`` or a cache holding the L tokens before idx, which then
+        has positions L..L+T-1 (L + T <= max_seq_len); its keys and values are appended to it. Memory
+        layers and MoE act per token, so in eval mode the result equals one forward over the whole context.
         """
         self._check_input(idx, targets)
+        if cache is not None:
+            if len(cache) != len(self.blocks):
+                raise ValueError(f"Transformer: cache has {len(cache)} layers, the model {len(self.blocks)}")
+            if cache[0].length + idx.shape[1] > self.config.max_seq_len:
+                raise ValueError(
+                    f"Transformer: {cache[0].length} cached + {idx.shape[1]} new tokens > max_seq_len="
+                    f"{self.config.max_seq_len}; start a new cache on the last max_seq_len tokens"
+                )
         x = self.drop(self.tok_emb(idx))  # (B, T, dim)
         aux_loss = torch.zeros((), device=idx.device)
-        for block in self.blocks:
-            x, aux = block(x)
+        for i, block in enumerate(self.blocks):
+            x, aux = block(x, None if cache is None else cache[i])
             if aux is not None:
                 aux_loss = aux_loss + self.config.moe.aux_weight * aux
         logits = self.lm_head(self.norm(x))  # (B, T, V)
@@ -268,20 +319,56 @@ class Transformer(nn.Module):
         return ModelOutput(logits, loss, aux_loss)
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding: idx (B, T) -> (B, T + max_new_tokens), appending the argmax token each step.
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Decoding: idx (B, T) -> (B, T + n) with n <= max_new_tokens, appending one sampled token per step.
 
-        Runs in eval mode (restoring the previous mode), without a KV cache, on the last ``max_seq_len``
-        tokens of the context.
+        temperature 0 is greedy (argmax; top_k/top_p unused); otherwise a token is drawn from
+        softmax(logits / temperature) restricted to the ``top_k`` most likely tokens and to the smallest
+        set whose probability reaches ``top_p`` (nucleus), with ``generator`` (on idx's device) if given.
+        eos_id: rows that have produced it are padded with eos_id, and decoding stops early once every
+        row has (so n < max_new_tokens is possible; the prompt's own eos tokens do not count).
+        Runs in eval mode (restoring the previous mode) on the last ``max_seq_len`` tokens of the context.
+        With ``use_cache`` the prompt is run once and each step runs only the new token against a KV
+        cache; once the context exceeds max_seq_len, cropping shifts every position, so each step re-fills
+        the cache from the cropped context (as costly as ``use_cache=False``, with the same result).
         """
         if max_new_tokens < 0:
             raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_sampling(temperature, top_k, top_p)
+        if eos_id is not None and not 0 <= eos_id < self.config.vocab_size:
+            raise ValueError(f"generate: eos_id must be in [0, vocab_size={self.config.vocab_size}), got {eos_id}")
+        L = self.config.max_seq_len
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        cache = None
         was_training = self.training
         self.eval()
         try:
             for _ in range(max_new_tokens):
-                logits = self(idx[:, -self.config.max_seq_len :]).logits  # (B, T', V)
-                idx = torch.cat((idx, logits[:, -1].argmax(dim=-1, keepdim=True).to(idx.dtype)), dim=1)
+                if not use_cache:
+                    logits = self(idx[:, -L:]).logits
+                elif cache is None or cache[0].length == L:  # first step, or the context outgrew the cache
+                    cache = self.new_cache()
+                    logits = self(idx[:, -L:], cache=cache).logits
+                else:
+                    logits = self(idx[:, -1:], cache=cache).logits
+                token = sample_next(logits[:, -1], temperature, top_k, top_p, generator).to(idx.dtype)  # (B,)
+                if eos_id is not None:
+                    token = token.masked_fill(done, eos_id)
+                    done |= token == eos_id
+                idx = torch.cat((idx, token[:, None]), dim=1)
+                if eos_id is not None and bool(done.all()):
+                    break
         finally:
             self.train(was_training)
         return idx

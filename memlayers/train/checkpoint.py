@@ -1,6 +1,7 @@
 """Checkpoints: atomic writes, validated reads with clear errors, and the state exact resume needs.
 
-A checkpoint is one ``torch.save``d dict (loadable with ``weights_only=True``: tensors and builtins only):
+A checkpoint is one ``torch.save``d dict (loadable with ``weights_only=True``: tensors and builtins only;
+a zip archive, whose CRC-32s ``read_checkpoint`` verifies, so flipped bytes are refused):
 
     format, version     "memlayers-checkpoint", 1
     config              RunConfig.to_dict() of the run (vocab_size resolved)
@@ -15,20 +16,27 @@ A checkpoint is one ``torch.save``d dict (loadable with ``weights_only=True``: t
 statistics: what ``memlayers eval CHECKPOINT`` needs.
 """
 
+import contextlib
+import glob
+import math
 import os
 import random
-from collections.abc import Callable
+import shutil
+import zipfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 from torch import nn
 
+from ..errors import RunError
 from ..metrics import UsageTracker
 
 FORMAT = "memlayers-checkpoint"
 VERSION = 1
 CHECKPOINT = "checkpoint.pt"
+TMP_MARK = ".tmp."
 REQUIRED = ("config", "step", "tokens", "model", "optimizer", "rng", "usage", "trainer")
 
 
@@ -47,23 +55,42 @@ class ConfigMismatchError(ValueError):
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
     """Write a file so that ``path`` holds either its old content or the complete new one, never a mix.
 
-    ``write(f)`` fills a temporary file in the same directory (same filesystem, so the rename is atomic),
-    which is flushed and fsynced, then ``os.replace``d onto ``path``; the directory is fsynced so the
-    rename survives a power loss. On any error the temporary file is removed and ``path`` is untouched.
+    ``write(f)`` fills a temporary file ``.NAME.tmp.PID`` in the same directory (same filesystem, so the
+    rename is atomic), which is flushed and fsynced, then ``os.replace``d onto ``path``; the directory is
+    fsynced so the rename survives a power loss. On any error the temporary file is removed and ``path``
+    is untouched; a failed write (full disk, read-only file system, no permission) raises ``OSError``
+    naming the file and the cause.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp.{os.getpid()}"
+    tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # e.g. a read-only file system: keep the real error visible
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+            raise _write_error(path, e) from None
         raise
     fsync_dir(path.parent)
+
+
+def _write_error(path: Path, e: BaseException) -> OSError:
+    """One OSError naming the file, the cause and the free space (torch.save's disk-full error names neither)."""
+    if isinstance(e, OSError) and e.strerror:
+        reason = e.strerror
+    else:  # torch.save: "[enforce fail at inline_container.cc:...] . unexpected pos 8801536 vs 8801424"
+        reason = f"the write stopped short ({(str(e).splitlines() or [type(e).__name__])[0]})"
+    try:
+        reason += f"; {shutil.disk_usage(path.parent).free / 2**20:,.1f} MiB free there"
+    except OSError:
+        pass
+    message = f"cannot write {path}: {reason}; free disk space or fix the permissions, then rerun"
+    return OSError(e.errno, message) if isinstance(e, OSError) and e.errno else OSError(message)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -79,11 +106,15 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def remove_stale_tmp(directory: str | os.PathLike) -> None:
-    """Delete temporary files left by an ``atomic_write`` killed mid-way (``.NAME.tmp.PID``)."""
-    for p in Path(directory).glob(".*.tmp.*"):
-        if p.is_file():
-            p.unlink(missing_ok=True)
+def remove_stale_tmp(directory: str | os.PathLike, names: Iterable[str]) -> None:
+    """Delete the temporary files an ``atomic_write`` of one of ``names`` left when it was killed mid-way
+    (``.NAME.tmp.PID``). Only those: other files, the user's included, are never touched. Call it only
+    while holding the directory's lock (``memlayers.train.lock``), so no live writer owns them."""
+    for name in names:
+        for p in Path(directory).glob(f".{glob.escape(name)}{TMP_MARK}*"):
+            if p.name[len(name) + 1 + len(TMP_MARK) :].isdigit() and p.is_file():
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,11 +175,38 @@ def load_usage_state(model: nn.Module, states: dict[str, dict]) -> None:
 # save / read / load
 
 
+class NonFiniteError(RunError):
+    """Training produced NaN or infinite numbers (a diverged run)."""
+
+
+def nonfinite(tree: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the floating-point tensors in a nested dict/list that hold a NaN or an infinity."""
+    if torch.is_tensor(tree):
+        return [prefix] if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else []
+    if isinstance(tree, dict):
+        return [n for k, v in tree.items() for n in nonfinite(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(tree, (list, tuple)):
+        return [n for i, v in enumerate(tree) for n in nonfinite(v, f"{prefix}.{i}" if prefix else str(i))]
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return [prefix]
+    return []
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """Atomically ``torch.save`` ``state`` (the fields listed in the module docstring) to ``path``."""
+    """Atomically ``torch.save`` ``state`` (the fields listed in the module docstring) to ``path``.
+
+    Refuses (``NonFiniteError``, the file untouched) a state whose model or optimizer holds a NaN or an
+    infinity: a diverged run never replaces a good checkpoint.
+    """
     missing = [k for k in REQUIRED if k not in state]
     if missing:
         raise ValueError(f"save_checkpoint: state lacks {missing}")
+    bad = nonfinite({"model": state["model"], "optimizer": state["optimizer"]})
+    if bad:
+        raise NonFiniteError(
+            f"{path}: not saved, {len(bad)} tensor(s) hold NaN or inf (e.g. {', '.join(bad[:3])}); "
+            "the previous checkpoint is kept"
+        )
     payload = {"format": FORMAT, "version": VERSION, **state}
     atomic_write(path, lambda f: torch.save(payload, f))
 
@@ -169,13 +227,23 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Load and validate a checkpoint dict (on CPU). Raises FileNotFoundError or CheckpointError."""
     path = resolve_checkpoint_path(path)
+    damaged = (
+        "the file is truncated, corrupt, or not a memlayers checkpoint. Delete or move it to restart the run "
+        "from scratch, or restore a good copy"
+    )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no full read to compare configs
+        with zipfile.ZipFile(path) as archive:  # torch.load does not check the archive's CRC-32s: check them first
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e}); {damaged}") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupt checkpoint (checksum mismatch in {bad}); {damaged}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no second full read
     except Exception as e:  # noqa: BLE001 (torch.load raises many types for a damaged file)
         raise CheckpointError(
             f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            "the file is truncated, corrupt, or not a memlayers checkpoint. Delete it to restart the run from "
-            "scratch, or restore a good copy"
+            f"{damaged}"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a memlayers checkpoint (no format={FORMAT!r} marker)")

@@ -11,6 +11,8 @@ it came from, and the valid keys (or the expected type).
 """
 
 import dataclasses
+import difflib
+import importlib.resources
 import math
 import os
 import re
@@ -18,8 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+from .._extras import missing_extra
+
+try:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+except ModuleNotFoundError as e:  # `pip install memlayers` is the layer library only: name the extra to install
+    raise (missing_extra(e, "train") or e) from None
 
 from ..data import DataConfig
 from ..model import ModelConfig
@@ -55,6 +62,8 @@ class TrainConfig:
     threads: torch.set_num_threads for the run (restored afterwards); None leaves it alone.
     tensorboard: also write TensorBoard scalars to out_dir/tb (needs the tensorboard package).
     progress: show a tqdm progress bar.
+    init_from: a run directory or checkpoint whose model weights initialise this run (a model of the same
+        config); optimizer state, step, schedule and usage statistics start fresh. None: random init.
     """
 
     steps: int = 1000
@@ -82,6 +91,7 @@ class TrainConfig:
     threads: int | None = None
     tensorboard: bool = False
     progress: bool = True
+    init_from: str | None = None
 
     def __post_init__(self):
         def fail(name, problem, fix):
@@ -160,6 +170,8 @@ def load_config(
 ) -> RunConfig:
     """``base`` (default: the defaults), updated by the YAML file at ``path`` (if given), then by ``overrides``.
 
+    path: a YAML file, or ``memlayers:NAME`` for an example config shipped with memlayers (``packaged_configs()``:
+    facts_memory_plus, text_bytes).
     overrides: dotlist items ``key=value`` with YAML values, e.g. ``train.lr=3e-4``, ``train.clip=null``,
     ``model.memories=[{layers: "1,3", pool: shared, options: {n_keys: 128}}]`` (a list replaces the whole list).
     Raises FileNotFoundError for a missing file and ValueError for unreadable YAML, unknown keys, values of the
@@ -167,7 +179,7 @@ def load_config(
     """
     layers = [] if base is None else [("base config", OmegaConf.structured(base))]
     if path is not None:
-        path = Path(path)
+        path = _config_path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} not found; pass the path of a YAML run config")
         try:
@@ -195,6 +207,33 @@ def load_config(
     return _build(layers, updates)
 
 
+PACKAGED = "memlayers:"  # load_config("memlayers:NAME"): the example config NAME in memlayers/configs/
+
+
+def packaged_configs() -> list[str]:
+    """The names of the example configs shipped with memlayers; load one with ``load_config("memlayers:NAME")``."""
+    return sorted(p.name.removesuffix(".yaml") for p in _packaged_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def _packaged_dir():
+    return importlib.resources.files("memlayers") / "configs"
+
+
+def _config_path(path: str | os.PathLike) -> Path:
+    """``path`` as a Path; ``memlayers:NAME`` (or ``memlayers:NAME.yaml``) is the packaged example NAME."""
+    text = os.fspath(path)
+    if not isinstance(text, str) or not text.startswith(PACKAGED):
+        return Path(path)
+    name = text.removeprefix(PACKAGED).removesuffix(".yaml")
+    names = packaged_configs()
+    if name not in names:
+        raise FileNotFoundError(
+            f"no config {text!r} ships with memlayers; available: {', '.join(PACKAGED + n for n in names)} "
+            "(or pass the path of a YAML run config)"
+        )
+    return Path(str(_packaged_dir() / f"{name}.yaml"))  # installed packages are directories, not zips
+
+
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
     """Write ``cfg`` as resolved YAML, atomically (see ``memlayers.train.checkpoint.atomic_write``)."""
     from .checkpoint import atomic_write
@@ -218,15 +257,25 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: data}
 
 
+# Keys added to the configs after runs were saved with them: what a saved config without the key did
+# (other missing keys read as their field's default).
+ADDED_KEYS = {"data.text.chunk_tokens": 0}
+
+
 def config_diff(saved: dict, requested: dict, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
-    """[(dotted key, saved value, requested value)] for every leaf that differs, keys under ``ignore`` skipped."""
+    """[(dotted key, saved value, requested value)] for every leaf that differs that matters: keys under
+    ``ignore`` and the data section of the kind not in use (``data.text.*`` for facts) are skipped, and a
+    key the saved config lacks (saved by an older memlayers) reads as ``ADDED_KEYS`` or its default."""
     a, b = flatten(saved), flatten(requested)
+    kind = b.get("data.kind")
+    ignore = (*ignore, *(f"data.{k}" for k in ("facts", "text") if kind in ("facts", "text") and k != kind))
+    defaults = {**flatten(RunConfig().to_dict()), **ADDED_KEYS}
     missing = object()
     out = []
     for key in sorted(set(a) | set(b)):
         if any(key == p or key.startswith(p + ".") for p in ignore):
             continue
-        va, vb = a.get(key, missing), b.get(key, missing)
+        va, vb = a.get(key, defaults.get(key, missing)), b.get(key, missing)
         if va != vb or type(va) is not type(vb) and not _same_number(va, vb):
             out.append((key, None if va is missing else va, None if vb is missing else vb))
     return out
@@ -307,10 +356,14 @@ def _valid_keys(e: OmegaConfBaseException) -> str:
 
 
 def _unknown_key_message(e: ConfigKeyError, source: str) -> str:
-    key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
+    key = str(getattr(e, "full_key", None) or getattr(e, "key", None) or "?")
+    cls = getattr(e, "object_type", None)
     hint = ""
-    if "Did you mean" in str(e):
-        hint = " (did you mean " + str(e).split("Did you mean:", 1)[1].split("?")[0].strip() + "?)"
+    if cls is not None and dataclasses.is_dataclass(cls):
+        parent, _, name = key.rpartition(".")
+        close = difflib.get_close_matches(name, [f.name for f in dataclasses.fields(cls)], n=3)
+        if close:
+            hint = " (did you mean " + " or ".join(repr(f"{parent}.{c}" if parent else c) for c in close) + "?)"
     return f"unknown config key {key!r} in {source}{hint}; fix or remove it ({_valid_keys(e)})"
 
 

@@ -32,7 +32,13 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+
+from .._extras import missing_extra
+
+try:
+    from tqdm import tqdm
+except ModuleNotFoundError as e:  # `pip install memlayers` is the layer library only: name the extra to install
+    raise (missing_extra(e, "train") or e) from None
 
 from ..data import build_dataset
 from ..model import Transformer
@@ -41,6 +47,7 @@ from .checkpoint import (
     CHECKPOINT,
     CheckpointError,
     ConfigMismatchError,
+    NonFiniteError,
     atomic_write,
     load_usage_state,
     read_checkpoint,
@@ -50,11 +57,15 @@ from .checkpoint import (
     set_rng_state,
     usage_state,
 )
-from .config import RunConfig, config_diff, save_config
+from .config import RunConfig, config_diff, load_config, save_config
+from .lock import lock_run_dir
+from .plots import CURVES, write_curves
 
 CONFIG, METRICS, RESULT = "config.yaml", "metrics.jsonl", "result.json"
 # keys that may change between a run and its resume (they do not change what is computed)
 RUNTIME_KEYS = ("train.progress", "train.tensorboard", "train.threads")
+# the key that may grow between a run and its resume: the run is extended (see ``train``)
+EXTEND_KEY = "train.steps"
 FINAL_LOSS_LOGS = 5  # result["final_loss"]: mean of the last this-many logged losses
 
 Evaluate = Callable[..., dict]
@@ -71,15 +82,18 @@ def lr_multiplier(step: int, steps: int, warmup: int, min_lr_ratio: float) -> fl
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """``name`` ("auto", "cpu", "cuda", "cuda:1", ...) as a usable device; ValueError naming ``key`` otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"train.device: {name!r} is not a torch device ({e}); use auto, cpu, cuda or cuda:N") from None
+    except RuntimeError:
+        raise ValueError(f"{key}: {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device: {name!r} but CUDA is not available; use train.device=auto or cpu")
+        raise ValueError(f"{key}: {name!r} but CUDA is not available on this machine; use auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{key}: {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -152,10 +166,13 @@ def train(
         if cfg.train.value_lr_ratio is None:  # saved as the number used: a new default cannot change a resumed run
             cfg.train.value_lr_ratio = VALUE_LR_RATIOS[cfg.train.value_optimizer]
         _check_buildable(cfg, dataset, probes)  # before anything is written or archived
-        kind, saved = _prepare_out_dir(out_dir, cfg.to_dict(), force)
-        if kind == "finished":
-            return saved
-        return _Run(cfg, out_dir, dataset, device, dtype, evaluate, show, saved).run()
+        init = _init_weights(cfg) if t.init_from else None
+        _make_dir(out_dir)
+        with lock_run_dir(out_dir):
+            kind, saved = _prepare_out_dir(out_dir, cfg.to_dict(), force)
+            if kind == "finished":
+                return saved
+            return _Run(cfg, out_dir, dataset, device, dtype, evaluate, show, saved, init).run()
     finally:
         torch.set_num_threads(threads)
 
@@ -179,6 +196,32 @@ def _check_buildable(cfg: RunConfig, dataset, probes: bool) -> None:
         )
 
 
+def _init_weights(cfg: RunConfig) -> dict:
+    """The model weights of ``train.init_from`` (a run directory or checkpoint), checked against ``cfg.model``."""
+    path = cfg.train.init_from
+    ckpt = read_checkpoint(path)
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in Transformer(cfg.model).state_dict().items()}
+    found = {k: v.shape for k, v in ckpt["model"].items()}
+    if expected != found:
+        diff = config_diff(ckpt["config"]["model"], cfg.to_dict()["model"])
+        keys = ", ".join(f"model.{k}" for k, _, _ in diff) or "the parameter names or shapes"
+        raise CheckpointError(
+            f"train.init_from={path}: its weights do not fit this model (differing: {keys}); "
+            "use the same model config as that run"
+        )
+    return ckpt["model"]
+
+
+def _make_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output directory {out_dir} is a file; choose a directory (it is created if needed)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create the output directory {out_dir}: {e.strerror}; choose another") from None
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
@@ -195,7 +238,7 @@ def _summary_writer_class():
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ValueError(
-            "train.tensorboard=true needs the tensorboard package: pip install tensorboard "
+            "train.tensorboard=true needs the tensorboard package: pip install tensorboard or 'memlayers[all]' "
             "(or set train.tensorboard=false; metrics.jsonl is always written)"
         ) from None
     return SummaryWriter
@@ -212,29 +255,38 @@ def _mismatch(out_dir: Path, source: str, diff) -> ConfigMismatchError:
 
 def _prepare_out_dir(out_dir: Path, requested: dict, force: bool):
     """Check out_dir before anything is written. Returns ("finished", saved result), ("resume", checkpoint
-    dict) or ("fresh", None). Raises, touching nothing, on a config mismatch or an unreadable checkpoint."""
+    dict) or ("fresh", None). Raises, touching nothing, on a config mismatch, an unreadable checkpoint or
+    an edited config.yaml. A request that differs only by a larger ``train.steps`` extends the run: it
+    resumes from the checkpoint (a finished run's result.json moves to prev/<n>/)."""
     result, ckpt_path, config = out_dir / RESULT, out_dir / CHECKPOINT, out_dir / CONFIG
     if force:
         _archive(out_dir)
         return "fresh", None
+    extend = False
     if result.is_file():
         try:
             saved = json.loads(result.read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"{result}: unreadable result ({e}); delete it to redo the end of the run") from None
         diff = config_diff(saved.get("config", {}), requested, RUNTIME_KEYS)
-        if diff:
+        extend = _extends(diff, saved.get("steps", 0))
+        if diff and not extend:
             raise _mismatch(out_dir, RESULT, diff)
-        return "finished", saved
+        if not extend:
+            _check_config_file(out_dir, saved["config"])
+            return "finished", saved
     if ckpt_path.is_file():
         ckpt = read_checkpoint(ckpt_path)
         diff = config_diff(ckpt["config"], requested, RUNTIME_KEYS)
-        if diff:
+        if diff and not _extends(diff, ckpt["step"]):
             raise _mismatch(out_dir, CHECKPOINT, diff)
+        _check_config_file(out_dir, ckpt["config"])
+        if extend:
+            _archive(out_dir, [RESULT])
         return "resume", ckpt
+    if extend:
+        raise CheckpointError(f"{out_dir} has a result but no {CHECKPOINT} to extend the run from; use --force")
     if config.is_file():  # started, killed before its first checkpoint: restart only if it is the same run
-        from .config import load_config
-
         try:
             saved = load_config(config).to_dict()
         except ValueError as e:
@@ -245,9 +297,40 @@ def _prepare_out_dir(out_dir: Path, requested: dict, force: bool):
     return "fresh", None
 
 
-def _archive(out_dir: Path) -> None:
-    """force: move the previous run's files into a new out_dir/prev/<n>/ (earlier archives are kept)."""
-    names = [n for n in (RESULT, CHECKPOINT, METRICS, CONFIG, "tb") if (out_dir / n).exists()]
+def _extends(diff, done: int) -> bool:
+    """Is ``diff`` (saved vs requested) only a larger ``train.steps``? Refuses one below the steps done."""
+    if [key for key, _, _ in diff] != [EXTEND_KEY]:
+        return False
+    _, saved, wanted = diff[0]
+    if wanted < done:
+        raise ConfigMismatchError(
+            f"{EXTEND_KEY}={wanted} but the run has done {done} steps (of {saved}); pass train.steps >= {done} "
+            "to extend it, or --force to start over"
+        )
+    return True
+
+
+def _check_config_file(out_dir: Path, saved: dict) -> None:
+    """config.yaml records the run's config; it is never read back, so an edit would be ignored: refuse it."""
+    path = out_dir / CONFIG
+    if not path.is_file():
+        return  # deleted: rewritten when the run starts
+    try:
+        diff = config_diff(load_config(path).to_dict(), saved, RUNTIME_KEYS)
+    except ValueError as e:
+        diff = [(f"(unreadable: {e})", None, None)]
+    if diff:
+        raise ConfigMismatchError(
+            f"{path} was edited ({', '.join(key for key, _, _ in diff)}), but the run's config is the one saved with "
+            "its checkpoint and config.yaml is only a record of it. To train with other settings pass them as "
+            "--config/overrides (a larger train.steps extends the run; anything else needs --force or another "
+            "--out); delete config.yaml to have it rewritten. Nothing was changed"
+        )
+
+
+def _archive(out_dir: Path, names: list[str] = (RESULT, CHECKPOINT, METRICS, CONFIG, CURVES, "tb")) -> None:
+    """Move the previous run's files into a new out_dir/prev/<n>/ (earlier archives are kept)."""
+    names = [n for n in names if (out_dir / n).exists()]
     if not names:
         return
     n = 0
@@ -257,6 +340,21 @@ def _archive(out_dir: Path) -> None:
     prev.mkdir(parents=True)
     for name in names:
         os.replace(out_dir / name, prev / name)
+
+
+def strict_json(data, **kwargs) -> str:
+    """JSON that strict parsers accept: NaN and infinities become null."""
+
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(data), allow_nan=False, **kwargs)
 
 
 def _to_builtin(x):
@@ -271,15 +369,21 @@ def _to_builtin(x):
     return x
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says where the run stopped and how to resume it."""
+
+
 class _Run:
     """One training session of a run (fresh or resumed); ``run()`` returns the result dict."""
 
-    def __init__(self, cfg: RunConfig, out_dir: Path, dataset, device, dtype, evaluate, show: bool, ckpt):
+    def __init__(self, cfg: RunConfig, out_dir: Path, dataset, device, dtype, evaluate, show: bool, ckpt, init):
         self.cfg, self.t, self.out_dir, self.dataset = cfg, cfg.train, out_dir, dataset
         self.device, self.dtype, self.evaluate, self.show = device, dtype, evaluate, show
         t = self.t
         torch.manual_seed(t.seed)  # the model's init does not depend on what building the dataset drew
         self.model = Transformer(cfg.model).to(device)
+        if init is not None and ckpt is None:
+            self.model.load_state_dict(init)
         self.optimizer = build_optimizer(
             self.model,
             lr=t.lr,
@@ -297,12 +401,14 @@ class _Run:
         self.elapsed = self.train_time = 0.0  # from earlier sessions
         self.resumes = 0
         self.final_eval = None
+        self.steps_history = [t.steps]  # train.steps of each session that changed it (extensions)
+        self.saved_step = None  # step of the last checkpoint written or loaded
+        self.first_bad = torch.zeros((), dtype=torch.long, device=device)  # first step with NaN/inf, 0 if none
         self.has_moe = bool(getattr(cfg.model.moe, "layers", ""))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_tmp(out_dir)
+        remove_stale_tmp(out_dir, (CHECKPOINT, RESULT, CONFIG, CURVES))
+        save_config(cfg, out_dir / CONFIG)  # also restores a deleted one; an extension records its new steps
         metrics = out_dir / METRICS
         if ckpt is None:
-            save_config(cfg, out_dir / CONFIG)
             offset = 0
         else:
             self._load(ckpt)
@@ -340,6 +446,11 @@ class _Run:
         self.elapsed, self.train_time = float(tr["elapsed"]), float(tr["train_time"])
         self.resumes = int(tr["resumes"]) + 1
         self.final_eval = tr["final_eval"]
+        self.steps_history = list(tr.get("steps_history", [ckpt["config"]["train"]["steps"]]))
+        if self.steps_history[-1] != self.t.steps:  # extended: the end moved, so has the final evaluation
+            self.steps_history.append(self.t.steps)
+            self.final_eval = None
+        self.saved_step = self.step
 
     def _save(self, elapsed: float, train_time: float) -> None:
         self.metrics.flush()
@@ -364,9 +475,11 @@ class _Run:
                     "train_time": train_time,
                     "resumes": self.resumes,
                     "final_eval": self.final_eval,
+                    "steps_history": self.steps_history,
                 },
             },
         )
+        self.saved_step = self.step
 
     # ---- pieces of a step
 
@@ -411,9 +524,24 @@ class _Run:
             step_loss += lm.detach()
             step_aux += aux.detach()
         norms = clip_grad_norms(self.model, t.clip, t.value_clip)
+        finite = torch.isfinite(step_loss + step_aux + norms[0].to(step_loss) + norms[1].to(step_loss))
+        # no host sync: the first bad step is remembered on the device and checked at log and checkpoint steps
+        self.first_bad = torch.where((self.first_bad == 0) & ~finite, self.step + 1, self.first_bad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return step_loss, step_aux, norms
+
+    def _check_finite(self) -> None:
+        """Stop a diverged run (``NonFiniteError``) before it logs or saves anything non-finite."""
+        bad = int(self.first_bad)
+        if not bad:
+            return
+        kept = f"the last good checkpoint (step {self.saved_step}) is kept" if self.saved_step else "no checkpoint was written"
+        raise NonFiniteError(
+            f"training diverged: the loss or a gradient was NaN or infinite at step {bad}; stopped at step {self.step}, "
+            f"{kept}. Lower train.lr, enable clipping (train.clip, train.value_clip) or train in float32, "
+            "then start over (--force or another --out)"
+        )
 
     def _eval(self, limit: int | None) -> dict:
         state = rng_state()
@@ -429,7 +557,7 @@ class _Run:
         return {str(k): float(v) for k, v in _to_builtin(out).items()}
 
     def _write(self, record: dict) -> None:
-        self.metrics.write((json.dumps(record) + "\n").encode())
+        self.metrics.write((strict_json(record) + "\n").encode())
         self.metrics.flush()
         if self.tb is not None:
             for k, v in record.items():
@@ -461,6 +589,7 @@ class _Run:
                 last = step == t.steps
                 record = {}
                 if step % t.log_every == 0 or last:
+                    self._check_finite()
                     loss = (self.loss_sum / self.loss_count).item()  # syncs, so the timing below is honest
                     aux = (self.aux_sum / self.loss_count).item()
                     dt = time.perf_counter() - tic
@@ -492,6 +621,7 @@ class _Run:
                     record["elapsed"] = elapsed
                     self._write(record)
                 if step % t.ckpt_every == 0 or last:
+                    self._check_finite()
                     self._save(elapsed, self.train_time)
                 bar.update(1)
             if self.final_eval is None and self.evaluate is not False:
@@ -502,6 +632,11 @@ class _Run:
                 record.update({f"eval/{k}": v for k, v in self.final_eval.items()})
                 self._write({**record, "elapsed": elapsed})
                 self._save(elapsed, self.train_time)  # a crash before result.json will not redo the evaluation
+        except KeyboardInterrupt:
+            where = f"step {self.saved_step}" if self.saved_step else "the start: no checkpoint was written yet"
+            raise TrainingInterrupted(
+                f"interrupted at step {self.step} of {t.steps}; rerun the same command to resume exactly from {where}"
+            ) from None
         finally:
             bar.close()
             self.metrics.close()
@@ -517,17 +652,19 @@ class _Run:
             "config": self.cfg.to_dict(),
             "steps": self.step,
             "tokens": self.tokens,
-            "final_loss": sum(self.recent_losses) / len(self.recent_losses) if self.recent_losses else float("nan"),
+            "final_loss": sum(self.recent_losses) / len(self.recent_losses) if self.recent_losses else None,
             "wall_time": elapsed,
             "train_time": self.train_time,
-            "tokens_per_s": self.tokens / self.train_time if self.train_time > 0 else float("nan"),
+            "tokens_per_s": self.tokens / self.train_time if self.train_time > 0 else None,
             "eval": self.final_eval or {},
             "accounting": _to_builtin(account(self.model, t.seq_len)),
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "threads": torch.get_num_threads(),
             "resumes": self.resumes,
+            "steps_history": self.steps_history,
         }
-        text = json.dumps(result, indent=2)
+        write_curves(self.out_dir / METRICS, self.out_dir / CURVES)
+        text = strict_json(result, indent=2)
         atomic_write(self.out_dir / RESULT, lambda f: f.write(text.encode()))
         return result
