@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt as e:  # training says where it stopped and how to resume
-        print(f"memlayers {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        resume = "; rerun the same command to resume from the last checkpoint" if args.command in ("train", "compare") else ""
+        print(f"memlayers {args.command}: {str(e) or 'interrupted' + resume}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`memlayers compare --list | head -1`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes

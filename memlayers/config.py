@@ -1,5 +1,6 @@
 """MemoryConfig, the one description of a memory layer, and the papers' presets."""
 
+import numbers
 import types
 import typing
 from dataclasses import MISSING, Field, asdict, dataclass, fields, replace
@@ -9,13 +10,15 @@ from .retrieval import SCORE_FNS
 
 
 _KINDS = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
+_ACCEPTED = {int: numbers.Integral, float: numbers.Real, str: str}
 
 
 def type_problem(value, annotation) -> str | None:
     """Why ``value`` does not fit a field annotated ``annotation``, or None if it does.
 
     Checks ``bool``, ``int``, ``float``, ``str`` and their ``X | None``; other annotations pass. A bool
-    is not an int (nor a float) here; an int is a float. E.g. ``"must be an integer, got 16.5 (float)"``.
+    is not an int (nor a float) here; an int is a float, and NumPy's numbers count as Python's.
+    E.g. ``"must be an integer, got 16.5 (float)"``.
     """
     union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
     allowed = typing.get_args(annotation) if union else (annotation,)
@@ -27,16 +30,21 @@ def type_problem(value, annotation) -> str | None:
     if kind is bool:
         ok = isinstance(value, bool)
     else:
-        ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
+        ok = isinstance(value, _ACCEPTED[kind]) and not isinstance(value, bool)
     if ok:
         return None
     return f"must be {_KINDS[kind]}{' or None' if optional else ''}, got {value!r} ({type(value).__name__})"
 
 
-def field_type_problems(obj) -> list[tuple[Field, str]]:
-    """(field, problem) for every field of the dataclass instance ``obj`` whose value has the wrong type."""
+def check_field_types(obj) -> list[tuple[Field, str]]:
+    """(field, problem) for every field of the dataclass instance ``obj`` whose value has the wrong type;
+    fields of the right type that hold a NumPy number are set to the Python int or float."""
     hints = typing.get_type_hints(type(obj))
     found = [(f, type_problem(getattr(obj, f.name), hints[f.name])) for f in fields(obj)]
+    for f, problem in found:
+        value = getattr(obj, f.name)
+        if not problem and isinstance(value, numbers.Number) and type(value) not in (bool, int, float):
+            object.__setattr__(obj, f.name, int(value) if isinstance(value, numbers.Integral) else float(value))
     return [(f, problem) for f, problem in found if problem]
 
 
@@ -79,7 +87,7 @@ class MemoryConfig:
         def fail(name, problem, fix):
             raise ValueError(f"MemoryConfig.{name}: {problem}; {fix}")
 
-        for f, problem in field_type_problems(self):  # types first: the checks below compare and divide
+        for f, problem in check_field_types(self):  # types first: the checks below compare and divide
             if f.default is MISSING:
                 fail(f.name, problem, "pass the model width")
             fail(f.name, problem, "use None for the default" if f.default is None else f"use e.g. {f.default!r}")

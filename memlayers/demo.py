@@ -28,7 +28,7 @@ from torch import nn
 
 from ._extras import require
 from .accounting import memory_flops
-from .config import PRESETS, field_type_problems, preset
+from .config import PRESETS, check_field_types, preset
 from .layers import MemoryLayer
 from .optim import VALUE_OPTIMIZERS, build_optimizer, clip_grad_norms
 
@@ -114,7 +114,7 @@ class DemoConfig:
     threads: int | None = None  # None: every CPU this process may use
 
     def __post_init__(self):
-        for f, problem in field_type_problems(self):  # types first: the checks below compare
+        for f, problem in check_field_types(self):  # types first: the checks below compare
             raise ValueError(f"{f.name} {problem}")
         for name in ("facts", "steps", "batch_size", "n_keys", "heads", "topk", "eval_every"):
             if getattr(self, name) < 1:

@@ -14,12 +14,7 @@ TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_le
 FACTS = ["data.facts.people=8", "data.facts.choices=4", "data.facts.formats=records"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny models: extra threads only cost (a lot on a busy machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: extra threads only cost
 
 
 @pytest.fixture(scope="module")

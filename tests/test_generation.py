@@ -21,12 +21,7 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny models: extra threads only cost (a lot on a busy machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: extra threads only cost
 
 
 def model_for(variant: str, max_seq_len: int = 16) -> Transformer:
@@ -162,3 +157,10 @@ def test_argument_errors(kw, match):
     kw = {"max_new_tokens": 3, **kw}
     with pytest.raises(ValueError, match=match):
         model.generate(tokens(), **kw)
+
+
+def test_a_tiny_temperature_is_greedy_not_nan():
+    from memlayers.model.generation import sample_next
+
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.25]])
+    assert sample_next(logits, temperature=1e-40).tolist() == [1, 0]

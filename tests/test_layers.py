@@ -344,3 +344,9 @@ def test_bad_layer_inputs(make, err, match):
     x, mask = make()
     with pytest.raises(err, match=match):
         layer(x, mask)
+
+
+def test_config_accepts_numpy_numbers_as_python_ones():
+    np = pytest.importorskip("numpy")
+    cfg = MemoryConfig(dim=np.int64(16), n_keys=np.int32(8), heads=2, topk=4, input_dropout=np.float32(0.25))
+    assert (type(cfg.dim), type(cfg.n_keys), type(cfg.input_dropout)) == (int, int, float) and cfg.n_keys == 8

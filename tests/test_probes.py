@@ -12,7 +12,7 @@ from memlayers.data import ByteTokenizer, DataConfig, build_dataset
 from memlayers.data.facts import ATTRIBUTES, FactsConfig
 from memlayers.evaluate import evaluate, load_probes, probe_recall
 from memlayers.model import ModelConfig, Transformer
-from memlayers.optim import build_optimizer
+from test_evaluate import memorised
 
 
 def write(path, lines):
@@ -32,21 +32,6 @@ def test_load_probes_with_the_byte_tokenizer(tmp_path):
     assert a.prompt == [tok.bos_id] + list(b"The capital of Zorbia is") and a.answer == list(b" Quux")
     assert a.attribute == "capital" and a.person == 1 and not a.heldout
     assert b.prompt == [tok.bos_id] and b.answer == list("ü".encode()) and b.attribute == "" and b.person == 3
-
-
-def memorised(steps=150):
-    """A tiny model trained on 4 people's records until it knows them (as in test_evaluate)."""
-    ds = build_dataset(DataConfig(facts=FactsConfig(people=4, choices=3, formats="records")))
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=ds.vocab_size, dim=32, n_layers=2, n_heads=2, max_seq_len=48))
-    opt = build_optimizer(model, lr=1e-2, weight_decay=0.0)
-    for step in range(steps):
-        x, y = ds.train_batch(step, 8, 32)
-        loss = model(x, y).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return ds, model
 
 
 def test_probe_recall_of_facts_written_by_hand(tmp_path):

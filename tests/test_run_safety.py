@@ -306,7 +306,7 @@ def test_a_closed_pipe_is_not_a_traceback():
 def test_extending_a_finished_run(tmp_path):
     out = tmp_path / "run"
     first = train(tiny("train.steps=8"), out, evaluate=False)
-    with pytest.raises(ConfigMismatchError, match="train.steps=6 but the run has done 8 steps"):
+    with pytest.raises(ConfigMismatchError, match="train.steps=6 but the run was set to 8 steps.*extended, not shortened"):
         train(tiny("train.steps=6"), out, evaluate=False)
     result = train(tiny("train.steps=12"), out, evaluate=False)
     assert result["steps"] == 12 and result["steps_history"] == [8, 12] and result["resumes"] == 1
@@ -331,7 +331,7 @@ def test_init_from_another_runs_weights(tmp_path):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
     with pytest.raises(CheckpointError, match=r"init_from=.*model\.dim"):
         train(tiny("model.dim=48", f"train.init_from={a}"), tmp_path / "c", evaluate=False)
-    assert not (tmp_path / "c").exists()
+    assert [p.name for p in (tmp_path / "c").iterdir()] == [".memlayers.lock"]  # nothing else written
 
 
 def test_runs_saved_before_new_config_keys_still_resume():
@@ -345,3 +345,80 @@ def test_runs_saved_before_new_config_keys_still_resume():
     text_old = {**old, "data": {**old["data"], "kind": "text"}}
     # an old text run read whole files (chunk_tokens=0); the new default would change its batches
     assert config_diff(text_old, text_new) == [("data.text.chunk_tokens", 0, 4096)]
+
+
+def _drop_new_keys(out):
+    """Make ``out`` look saved by the memlayers before ``train.init_from`` existed."""
+    if (out / "result.json").exists():
+        result = json.loads((out / "result.json").read_text())
+        del result["config"]["train"]["init_from"]
+        (out / "result.json").write_text(json.dumps(result))
+    ckpt = read_checkpoint(out)
+    del ckpt["config"]["train"]["init_from"]
+    torch.save(dict(ckpt), out / "new.pt")  # not onto the file: read_checkpoint memory-maps it
+    os.replace(out / "new.pt", out / "checkpoint.pt")
+    text = (out / "config.yaml").read_text()
+    (out / "config.yaml").write_text("\n".join(line for line in text.splitlines() if "init_from" not in line) + "\n")
+
+
+def test_a_run_saved_before_init_from_existed_is_reused_and_extended(tmp_path):
+    out = tmp_path / "run"
+    first = train(tiny("train.steps=4"), out, evaluate=False)
+    _drop_new_keys(out)
+    assert train(tiny("train.steps=4"), out, evaluate=False)["steps"] == first["steps"] == 4
+    assert train(tiny("train.steps=6"), out, evaluate=False)["steps"] == 6
+
+
+def test_an_interrupted_extension_resumes(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(tiny("train.steps=8"), out, evaluate=False)
+    with pytest.raises(KeyboardInterrupt):
+        train_until_ctrl_c(monkeypatch, tiny("train.steps=12"), out, 10)  # config.yaml says 12, the checkpoint 8
+    result = train(tiny("train.steps=12"), out, evaluate=False)
+    assert result["steps"] == 12 and [r["step"] for r in records(out)] == list(range(1, 13))
+
+
+def test_init_from_is_read_only_when_a_run_starts(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(tiny("train.steps=2"), a, evaluate=False)
+    cfg = tiny("train.steps=2", f"train.init_from={a}")
+    train(cfg, b, evaluate=False)
+    for p in a.iterdir():
+        p.unlink()
+    assert train(cfg, b, evaluate=False)["steps"] == 2  # finished: the source is not needed any more
+
+
+def test_a_finished_run_rewrites_a_deleted_config_yaml(tmp_path):
+    out = tmp_path / "run"
+    train(tiny("train.steps=2"), out, evaluate=False)
+    text = (out / "config.yaml").read_text()
+    (out / "config.yaml").unlink()
+    train(tiny("train.steps=2"), out, evaluate=False)
+    assert (out / "config.yaml").read_text() == text
+
+
+def test_a_second_compare_on_the_same_directory_stops(tmp_path):
+    from memlayers.compare import run_compare
+
+    with lock_run_dir(tmp_path), pytest.raises(RunDirBusyError, match=str(os.getpid())):
+        run_compare("cpu", str(tmp_path), arms=["dense"], progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".memlayers.lock"]
+
+
+def test_the_lock_is_skipped_on_a_read_only_file_system(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "open", read_only)
+    with lock_run_dir(tmp_path):
+        pass
+
+
+def test_a_failed_plot_does_not_cost_the_finished_run(tmp_path, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(trainer_mod, "write_curves", broken)
+    with pytest.warns(UserWarning, match="curves.png not written: RuntimeError: no fonts"):
+        assert train(tiny("train.steps=2"), tmp_path / "run", evaluate=False)["steps"] == 2
+    assert (tmp_path / "run" / "result.json").exists()

@@ -15,6 +15,7 @@ import time
 
 from ..errors import RunError
 from ..train import RunConfig, load_config, train
+from ..train.lock import lock_run_dir
 from .presets import CompareConfig, get_preset
 from .report import format_table, write_plots, write_tables
 
@@ -99,6 +100,11 @@ def run_compare(
     preset = get_preset(preset) if isinstance(preset, str) else preset
     configs = arm_configs(preset, overrides, arms)
     os.makedirs(out_dir, exist_ok=True)
+    with lock_run_dir(out_dir):  # one comparison per directory (each arm's run also locks its own)
+        return _run_arms(preset, configs, out_dir, progress)
+
+
+def _run_arms(preset: CompareConfig, configs: dict[str, RunConfig], out_dir: str, progress: bool) -> list[dict]:
     start = time.perf_counter()
     results, failed = {}, {}
     for i, (arm, cfg) in enumerate(configs.items()):

@@ -73,17 +73,32 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     except BaseException as e:
         with contextlib.suppress(OSError):  # e.g. a read-only file system: keep the real error visible
             tmp.unlink(missing_ok=True)
-        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
-            raise _write_error(path, e) from None
+        if isinstance(e, OSError) or _torch_write_failed(e):
+            raise write_error(path, e) from None
         raise
     fsync_dir(path.parent)
 
 
-def _write_error(path: Path, e: BaseException) -> OSError:
+def _torch_write_failed(e: BaseException) -> bool:
+    """torch.save's own report of a failed write (a full disk): "[enforce fail at inline_container.cc:...]
+    . unexpected pos 8801536 vs 8801424" or "... PytorchStreamWriter failed writing file ..."."""
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in ("unexpected pos", "failed writing"))
+
+
+@contextlib.contextmanager
+def write_errors(path: str | os.PathLike):
+    """Turn an OSError raised in the block into ``write_error(path, e)``."""
+    try:
+        yield
+    except OSError as e:
+        raise write_error(Path(path), e) from None
+
+
+def write_error(path: Path, e: BaseException) -> OSError:
     """One OSError naming the file, the cause and the free space (torch.save's disk-full error names neither)."""
     if isinstance(e, OSError) and e.strerror:
         reason = e.strerror
-    else:  # torch.save: "[enforce fail at inline_container.cc:...] . unexpected pos 8801536 vs 8801424"
+    else:
         reason = f"the write stopped short ({(str(e).splitlines() or [type(e).__name__])[0]})"
     try:
         reason += f"; {shutil.disk_usage(path.parent).free / 2**20:,.1f} MiB free there"

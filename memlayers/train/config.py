@@ -234,6 +234,17 @@ def _config_path(path: str | os.PathLike) -> Path:
     return Path(str(_packaged_dir() / f"{name}.yaml"))  # installed packages are directories, not zips
 
 
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A YAML mapping as a plain dict, as written (no schema, no defaults); ValueError if it is not one."""
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as e:  # noqa: BLE001 (yaml.YAMLError and friends)
+        raise ValueError(f"{path}: not valid YAML ({_first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a YAML mapping")
+    return data
+
+
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
     """Write ``cfg`` as resolved YAML, atomically (see ``memlayers.train.checkpoint.atomic_write``)."""
     from .checkpoint import atomic_write
@@ -265,7 +276,7 @@ ADDED_KEYS = {"data.text.chunk_tokens": 0}
 def config_diff(saved: dict, requested: dict, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
     """[(dotted key, saved value, requested value)] for every leaf that differs that matters: keys under
     ``ignore`` and the data section of the kind not in use (``data.text.*`` for facts) are skipped, and a
-    key the saved config lacks (saved by an older memlayers) reads as ``ADDED_KEYS`` or its default."""
+    key a config lacks (saved by an older memlayers) reads as ``ADDED_KEYS`` or its default."""
     a, b = flatten(saved), flatten(requested)
     kind = b.get("data.kind")
     ignore = (*ignore, *(f"data.{k}" for k in ("facts", "text") if kind in ("facts", "text") and k != kind))
@@ -275,7 +286,7 @@ def config_diff(saved: dict, requested: dict, ignore: tuple[str, ...] = ()) -> l
     for key in sorted(set(a) | set(b)):
         if any(key == p or key.startswith(p + ".") for p in ignore):
             continue
-        va, vb = a.get(key, defaults.get(key, missing)), b.get(key, missing)
+        va, vb = a.get(key, defaults.get(key, missing)), b.get(key, defaults.get(key, missing))
         if va != vb or type(va) is not type(vb) and not _same_number(va, vb):
             out.append((key, None if va is missing else va, None if vb is missing else vb))
     return out

@@ -7,10 +7,11 @@ The lock is ``flock`` on a file that stays in the directory (removing it would l
 a fresh file while the second still holds the old one). The kernel releases it when its holder exits,
 however it exits (SIGKILL included), so a crashed run never leaves a stale lock. The holder writes its
 pid into the file, for the error message of whoever finds the directory busy. On platforms without
-``fcntl`` (Windows) there is no lock.
+``fcntl`` (Windows), and on a read-only file system (where no run can write), there is no lock.
 """
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 
@@ -33,7 +34,13 @@ def lock_run_dir(out_dir: str | os.PathLike):
     if fcntl is None:
         yield
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            raise
+        yield  # a read-only file system: nobody can write here, so there is nothing to guard (reading a result)
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -7,7 +7,9 @@ out_dir/ holds:
     config.yaml      the resolved RunConfig (vocab_size, value_lr_ratio filled in), written when the run starts
     metrics.jsonl    one JSON object per logged step (see ``train``)
     checkpoint.pt    the latest checkpoint (``memlayers.train.checkpoint``), replaced atomically
-    result.json      the final summary, written atomically and last: its presence means the run finished
+    result.json      the final summary, written atomically: its presence means the run finished
+    curves.png       loss (and recall) against training tokens, written when the run finishes
+    .memlayers.lock  held while a process trains here (``memlayers.train.lock``)
     tb/              TensorBoard scalars, when ``train.tensorboard``
     prev/<n>/        what each ``train(..., force=True)`` moved out of the way
 
@@ -15,7 +17,10 @@ Resume: rerunning ``train`` on the same out_dir continues from checkpoint.pt whe
 (else ``ConfigMismatchError`` listing the differing keys, and no file is touched), or just returns
 result.json when the run had finished. Exact: batches are a pure function of the step index, and the
 checkpoint holds the model, optimizer, RNG states, usage trackers and the loop's own state, so the
-losses after a resume equal an uninterrupted run's bit for bit (on CPU; tested).
+losses after a resume equal an uninterrupted run's bit for bit (on CPU; tested). A larger
+``train.steps`` (alone) extends a run; ``train.init_from`` starts one from another run's weights.
+A NaN or infinite loss or gradient stops the run (``NonFiniteError``) before anything non-finite is
+logged or saved.
 """
 
 import contextlib
@@ -50,6 +55,7 @@ from .checkpoint import (
     NonFiniteError,
     atomic_write,
     load_usage_state,
+    write_errors,
     read_checkpoint,
     remove_stale_tmp,
     rng_state,
@@ -57,7 +63,7 @@ from .checkpoint import (
     set_rng_state,
     usage_state,
 )
-from .config import RunConfig, config_diff, load_config, save_config
+from .config import RunConfig, config_diff, load_config, read_yaml, save_config
 from .lock import lock_run_dir
 from .plots import CURVES, write_curves
 
@@ -166,12 +172,14 @@ def train(
         if cfg.train.value_lr_ratio is None:  # saved as the number used: a new default cannot change a resumed run
             cfg.train.value_lr_ratio = VALUE_LR_RATIOS[cfg.train.value_optimizer]
         _check_buildable(cfg, dataset, probes)  # before anything is written or archived
-        init = _init_weights(cfg) if t.init_from else None
         _make_dir(out_dir)
         with lock_run_dir(out_dir):
             kind, saved = _prepare_out_dir(out_dir, cfg.to_dict(), force)
             if kind == "finished":
                 return saved
+            init = _init_weights(cfg) if t.init_from and kind != "resume" else None  # a resumed run has its own
+            if kind == "force":
+                _archive(out_dir)
             return _Run(cfg, out_dir, dataset, device, dtype, evaluate, show, saved, init).run()
     finally:
         torch.set_num_threads(threads)
@@ -255,13 +263,13 @@ def _mismatch(out_dir: Path, source: str, diff) -> ConfigMismatchError:
 
 def _prepare_out_dir(out_dir: Path, requested: dict, force: bool):
     """Check out_dir before anything is written. Returns ("finished", saved result), ("resume", checkpoint
-    dict) or ("fresh", None). Raises, touching nothing, on a config mismatch, an unreadable checkpoint or
-    an edited config.yaml. A request that differs only by a larger ``train.steps`` extends the run: it
-    resumes from the checkpoint (a finished run's result.json moves to prev/<n>/)."""
+    dict), ("fresh", None) or ("force", None) (fresh, once the old files are archived). Raises, touching
+    nothing, on a config mismatch, an unreadable checkpoint or an edited config.yaml. A request that
+    differs only by a larger ``train.steps`` extends the run: it resumes from the checkpoint (a finished
+    run's result.json moves to prev/<n>/)."""
     result, ckpt_path, config = out_dir / RESULT, out_dir / CHECKPOINT, out_dir / CONFIG
     if force:
-        _archive(out_dir)
-        return "fresh", None
+        return "force", None
     extend = False
     if result.is_file():
         try:
@@ -273,14 +281,16 @@ def _prepare_out_dir(out_dir: Path, requested: dict, force: bool):
         if diff and not extend:
             raise _mismatch(out_dir, RESULT, diff)
         if not extend:
-            _check_config_file(out_dir, saved["config"])
+            _check_config_file(out_dir, saved["config"], requested)
+            if not config.is_file():
+                save_config(RunConfig.from_dict(saved["config"]), config)
             return "finished", saved
     if ckpt_path.is_file():
         ckpt = read_checkpoint(ckpt_path)
         diff = config_diff(ckpt["config"], requested, RUNTIME_KEYS)
         if diff and not _extends(diff, ckpt["step"]):
             raise _mismatch(out_dir, CHECKPOINT, diff)
-        _check_config_file(out_dir, ckpt["config"])
+        _check_config_file(out_dir, ckpt["config"], requested)
         if extend:
             _archive(out_dir, [RESULT])
         return "resume", ckpt
@@ -298,25 +308,30 @@ def _prepare_out_dir(out_dir: Path, requested: dict, force: bool):
 
 
 def _extends(diff, done: int) -> bool:
-    """Is ``diff`` (saved vs requested) only a larger ``train.steps``? Refuses one below the steps done."""
+    """Is ``diff`` (saved vs requested) only a larger ``train.steps``? Refuses a smaller one."""
     if [key for key, _, _ in diff] != [EXTEND_KEY]:
         return False
     _, saved, wanted = diff[0]
-    if wanted < done:
+    if wanted < saved:
         raise ConfigMismatchError(
-            f"{EXTEND_KEY}={wanted} but the run has done {done} steps (of {saved}); pass train.steps >= {done} "
-            "to extend it, or --force to start over"
+            f"{EXTEND_KEY}={wanted} but the run was set to {saved} steps ({done} done); a run can be extended, not "
+            f"shortened: pass train.steps >= {saved}, or --force to start over"
         )
     return True
 
 
-def _check_config_file(out_dir: Path, saved: dict) -> None:
-    """config.yaml records the run's config; it is never read back, so an edit would be ignored: refuse it."""
+def _check_config_file(out_dir: Path, saved: dict, requested: dict) -> None:
+    """config.yaml records the run's config; it is never read back, so an edit would be ignored: refuse one
+    that matches neither the saved config nor the requested one (an extension writes the new steps in it
+    before its first checkpoint)."""
     path = out_dir / CONFIG
     if not path.is_file():
-        return  # deleted: rewritten when the run starts
+        return  # deleted: rewritten
     try:
-        diff = config_diff(load_config(path).to_dict(), saved, RUNTIME_KEYS)
+        written = read_yaml(path)  # as written: the keys it lacks read as in config_diff
+        diff = config_diff(saved, written, RUNTIME_KEYS)
+        if diff and not config_diff(requested, written, RUNTIME_KEYS):
+            diff = []
     except ValueError as e:
         diff = [(f"(unreadable: {e})", None, None)]
     if diff:
@@ -417,9 +432,10 @@ class _Run:
             if size < offset:
                 warnings.warn(f"{metrics} is shorter than at the checkpoint ({size} < {offset} bytes); lines are lost")
                 offset = size
-        with open(metrics, "ab") as f:  # drop what was logged after the checkpoint
-            f.truncate(offset)
-        self.metrics = open(metrics, "ab")  # noqa: SIM115 (open for the whole run, closed in run())
+        with write_errors(metrics):
+            with open(metrics, "ab") as f:  # drop what was logged after the checkpoint
+                f.truncate(offset)
+            self.metrics = open(metrics, "ab")  # noqa: SIM115 (open for the whole run, closed in run())
         self.tb = None
         if t.tensorboard:
             self.tb = _summary_writer_class()(str(out_dir / "tb"), purge_step=self.step + 1 if self.step else None)
@@ -453,8 +469,9 @@ class _Run:
         self.saved_step = self.step
 
     def _save(self, elapsed: float, train_time: float) -> None:
-        self.metrics.flush()
-        os.fsync(self.metrics.fileno())
+        with write_errors(self.metrics.name):
+            self.metrics.flush()
+            os.fsync(self.metrics.fileno())
         save_checkpoint(
             self.out_dir / CHECKPOINT,
             {
@@ -524,8 +541,12 @@ class _Run:
             step_loss += lm.detach()
             step_aux += aux.detach()
         norms = clip_grad_norms(self.model, t.clip, t.value_clip)
-        finite = torch.isfinite(step_loss + step_aux + norms[0].to(step_loss) + norms[1].to(step_loss))
-        # no host sync: the first bad step is remembered on the device and checked at log and checkpoint steps
+        # no host sync: the first bad step is remembered on the device and checked before anything is logged
+        # or saved (a norm of no gradients is a CPU zero: left out, it is finite and would cost a copy)
+        finite = torch.isfinite(step_loss + step_aux)
+        for norm in norms:
+            if norm.device == finite.device:
+                finite &= torch.isfinite(norm)
         self.first_bad = torch.where((self.first_bad == 0) & ~finite, self.step + 1, self.first_bad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -537,10 +558,11 @@ class _Run:
         if not bad:
             return
         kept = f"the last good checkpoint (step {self.saved_step}) is kept" if self.saved_step else "no checkpoint was written"
+        fp32 = "" if self.dtype == torch.float32 else " or train in float32 (train.dtype=float32)"
         raise NonFiniteError(
             f"training diverged: the loss or a gradient was NaN or infinite at step {bad}; stopped at step {self.step}, "
-            f"{kept}. Lower train.lr, enable clipping (train.clip, train.value_clip) or train in float32, "
-            "then start over (--force or another --out)"
+            f"{kept}. Lower train.lr, enable clipping (train.clip, train.value_clip){fp32}, then start over "
+            "(--force or another --out)"
         )
 
     def _eval(self, limit: int | None) -> dict:
@@ -557,8 +579,9 @@ class _Run:
         return {str(k): float(v) for k, v in _to_builtin(out).items()}
 
     def _write(self, record: dict) -> None:
-        self.metrics.write((strict_json(record) + "\n").encode())
-        self.metrics.flush()
+        with write_errors(self.metrics.name):
+            self.metrics.write((strict_json(record) + "\n").encode())
+            self.metrics.flush()
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -614,6 +637,7 @@ class _Run:
                     log_time += dt
                     log_tokens += t.tokens_per_step
                 if self.evaluate is not False and not last and t.eval_every and step % t.eval_every == 0:
+                    self._check_finite()
                     record = record or {"step": step, "tokens": self.tokens}
                     record.update({f"eval/{k}": v for k, v in self._eval(t.eval_limit).items()})
                 elapsed = self.elapsed + time.perf_counter() - session_start
@@ -664,7 +688,10 @@ class _Run:
             "resumes": self.resumes,
             "steps_history": self.steps_history,
         }
-        write_curves(self.out_dir / METRICS, self.out_dir / CURVES)
         text = strict_json(result, indent=2)
         atomic_write(self.out_dir / RESULT, lambda f: f.write(text.encode()))
+        try:
+            write_curves(self.out_dir / METRICS, self.out_dir / CURVES)
+        except Exception as e:  # noqa: BLE001 (a plot must not cost a finished run)
+            warnings.warn(f"{self.out_dir / CURVES} not written: {type(e).__name__}: {e}", stacklevel=2)
         return result
