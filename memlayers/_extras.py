@@ -25,7 +25,9 @@ class MissingExtraError(ImportError):
 
     def __init__(self, module: str, extra: str):
         super().__init__(
-            f"needs the {extra!r} extra (missing module {module}): pip install 'memlayers[{extra}]'", name=module
+            f"needs the {extra!r} extra (missing module {module}): pip install 'memlayers[{extra}]' "
+            f"(in a clone: pip install -e '.[{extra}]')",
+            name=module,
         )
         self.module, self.extra = module, extra
 

@@ -63,7 +63,7 @@ def test_import_train_and_cli_with_torch_only(tmp_path):
     missing = {"demo": "tqdm"}  # the demo needs only tqdm; the others start with the trainer's configs
     assert errors == [
         f"memlayers {c}: error: needs the 'train' extra (missing module {missing.get(c, 'omegaconf')}): "
-        "pip install 'memlayers[train]'"
+        "pip install 'memlayers[train]' (in a clone: pip install -e '.[train]')"
         for c in commands
     ]
     assert "Traceback" not in run.stderr
@@ -162,5 +162,5 @@ def test_trainer_without_tqdm_names_the_extra(tmp_path):
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1] == (
         "memlayers._extras.MissingExtraError: needs the 'train' extra (missing module tqdm): "
-        "pip install 'memlayers[train]'"
+        "pip install 'memlayers[train]' (in a clone: pip install -e '.[train]')"
     )
