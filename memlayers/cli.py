@@ -21,9 +21,9 @@ import sys
 
 from . import __version__
 from ._extras import missing_extra
-from .errors import RunError
 from .config import PRESETS
 from .demo import DemoConfig, run_demo
+from .errors import RunError
 from .generate_cli import generate_command
 from .optim import VALUE_OPTIMIZERS
 
@@ -168,7 +168,6 @@ def _eval(args) -> int:
     from .data import build_dataset
     from .evaluate import evaluate, load_probes, probe_recall
     from .train import load_checkpoint
-
     from .train.trainer import resolve_device
 
     cfg, model, extra = load_checkpoint(args.checkpoint, device=resolve_device(args.device, "--device"))
@@ -221,8 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt as e:  # training says where it stopped and how to resume
-        resume = "; rerun the same command to resume from the last checkpoint" if args.command in ("train", "compare") else ""
-        print(f"memlayers {args.command}: {str(e) or 'interrupted' + resume}", file=sys.stderr)
+        message = str(e) or "interrupted"
+        if not str(e) and args.command in ("train", "compare"):
+            message += "; rerun the same command to resume from the last checkpoint"
+        print(f"memlayers {args.command}: {message}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`memlayers compare --list | head -1`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes

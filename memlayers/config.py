@@ -8,7 +8,6 @@ from dataclasses import MISSING, Field, asdict, dataclass, fields, replace
 from .norms import QUERY_NORMS
 from .retrieval import SCORE_FNS
 
-
 _KINDS = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
 _ACCEPTED = {int: numbers.Integral, float: numbers.Real, str: str}
 

@@ -32,6 +32,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+
 @torch.no_grad()
 def probe_hits(model: nn.Module, probes: list, batch_size: int = 256, device=None) -> torch.Tensor:
     """(P,) bool: does greedy decoding from ``probe.prompt`` reproduce ``probe.answer`` exactly?

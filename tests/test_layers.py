@@ -3,9 +3,9 @@ import io
 
 import pytest
 import torch
+from conftest import DEVICES, rel_err
 
 import memlayers
-from conftest import DEVICES, rel_err
 from memlayers import MemoryConfig, MemoryLayer, ValueTable, preset
 from memlayers.norms import MaskedBatchNorm
 from memlayers.ops import embedding_bag_naive

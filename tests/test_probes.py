@@ -5,14 +5,13 @@ import json
 import re
 
 import pytest
-import torch
+from test_evaluate import memorised
 
 from memlayers import cli
 from memlayers.data import ByteTokenizer, DataConfig, build_dataset
 from memlayers.data.facts import ATTRIBUTES, FactsConfig
 from memlayers.evaluate import evaluate, load_probes, probe_recall
 from memlayers.model import ModelConfig, Transformer
-from test_evaluate import memorised
 
 
 def write(path, lines):

@@ -100,7 +100,7 @@ def test_overrides_index_into_lists(tmp_path):
         ValueError, match=r"model.memories has 1 item\(s\), so index 3 does not exist.*model.memories=\[\.\.\.\]"
     ):
         load_config(path, ["model.memories[3].pool=x"])
-    with pytest.raises(ValueError, match=r"unknown config key 'model.memories\[0\].layerz'.*did you mean 'model.memories\[0\].layers'"):
+    with pytest.raises(ValueError, match=r"key 'model.memories\[0\].layerz'.*did you mean 'model.memories\[0\].layers'"):
         load_config(path, ["model.memories[0].layerz=1"])
 
 

@@ -53,6 +53,7 @@ def sample_next(
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float()
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # max first: a tiny temperature gives -inf, not nan
+    # the max first: with a tiny temperature the others become -inf, not inf - inf = nan
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     probs = filter_logits(logits, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

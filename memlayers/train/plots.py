@@ -40,7 +40,8 @@ def write_curves(metrics: str | os.PathLike, out: str | os.PathLike) -> None:
             if r.get(key) is not None:
                 series[key].append((r["tokens"], r[key]))
         for key, value in r.items():
-            if value is not None and (key.count("/") == 2 and key.startswith("eval/recall/") or key == "eval/qa_heldout"):
+            recall = key.count("/") == 2 and key.startswith("eval/recall/") or key == "eval/qa_heldout"
+            if value is not None and recall:
                 series[key.removeprefix("eval/")].append((r["tokens"], value))
     recalls = [k for k in series if k not in ("loss", "eval/loss")]
     fig, axes = plt.subplots(1, 2 if recalls else 1, figsize=(12 if recalls else 7, 4.5), squeeze=False)

@@ -55,13 +55,13 @@ from .checkpoint import (
     NonFiniteError,
     atomic_write,
     load_usage_state,
-    write_errors,
     read_checkpoint,
     remove_stale_tmp,
     rng_state,
     save_checkpoint,
     set_rng_state,
     usage_state,
+    write_errors,
 )
 from .config import RunConfig, config_diff, load_config, read_yaml, save_config
 from .lock import lock_run_dir
@@ -557,12 +557,14 @@ class _Run:
         bad = int(self.first_bad)
         if not bad:
             return
-        kept = f"the last good checkpoint (step {self.saved_step}) is kept" if self.saved_step else "no checkpoint was written"
+        kept = "no checkpoint was written"
+        if self.saved_step:
+            kept = f"the last good checkpoint (step {self.saved_step}) is kept"
         fp32 = "" if self.dtype == torch.float32 else " or train in float32 (train.dtype=float32)"
         raise NonFiniteError(
-            f"training diverged: the loss or a gradient was NaN or infinite at step {bad}; stopped at step {self.step}, "
-            f"{kept}. Lower train.lr, enable clipping (train.clip, train.value_clip){fp32}, then start over "
-            "(--force or another --out)"
+            f"training diverged: the loss or a gradient was NaN or infinite at step {bad}; stopped at step "
+            f"{self.step}, {kept}. Lower train.lr, enable clipping (train.clip, train.value_clip){fp32}, then "
+            "start over (--force or another --out)"
         )
 
     def _eval(self, limit: int | None) -> dict:
