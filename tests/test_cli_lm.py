@@ -53,3 +53,16 @@ def test_errors_are_one_clear_line_and_exit_2(tmp_path, capsys):
     assert "corrupt" in capsys.readouterr().err
     assert cli.main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_eval_json_into_a_missing_folder_fails_before_evaluating(tmp_path, capsys):
+    assert cli.main(["eval", str(tmp_path / "no_run"), "--json", str(tmp_path / "nowhere" / "m.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--json" in err and "does not exist; create it" in err and "\n" not in err
+
+
+def test_bad_yaml_is_one_line(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("train: {steps: 3\n  lr: [\n")
+    assert cli.main(["train", "--print-config", "--config", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not valid YAML" in err and "\n" not in err

@@ -330,7 +330,9 @@ def test_init_from_another_runs_weights(tmp_path):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
     with pytest.raises(CheckpointError, match=r"init_from=.*model\.dim"):
         train(tiny("model.dim=48", f"train.init_from={a}"), tmp_path / "c", evaluate=False)
-    assert [p.name for p in (tmp_path / "c").iterdir()] == [".memlayers.lock"]  # nothing else written
+    assert not (tmp_path / "c").exists()  # a new run's init_from is checked before anything is written
+    with pytest.raises(FileNotFoundError, match="train.init_from: no checkpoint at"):
+        train(tiny(f"train.init_from={tmp_path / 'nope'}"), tmp_path / "d", evaluate=False)
 
 
 def test_runs_saved_before_new_config_keys_still_resume():

@@ -185,7 +185,8 @@ def load_config(
         try:
             loaded = OmegaConf.load(path)
         except Exception as e:  # noqa: BLE001 (yaml.YAMLError and friends)
-            raise ValueError(f"{path}: not valid YAML ({e}); fix the file's syntax") from None
+            where = " ".join(str(e).split())  # yaml's message spans lines
+            raise ValueError(f"{path}: not valid YAML ({where}); fix the file's syntax") from None
         if not isinstance(loaded, DictConfig):
             raise ValueError(f"{path}: a run config must be a YAML mapping with keys model/data/train, got a list")
         layers.append((str(path), loaded))

@@ -172,12 +172,14 @@ def train(
         if cfg.train.value_lr_ratio is None:  # saved as the number used: a new default cannot change a resumed run
             cfg.train.value_lr_ratio = VALUE_LR_RATIOS[cfg.train.value_optimizer]
         _check_buildable(cfg, dataset, probes)  # before anything is written or archived
+        init = _init_weights(cfg) if t.init_from and not out_dir.exists() else None  # a new run: check it first
         _make_dir(out_dir)
         with lock_run_dir(out_dir):
             kind, saved = _prepare_out_dir(out_dir, cfg.to_dict(), force)
             if kind == "finished":
                 return saved
-            init = _init_weights(cfg) if t.init_from and kind != "resume" else None  # a resumed run has its own
+            if t.init_from and kind != "resume" and init is None:  # (a resumed run has its own weights)
+                init = _init_weights(cfg)
             if kind == "force":
                 _archive(out_dir)
             return _Run(cfg, out_dir, dataset, device, dtype, evaluate, show, saved, init).run()
@@ -207,7 +209,10 @@ def _check_buildable(cfg: RunConfig, dataset, probes: bool) -> None:
 def _init_weights(cfg: RunConfig) -> dict:
     """The model weights of ``train.init_from`` (a run directory or checkpoint), checked against ``cfg.model``."""
     path = cfg.train.init_from
-    ckpt = read_checkpoint(path)
+    try:
+        ckpt = read_checkpoint(path)
+    except (FileNotFoundError, CheckpointError) as e:
+        raise type(e)(f"train.init_from: {e}") from None
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Transformer(cfg.model).state_dict().items()}
     found = {k: v.shape for k, v in ckpt["model"].items()}
@@ -246,7 +251,7 @@ def _summary_writer_class():
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ValueError(
-            "train.tensorboard=true needs the tensorboard package: pip install tensorboard or 'memlayers[all]' "
+            "train.tensorboard=true needs the tensorboard package: pip install tensorboard (or the 'all' extra) "
             "(or set train.tensorboard=false; metrics.jsonl is always written)"
         ) from None
     return SummaryWriter
