@@ -8,7 +8,6 @@ resumes where it stopped and a finished arm is never trained twice); the outputs
 (``results.{json,csv,md}``, ``loss.png``, ``recall_vs_flops.png``) go to ``out_dir``.
 """
 
-import json
 import os
 import sys
 import time
@@ -16,6 +15,7 @@ import time
 from ..errors import RunError
 from ..train import RunConfig, load_config, train
 from ..train.lock import lock_run_dir
+from ..train.plots import read_metrics
 from .presets import CompareConfig, get_preset
 from .report import format_table, write_plots, write_tables
 
@@ -54,14 +54,8 @@ def arm_row(arm: str, result: dict, dense_flops: float | None) -> dict:
 def loss_curve(run_dir: str) -> list[tuple[float, float]]:
     """[(tokens, training loss), ...] from a run's ``metrics.jsonl`` (training records only)."""
     path = os.path.join(run_dir, "metrics.jsonl")
-    points = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                record = json.loads(line)
-                if "loss" in record and "tokens" in record:
-                    points.append((record["tokens"], record["loss"]))
-    return points
+    records = read_metrics(path) if os.path.exists(path) else []
+    return [(r["tokens"], r["loss"]) for r in records if "loss" in r and "tokens" in r]
 
 
 def arm_configs(

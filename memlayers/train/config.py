@@ -182,11 +182,7 @@ def load_config(
         path = _config_path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} not found; pass the path of a YAML run config")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as e:  # noqa: BLE001 (yaml.YAMLError and friends)
-            where = " ".join(str(e).split())  # yaml's message spans lines
-            raise ValueError(f"{path}: not valid YAML ({where}); fix the file's syntax") from None
+        loaded = _load_yaml(path)
         if not isinstance(loaded, DictConfig):
             raise ValueError(f"{path}: a run config must be a YAML mapping with keys model/data/train, got a list")
         layers.append((str(path), loaded))
@@ -235,12 +231,18 @@ def _config_path(path: str | os.PathLike) -> Path:
     return Path(str(_packaged_dir() / f"{name}.yaml"))  # installed packages are directories, not zips
 
 
+def _load_yaml(path: str | os.PathLike):
+    """``OmegaConf.load(path)``; unreadable YAML is a one-line ValueError."""
+    try:
+        return OmegaConf.load(path)
+    except Exception as e:  # noqa: BLE001 (yaml.YAMLError and friends)
+        where = " ".join(str(e).split())  # yaml's message spans lines
+        raise ValueError(f"{path}: not valid YAML ({where}); fix the file's syntax") from None
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     """A YAML mapping as a plain dict, as written (no schema, no defaults); ValueError if it is not one."""
-    try:
-        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except Exception as e:  # noqa: BLE001 (yaml.YAMLError and friends)
-        raise ValueError(f"{path}: not valid YAML ({_first_line(e)})") from None
+    data = OmegaConf.to_container(_load_yaml(path), resolve=False)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not a YAML mapping")
     return data

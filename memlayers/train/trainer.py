@@ -617,9 +617,13 @@ class _Run:
                 self.aux_sum += step_aux
                 self.loss_count += 1
                 last = step == t.steps
+                log = step % t.log_every == 0 or last
+                evaluate = self.evaluate is not False and not last and t.eval_every and step % t.eval_every == 0
+                save = step % t.ckpt_every == 0 or last
+                if log or evaluate or save:
+                    self._check_finite()  # nothing non-finite is logged, evaluated or saved
                 record = {}
-                if step % t.log_every == 0 or last:
-                    self._check_finite()
+                if log:
                     loss = (self.loss_sum / self.loss_count).item()  # syncs, so the timing below is honest
                     aux = (self.aux_sum / self.loss_count).item()
                     dt = time.perf_counter() - tic
@@ -643,16 +647,14 @@ class _Run:
                     self.train_time += dt
                     log_time += dt
                     log_tokens += t.tokens_per_step
-                if self.evaluate is not False and not last and t.eval_every and step % t.eval_every == 0:
-                    self._check_finite()
+                if evaluate:
                     record = record or {"step": step, "tokens": self.tokens}
                     record.update({f"eval/{k}": v for k, v in self._eval(t.eval_limit).items()})
                 elapsed = self.elapsed + time.perf_counter() - session_start
                 if record:
                     record["elapsed"] = elapsed
                     self._write(record)
-                if step % t.ckpt_every == 0 or last:
-                    self._check_finite()
+                if save:
                     self._save(elapsed, self.train_time)
                 bar.update(1)
             if self.final_eval is None and self.evaluate is not False:
