@@ -73,7 +73,7 @@ def _cpu() -> CompareConfig:
     return CompareConfig(
         name="cpu",
         description="300 people's records (1,800 facts), 4-layer d=128 models, 300 steps of 32x64 tokens; "
-        "about 7 min on 2 CPU cores",
+        "about 8-17 min on 2 CPU cores",
         data=DataConfig(kind="facts", facts=FactsConfig(people=300, formats="records")),
         train=TrainConfig(steps=300, batch_size=32, seq_len=64, lr=3e-3, warmup=30, eval_every=0, ckpt_every=100),
         arms=standard_arms(
