@@ -94,25 +94,25 @@ def main() -> None:
     x = torch.randn(T, d, device="cuda", requires_grad=True)
 
     layer = memlayers.MemoryLayer.from_preset("memory_plus", d, n_keys=a.n_keys, track_usage=False).cuda()
-    layer.values.to(torch.bfloat16)
+    layer.store.to(torch.bfloat16)
     rows.append(("Memory+ layer fwd+bwd (with usage tracking off)", fwd_bwd_ms(layer, x)))
-    layer_tracked = memlayers.MemoryLayer.from_preset("memory_plus", d, values=layer.values, n_keys=a.n_keys).cuda()
+    layer_tracked = memlayers.MemoryLayer.from_preset("memory_plus", d, pool=layer.store, n_keys=a.n_keys).cuda()
     rows.append(("Memory+ layer fwd+bwd (usage tracking on)", fwd_bwd_ms(layer_tracked, x)))
 
     def retrieval_step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            w, _ = layer.retrieval(x)
+            _, w = layer.addressing(x)
         w.sum().backward()
 
     rows.append(("  piece: query + scoring + exact top-k fwd+bwd (torch)", bench_ms(retrieval_step)))
     with torch.no_grad():
-        w, idx = layer.retrieval(x)
+        idx, w = layer.addressing(x)
     w = w.flatten(1).detach().requires_grad_()
     idx = idx.flatten(1)
     for impl in ("reference", "triton"):
 
         def bag_step(impl=impl):
-            embedding_bag(layer.values.weight, idx, w, impl=impl).float().sum().backward()
+            embedding_bag(layer.store.weight, idx, w, impl=impl).float().sum().backward()
 
         rows.append((f"  piece: bag fwd+bwd ({impl})", bench_ms(bag_step)))
     rows.append(("SwiGLU FFN d=%d hidden 2816 fwd+bwd" % d, fwd_bwd_ms(SwiGLU(d, 2816).cuda(), x)))

@@ -6,17 +6,27 @@
     print(layer.usage.summary())      # coverage, KL to uniform, Gini, dead sub-keys, ...
 """
 
-from .config import PRESETS, MemoryConfig, preset
-from .layers import MemoryLayer
+from .memory import (
+    KINDS,
+    PRESETS,
+    LayerConfig,
+    MemoryConfig,
+    MemoryLayer,
+    ProductKeys,
+    ValueTable,
+    preset,
+    register_kind,
+    register_preset,
+)
 from .metrics import UsageTracker
 from .ops import embedding_bag, product_key_topk
 from .optim import build_optimizer, clip_grad_norms, param_groups
-from .retrieval import ProductKeys
-from .values import ValueTable
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "KINDS",
+    "LayerConfig",
     "PRESETS",
     "MemoryConfig",
     "MemoryLayer",
@@ -29,4 +39,6 @@ __all__ = [
     "param_groups",
     "preset",
     "product_key_topk",
+    "register_kind",
+    "register_preset",
 ]

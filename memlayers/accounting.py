@@ -8,25 +8,27 @@ Conventions (all forward, per token):
   2*dim per attended position, and a token attends to (seq_len+1)/2 positions on average:
   ``2 * 2 * dim * (seq_len + 1) / 2 = 2 * dim * (seq_len + 1)`` per layer.
 * MoE: the router (2*dim*E) plus k experts' SwiGLU (k * 6*dim*hidden).
-* Memory layers: ``memory_flops`` counts every step of the lookup, including the top-k comparisons; the
-  value rows a token reads are NOT counted as a dense matmul over the table (a token reads heads*k rows,
-  the weighted bag costs 2*heads*k*value_dim, whatever the table size).
+* Memory layers: each part counts itself (``flops_per_token``: the addressing, e.g. product keys with
+  every top-k comparison, Tucker scoring, or ~0 for hashing token ids; the store, the rows a token reads,
+  e.g. a weighted bag 2*heads*k*value_dim, whatever the table size; the readout's projections). The
+  value rows a token reads are NOT counted as a dense matmul over the table.
 """
 
 from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from .layers import MemoryLayer
+from .memory.layer import MemoryLayer
 from .model.moe import MoE
 from .model.transformer import SwiGLU
-from .optim import value_tables
+from .optim import value_parameters
 
 
 def memory_flops(layer: MemoryLayer) -> int:
-    """Forward FLOPs per token of a memory layer: only the value rows it reads, not the whole table.
+    """Forward FLOPs per token of a memory layer: the sum of its parts' counts (``flops_per_token``).
 
-    Per token, with h heads, n sub-keys per half, top-k, key_dim d_k, value_dim d_v, width dim:
+    For product keys (PKM, Memory, Memory+), with h heads, n sub-keys per half, top-k, key_dim d_k,
+    value_dim d_v, width dim:
       query projection        2 * dim * h * d_k
       sub-key scores          2 * h * n * d_k          (both halves: 2 * n * d_k/2 multiply-adds each)
       per-half top-k          2 * h * n                (one comparison per sub-key score)
@@ -36,31 +38,19 @@ def memory_flops(layer: MemoryLayer) -> int:
       score function          3 * h * k (softmax: exp, sum, divide), h * k (relu), 0 (identity)
       weighted bag            2 * h * k * d_v          (heads*k rows read and summed)
       gate / out projections  2 * dim * d_v each, when present (Memory+ has both)
+    The other kinds document their counts in their parts (README, "Memory kinds").
     """
-    c = layer.config
-    h, n, k = c.heads, c.n_keys, c.topk
-    flops = 2 * c.dim * h * c.key_dim  # query projection
-    flops += 2 * h * n * c.key_dim  # scores of both halves' sub-keys
-    flops += 2 * h * n  # each half's top-k: n comparisons per half per head
-    candidates = sum(k // r for r in range(1, k + 1))  # len(grid_candidates(k))
-    flops += h * candidates  # the grid cells that can win: one add each
-    flops += h * candidates  # the final top-k over them
-    flops += {"softmax": 3 * h * k, "relu": h * k}.get(c.score_fn, 0)
-    flops += 2 * h * k * c.value_dim  # the weighted bag
-    for proj in (layer.gate_proj, layer.out_proj):
-        if proj is not None:
-            flops += 2 * proj.in_features * proj.out_features
-    return flops
+    return layer.flops_per_token()
 
 
 @dataclass
 class Accounting:
     """What ``account`` returns. Parameter counts are of unique tensors (tied and shared ones count once).
 
-    total_params: every parameter. memory_params: value-table entries (a shared pool counted once).
+    total_params: every parameter. memory_params: entries of the "values" tables (a shared pool counted once).
     embedding_params: the token embedding table (the lm head is an ordinary matmul; tied, it is this table).
     active_params: parameters a token uses in the forward pass: everything but value tables and the
-    experts it is not routed to, plus the heads*k*value_dim value entries each memory layer reads.
+    experts it is not routed to, plus the value entries each memory layer reads (``reads_per_token``).
     flops_per_token: forward FLOPs per token at ``seq_len`` (see the module docstring);
     breakdown: those FLOPs by component (keys: attention_proj, attention_scores, ffn, moe, memory,
     lm_head), summing to flops_per_token.
@@ -85,7 +75,7 @@ def account(model: nn.Module, seq_len: int) -> Accounting:
     cfg = model.config
     dim = cfg.dim
     total = sum(p.numel() for p in model.parameters())
-    memory_params = sum(t.weight.numel() for t in value_tables(model))
+    memory_params = sum(p.numel() for p in value_parameters(model))
     flops = {"attention_proj": 0, "attention_scores": 0, "ffn": 0, "moe": 0, "memory": 0, "lm_head": 0}
     inactive, read = 0, 0
     for block in model.blocks:
@@ -99,9 +89,8 @@ def account(model: nn.Module, seq_len: int) -> Accounting:
             flops["moe"] += 2 * m.router.weight.numel() + m.topk * 2 * expert
             inactive += (m.experts - m.topk) * expert
         if block.memory is not None:
-            c = block.memory.config
             flops["memory"] += memory_flops(block.memory)
-            read += c.heads * c.topk * c.value_dim
+            read += block.memory.reads_per_token()
     flops["lm_head"] = 2 * model.lm_head.weight.numel()
     return Accounting(
         total_params=total,

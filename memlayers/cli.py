@@ -3,6 +3,7 @@
 Subcommands:
 
     memlayers compare                      # dense vs MoE vs Memory vs Memory+ at matched FLOPs (CPU, <10 min)
+    memlayers compare --preset cpu_family  # the memory kinds: Memory+, PEER, UltraMem v1/v2, engram vs dense
     memlayers compare --preset gpu --out runs/gpu train.steps=3000
     memlayers train --config run.yaml --out runs/a train.lr=3e-4   # one run (YAML + key=value overrides)
     memlayers train --config memlayers:facts_memory_plus --out runs/b  # an example config shipped with memlayers
@@ -21,8 +22,7 @@ import sys
 
 from . import __version__
 from ._extras import missing_extra
-from .config import PRESETS
-from .demo import DemoConfig, run_demo
+from .demo import DemoConfig, demo_presets, run_demo
 from .errors import RunError
 from .generate_cli import generate_command
 from .optim import VALUE_OPTIMIZERS
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--zipf", type=nonneg_float, default=d.zipf, help="Zipf exponent of fact frequency (0: uniform)")
     task.add_argument("--offset", type=nonneg_float, default=d.offset, help="norm of the offset shared by all inputs")
     mem = demo.add_argument_group("memory layer")
-    mem.add_argument("--preset", choices=sorted(PRESETS), default=d.preset, help="memlayers.preset to scale down")
+    mem.add_argument("--preset", choices=demo_presets(), default=d.preset, help="memlayers.preset to scale down")
     mem.add_argument("--n-keys", type=pos_int, default=d.n_keys, help="sub-keys per half (N = n_keys^2 slots)")
     mem.add_argument("--heads", type=pos_int, default=d.heads, help="retrieval heads")
     mem.add_argument("--topk", type=pos_int, default=d.topk, help="slots read per head")
@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmp = sub.add_parser(
         "compare",
-        help="train dense, 2x/4x dense, MoE, Memory and Memory+ arms at matched FLOPs and compare them",
+        help="train dense, MoE and memory arms (or every memory kind: --preset cpu_family) at matched FLOPs "
+        "and compare them",
         description="Train every arm of a preset on the same synthetic facts and budget (finished arms are reused, "
         "interrupted ones resume), then print one table and write results.{json,csv,md}, loss.png and "
         "recall_vs_flops.png to the output directory.",

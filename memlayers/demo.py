@@ -28,9 +28,9 @@ from torch import nn
 
 from ._extras import require
 from .accounting import memory_flops
-from .config import PRESETS, check_field_types, preset
-from .layers import MemoryLayer
-from .optim import VALUE_OPTIMIZERS, build_optimizer, clip_grad_norms
+from .memory import PRESETS, MemoryLayer, preset
+from .memory.config import KeyedConfig, check_field_types
+from .optim import VALUE_OPTIMIZERS, build_optimizer, clip_grad_norms, lr_decay_scale
 
 HEAD_FRACTION = 0.1  # the Zipf "head": the most frequent 10% of the facts
 
@@ -85,6 +85,11 @@ def make_recall_task(
     return RecallTask(inputs, targets, probs / probs.sum(), classes)
 
 
+def demo_presets() -> list[str]:
+    """The presets the demo can run: memories addressed by product keys from x alone (not by token ids)."""
+    return sorted(name for name, p in PRESETS.items() if issubclass(p.config, KeyedConfig))
+
+
 @dataclass
 class DemoConfig:
     """Everything the demo does. The defaults take ~20-40 s on 2 CPU cores and recall >99% of the facts.
@@ -130,8 +135,8 @@ class DemoConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.zipf >= 0:
             raise ValueError(f"zipf must be >= 0 (0 = uniform), got {self.zipf}")
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.preset not in demo_presets():
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {demo_presets()}")
         if self.value_optimizer not in VALUE_OPTIMIZERS:
             raise ValueError(f"value_optimizer must be one of {VALUE_OPTIMIZERS}, got {self.value_optimizer!r}")
         if self.threads is not None and self.threads < 1:
@@ -182,11 +187,16 @@ def train(model: nn.Module, task: RecallTask, cfg: DemoConfig, lr: float, desc: 
     start = time.perf_counter()
     tqdm = require("tqdm", "train").tqdm  # imported here: `import memlayers.cli` needs only torch
     bar = tqdm(range(cfg.steps), desc=f"{desc:>9}", disable=not progress, mininterval=0.5, dynamic_ncols=True)
+    base_lrs = [group["lr"] for group in opt.param_groups]
     for step in bar:
+        for group, base in zip(opt.param_groups, base_lrs):  # constant, but for a decaying value lr (UltraMem)
+            group["lr"] = base * lr_decay_scale(group.get("lr_decay"), step + 1, cfg.steps)
         ids = task.sample(cfg.batch_size, g)  # (B,)
         seen[ids] = True
         logits = model(task.inputs[ids])  # (B, classes)
         loss = F.cross_entropy(logits, task.targets[ids])
+        aux = [m.aux_loss() for m in model.modules() if isinstance(m, MemoryLayer)]
+        loss = loss + sum(a for a in aux if a is not None)  # e.g. UltraMem's core penalty
         opt.zero_grad(set_to_none=True)
         loss.backward()
         clip_grad_norms(model, max_norm=1.0, value_max_norm=1.0)

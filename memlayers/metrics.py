@@ -1,10 +1,10 @@
 """Usage metrics for one memory layer: an on-device tracker plus the small pure functions it uses.
 
-A memory of N = n*n slots is addressed per token and head by k flat ids ``i*n + j`` (i, j the
-sub-key ids of the two halves). ``UsageTracker.update`` folds each step's ids into EMA buffers
-with a few ``index_add_`` calls and never syncs with the host, so it can stay on during training;
-``UsageTracker.summary`` (every ~100 steps; it syncs) turns them into floats. Definitions follow
-``reference/sparse_update.md`` §5-6 (XLM's PKM metrics, the uniform-coverage ideal, per-half KL).
+A memory of N slots is addressed per token and head by k flat ids; for product keys N = n*n and an id
+is ``i*n + j`` (i, j the sub-key ids of the two halves), which adds per-half sub-key metrics.
+``UsageTracker.update`` folds each step's ids into EMA buffers with a few ``index_add_`` calls and never
+syncs with the host, so it can stay on during training; ``UsageTracker.summary`` (every ~100 steps; it
+syncs) turns them into floats. Definitions follow ``reference/sparse_update.md`` §5-6 (XLM's PKM metrics, the uniform-coverage ideal, per-half KL).
 """
 
 import math
@@ -12,7 +12,6 @@ from collections import deque
 
 import torch
 from torch import nn
-
 
 # ----------------------------------------------------------------------------------------------
 # pure functions on a distribution over the last dim (normalised here; all-zero rows give NaN)
@@ -68,30 +67,45 @@ def _stat_dtype(device: torch.device) -> torch.dtype:
 
 
 class UsageTracker(nn.Module):
-    """EMA usage statistics of one memory of N = n_keys**2 slots read by `heads` heads.
+    """EMA usage statistics of one memory of N slots read by `heads` heads (N = n_keys**2 for product keys).
 
     Buffers (``persistent=False``: they follow ``.to(device)`` but stay out of ``state_dict``;
     floating buffers stay float32 through ``.half()`` / ``.to(torch.bfloat16)``):
         counts (N,) float32          EMA of unweighted accesses per slot
         mass (N,) float32            EMA of |weight| per slot (|.|: identity scores may be < 0)
         subkey_counts (H, 2, n)      EMA of accesses per (head, half, sub-key): slot ``i*n+j``
-                                     read by head h adds 1 to [h, 0, i] and [h, 1, j]
+                                     read by head h adds 1 to [h, 0, i] and [h, 1, j] (product
+                                     keys only; (H, 2, 0) when ``n_keys`` is None)
         last_seen (N,) int64         update number (0-based) of the last access, -1 = never
 
     Each ``update`` decays the EMAs by gamma = 1 - 1/window, then adds the step's accesses.
 
     Args:
-        n_keys: n, sub-keys per half (the memory has N = n*n slots).
+        n_keys: n, sub-keys per half (the memory has N = n*n slots), or None for slots without
+            product structure (then ``num_slots`` gives N and the sub-key metrics are NaN).
         heads: H, heads per token.
         window: EMA horizon and coverage window, in updates.
         dead_threshold: a sub-key is dead if its EMA count is below this fraction of the
             uniform expectation (its head-half's total / n).
+        num_slots: N; None = n_keys**2.
     """
 
-    def __init__(self, n_keys: int, heads: int, window: int = 100, dead_threshold: float = 0.01):
+    def __init__(
+        self,
+        n_keys: int | None,
+        heads: int,
+        window: int = 100,
+        dead_threshold: float = 0.01,
+        *,
+        num_slots: int | None = None,
+    ):
         super().__init__()
-        if n_keys < 1:
+        if n_keys is None and num_slots is None:
+            raise ValueError("UsageTracker: give n_keys (product keys) or num_slots")
+        if n_keys is not None and n_keys < 1:
             raise ValueError(f"UsageTracker: n_keys (sub-keys per half) must be >= 1, got {n_keys}")
+        if num_slots is not None and num_slots < 1:
+            raise ValueError(f"UsageTracker: num_slots must be >= 1, got {num_slots}")
         if heads < 1:
             raise ValueError(f"UsageTracker: heads must be >= 1, got {heads}")
         if window < 1:
@@ -99,18 +113,18 @@ class UsageTracker(nn.Module):
         if not dead_threshold >= 0:
             raise ValueError(f"UsageTracker: dead_threshold must be >= 0, got {dead_threshold}")
         self.n_keys, self.heads, self.window = n_keys, heads, window
-        self.num_slots = n_keys * n_keys
+        self.num_slots = n_keys * n_keys if num_slots is None else num_slots
         self.dead_threshold = dead_threshold
         self.gamma = 1.0 - 1.0 / window
         N, H = self.num_slots, heads
         self.register_buffer("counts", torch.zeros(N), persistent=False)
         self.register_buffer("mass", torch.zeros(N), persistent=False)
-        self.register_buffer("subkey_counts", torch.zeros(H, 2, n_keys), persistent=False)
+        self.register_buffer("subkey_counts", torch.zeros(H, 2, n_keys or 0), persistent=False)
         self.register_buffer("last_seen", torch.full((N,), -1, dtype=torch.long), persistent=False)
         self.register_buffer("_step", torch.zeros((), dtype=torch.long), persistent=False)  # == updates
         self.register_buffer("_masked_tokens", torch.zeros((), dtype=torch.long), persistent=False)
         # flat offset of [h, 0, 0] in subkey_counts.view(-1), per head
-        self.register_buffer("_head_offsets", torch.arange(H).mul_(2 * n_keys).view(H, 1), persistent=False)
+        self.register_buffer("_head_offsets", torch.arange(H).mul_(2 * (n_keys or 0)).view(H, 1), persistent=False)
         self._updates = 0
         self._host_tokens = 0  # real tokens of the updates without a mask (masked ones: _masked_tokens)
         self._window_accesses = deque(maxlen=window)  # per update: (tokens as int or device scalar, H*k)
@@ -226,11 +240,12 @@ class UsageTracker(nn.Module):
 
         self.counts.mul_(self.gamma).index_add_(0, flat, ones)
         self.mass.mul_(self.gamma).index_add_(0, flat, w.reshape(-1))
-        i = torch.div(idx, n, rounding_mode="floor")  # (T, H, k) first-half sub-key id
-        j = idx - i * n  # second-half sub-key id
-        off = self._head_offsets  # (H, 1)
-        sub = torch.cat([(off + i).reshape(-1), (off + n + j).reshape(-1)])
-        self.subkey_counts.mul_(self.gamma).view(-1).index_add_(0, sub, torch.cat([ones, ones]))
+        if n is not None:
+            i = torch.div(idx, n, rounding_mode="floor")  # (T, H, k) first-half sub-key id
+            j = idx - i * n  # second-half sub-key id
+            off = self._head_offsets  # (H, 1)
+            sub = torch.cat([(off + i).reshape(-1), (off + n + j).reshape(-1)])
+            self.subkey_counts.mul_(self.gamma).view(-1).index_add_(0, sub, torch.cat([ones, ones]))
         step = self._step.view(1, 1, 1)
         if mask is not None:  # a masked token writes -1, which amax ignores
             step = torch.where(mask.reshape(T, 1, 1), step, -1)
@@ -252,6 +267,7 @@ class UsageTracker(nn.Module):
             gini_unweighted, gini_weighted     Gini of p: 0 uniform, (N-1)/N one slot
             top50, top90, top99   fewest slots holding 50/90/99% of the unweighted mass
             subkey_kl_first, subkey_kl_second  mean over heads of KL(p_half || uniform over n)
+                             (NaN, as dead_subkeys, without product keys)
             dead_subkeys     fraction of (head, half, sub-key) with EMA count below
                              dead_threshold * (that head-half's total / n)
             tokens_seen      real (unmasked) tokens since the last reset
@@ -284,12 +300,15 @@ class UsageTracker(nn.Module):
         top = torch.where(top < 0, nan, top)
         stats.update(top50=top[0], top90=top[1], top99=top[2])
 
-        sub = self.subkey_counts.to(dt)  # (H, 2, n)
-        sub_kl = kl_to_uniform(sub).mean(dim=0)  # (2,)
-        stats.update(subkey_kl_first=sub_kl[0], subkey_kl_second=sub_kl[1])
-        total = sub.sum(dim=-1, keepdim=True)  # (H, 2, 1)
-        dead = (sub < self.dead_threshold * total / self.n_keys).to(dt).mean()
-        stats["dead_subkeys"] = torch.where(total.min() > 0, dead, nan)
+        if self.n_keys is None:
+            stats.update(subkey_kl_first=nan, subkey_kl_second=nan, dead_subkeys=nan)
+        else:
+            sub = self.subkey_counts.to(dt)  # (H, 2, n)
+            sub_kl = kl_to_uniform(sub).mean(dim=0)  # (2,)
+            stats.update(subkey_kl_first=sub_kl[0], subkey_kl_second=sub_kl[1])
+            total = sub.sum(dim=-1, keepdim=True)  # (H, 2, 1)
+            dead = (sub < self.dead_threshold * total / self.n_keys).to(dt).mean()
+            stats["dead_subkeys"] = torch.where(total.min() > 0, dead, nan)
 
         stats["tokens_seen"] = self._masked_tokens.to(dt) + self._host_tokens
         out = dict(zip(stats.keys(), torch.stack(list(stats.values())).tolist()))  # the one sync

@@ -124,13 +124,13 @@ def test_value_reads_are_not_dense_flops():
 def test_memory_flops_variants_by_hand():
     # plain "memory" preset: no gate; value_dim 8 != dim 16 -> an out projection; relu scores; 3 heads, n 10, k 5
     layer = MemoryLayer(preset("memory", 16, n_keys=10, heads=3, topk=5, value_dim=8, score_fn="relu"))
-    assert layer.gate_proj is None and layer.out_proj is not None
+    assert layer.readout.gate_proj is None and layer.readout.out_proj is not None
     # top-5 grid: 5 + 2 + 1 + 1 + 1 = 10 cells with (a+1)(b+1) <= 5, each one add and one comparison
     expected = 2 * 16 * 3 * 8 + 2 * 3 * 10 * 8 + 3 * 2 * 10 + 2 * 3 * 10 + 3 * 5 + 2 * 3 * 5 * 8 + 2 * 8 * 16
     assert memory_flops(layer) == expected == 768 + 480 + 60 + 60 + 15 + 240 + 256
     # identity scores, value_dim == dim: no projections at all
     bare = MemoryLayer(preset("memory", 16, n_keys=10, heads=3, topk=5, score_fn="identity"))
-    assert bare.out_proj is None
+    assert bare.readout.out_proj is None
     assert memory_flops(bare) == 768 + 480 + 60 + 60 + 2 * 3 * 5 * 16
 
 

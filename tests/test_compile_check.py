@@ -26,6 +26,14 @@ def launched_kernels() -> set[str]:
     return names
 
 
+def tile_configs() -> set[tuple[int, int]]:
+    """Every (BLOCK_L, BLOCK_D) ``gather_dot``'s ``tile_config`` picks, over L and d up to 8193."""
+    from memlayers.ops.gather_dot.triton_kernel import tile_config
+
+    sizes = sorted({(1 << i) + e for i in range(14) for e in (-1, 0, 1)} - {0})
+    return {(c["BLOCK_L"], c["BLOCK_D"]) for L in sizes for d in sizes for c in [tile_config(L, d)]}
+
+
 def test_every_kernel_compiles_for_sm90():
     kernels = launched_kernels()
     assert len(kernels) >= 8  # the regex still finds them
@@ -39,6 +47,12 @@ def test_every_kernel_compiles_for_sm90():
     table = result.stdout
     assert kernels <= set(re.findall(r"\b(_\w+_kernel)\b", table)), f"kernels without a compile case: {kernels}"
     assert "'GATHER': False" in table  # the chunked path's second-level sum was compiled too
+    gather_dot_rows = [line for line in table.splitlines() if "_gather_dot_kernel" in line]
+    tiles = re.findall(r"'BLOCK_L': (\d+), 'BLOCK_D': (\d+)", "\n".join(gather_dot_rows))
+    # every tile the bag's weight gradient and gather_dot can pick was compiled
+    assert {(int(bl), int(bd)) for bl, bd in tiles} == tile_configs()
+    assert any("'ACC': 'fp64'" in line for line in gather_dot_rows)
+    assert any(line.endswith("fp32 i64 bf16 fp32") for line in gather_dot_rows)  # fp32 table, bf16 x
     rows = re.findall(r"(_\w+_kernel)\s+(\d+)\s+(\d+)", table)
     assert len(rows) >= len(kernels)
     for name, regs, spill in rows:

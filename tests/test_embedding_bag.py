@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import DEVICES, TOL, rel_err
+
 from memlayers.ops import embedding_bag, embedding_bag_naive
 
 SIZES = [  # (N, d, T, L): odd dims, N and T not powers of two, single-entry bags

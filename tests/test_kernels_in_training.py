@@ -59,4 +59,4 @@ def test_training_through_the_kernels_matches_the_references(kind, monkeypatch):
     # near-zero gradients, so parameters agree to ~1e-5 after 4 steps (a broken seam is off by >1e-2)
     for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
         assert rel_err(a.detach(), b.detach()) < 1e-4, name
-    assert not torch.equal(ours.values.weight, init.values.weight)  # the values did train
+    assert not torch.equal(ours.store.weight, init.store.weight)  # the values did train

@@ -7,7 +7,7 @@ from conftest import DEVICES, rel_err
 
 import memlayers
 from memlayers import MemoryConfig, MemoryLayer, ValueTable, preset
-from memlayers.norms import MaskedBatchNorm
+from memlayers.memory.norms import MaskedBatchNorm
 from memlayers.ops import embedding_bag_naive
 
 
@@ -15,7 +15,10 @@ def small(name="memory", dim=24, **overrides):
     return MemoryLayer.from_preset(name, dim, **{"n_keys": 16, "heads": 2, "topk": 4, **overrides})
 
 
-@pytest.mark.parametrize("name", sorted(memlayers.PRESETS))
+PRODUCT_KEY_PRESETS = sorted(n for n, p in memlayers.PRESETS.items() if p.config is MemoryConfig)
+
+
+@pytest.mark.parametrize("name", PRODUCT_KEY_PRESETS)
 @pytest.mark.parametrize("lead", [(), (5,), (2, 3), (2, 0)])
 def test_any_leading_shape(name, lead):
     layer = small(name)
@@ -30,13 +33,13 @@ def test_any_leading_shape(name, lead):
 @pytest.mark.parametrize("sparse_values", [False, True])
 def test_bf16_values_train_on_device(device, sparse_values):
     layer = small("memory_plus", sparse_values=sparse_values).to(device)
-    layer.values.to(torch.bfloat16)
+    layer.store.to(torch.bfloat16)
     opt = memlayers.build_optimizer(layer, 1e-3, value_optimizer="sparse_adam" if sparse_values else "adamw")
     x = torch.randn(2, 9, 24, device=device)
-    before = layer.values.weight.detach().clone()
+    before = layer.store.weight.detach().clone()
     layer(x).square().mean().backward()
     opt.step()
-    assert layer.values.weight.dtype == torch.bfloat16 and not torch.equal(layer.values.weight, before)
+    assert layer.store.weight.dtype == torch.bfloat16 and not torch.equal(layer.store.weight, before)
     assert layer.usage.summary()["tokens_seen"] == 18
 
 
@@ -45,16 +48,16 @@ def test_forward_is_the_weighted_sum_of_retrieved_values():
     x = torch.randn(7, 24)
     indices, weights = layer.retrieve(x)
     assert indices.shape == weights.shape == (7, 2, 4)
-    y = embedding_bag_naive(layer.values.weight, indices.flatten(1), weights.flatten(1))
-    assert rel_err(layer(x), layer.out_proj(y)) < 1e-5
+    y = embedding_bag_naive(layer.store.weight, indices.flatten(1), weights.flatten(1))
+    assert rel_err(layer(x), layer.readout.out_proj(y)) < 1e-5
 
 
 def test_memory_plus_gated_output():
     layer = small("memory_plus")
     x = torch.randn(7, 24)
     indices, weights = layer.retrieve(x)
-    y = embedding_bag_naive(layer.values.weight, indices.flatten(1), weights.flatten(1))
-    expected = layer.out_proj(y * torch.nn.functional.silu(layer.gate_proj(x)))
+    y = embedding_bag_naive(layer.store.weight, indices.flatten(1), weights.flatten(1))
+    expected = layer.readout.out_proj(y * torch.nn.functional.silu(layer.readout.gate_proj(x)))
     assert rel_err(layer(x), expected) < 1e-5
 
 
@@ -66,9 +69,9 @@ def test_score_functions(score_fn):
     if score_fn == "softmax":
         assert torch.allclose(weights.sum(-1), torch.ones(9, 2))
     with torch.no_grad():  # make every score negative: q = -1, keys > 0
-        layer.retrieval.query.weight.zero_()
-        layer.retrieval.query.bias.fill_(-1.0)
-        layer.retrieval.keys.abs_()
+        layer.addressing.query.weight.zero_()
+        layer.addressing.query.bias.fill_(-1.0)
+        layer.addressing.keys.abs_()
     _, weights = layer.retrieve(torch.randn(9, 24))
     expected = {"softmax": weights > 0, "relu": weights == 0, "identity": weights < 0}[score_fn]
     assert expected.all()
@@ -80,7 +83,7 @@ def test_query_norms_train_and_eval(query_norm, qk_norm):
     layer = small(query_norm=query_norm, qk_norm=qk_norm)
     x = torch.randn(3, 5, 24)
     layer(x).square().mean().backward()
-    assert layer.retrieval.keys.grad.abs().sum() > 0
+    assert layer.addressing.keys.grad.abs().sum() > 0
     layer.eval()
     single = layer(x[:1, :1])
     assert torch.allclose(single, layer(x)[:1, :1], atol=1e-6)  # eval: no dependence on the batch
@@ -106,7 +109,7 @@ def test_trains_after_cast(device, dtype, query_norm, qk_norm):
     for name, p in layer.named_parameters():
         assert p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all(), name
     if query_norm == "batchnorm":
-        bn = layer.retrieval.query_norm
+        bn = layer.addressing.query_norm
         assert bn.running_mean.dtype == bn.running_var.dtype == dtype
         assert bn.running_mean.abs().sum() > 0 and (bn.running_var != 1).any()  # updated from the batch
     _, weights = layer.retrieve(x)
@@ -141,7 +144,7 @@ def test_float64_layer_passes_gradcheck(query_norm, qk_norm):
 
 def test_keys_init_range():
     layer = small(key_dim=36)
-    assert layer.retrieval.keys.abs().max() <= 36**-0.5
+    assert layer.addressing.keys.abs().max() <= 36**-0.5
 
 
 def test_batchnorm_ignores_padding():
@@ -174,7 +177,7 @@ def test_layer_mask_keeps_padding_out_of_usage_and_batchnorm():
     mask[1, 3:] = False
     a(x, mask)
     b(x[mask])
-    assert torch.allclose(a.retrieval.query_norm.running_mean, b.retrieval.query_norm.running_mean)
+    assert torch.allclose(a.addressing.query_norm.running_mean, b.addressing.query_norm.running_mean)
     assert a.usage.summary()["tokens_seen"] == b.usage.summary()["tokens_seen"] == 9
 
 
@@ -190,16 +193,29 @@ def test_usage_tracked_in_training_only():
 # --- shared pools -----------------------------------------------------------------------------
 
 
+class SharedPool(torch.nn.Module):
+    """The owner of a pool and the layers reading it, as a model must be."""
+
+    def __init__(self, n_layers=3, **kw):
+        super().__init__()
+        cfg = preset("memory_plus", 24, n_keys=16, heads=2, topk=4, **kw)
+        self.pool = cfg.make_pool()
+        self.layers = torch.nn.ModuleList(MemoryLayer(cfg, self.pool) for _ in range(n_layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
 def test_shared_pool_is_one_table_saved_once():
-    pool = ValueTable(16 * 16, 24)
-    layers = torch.nn.ModuleList(small("memory_plus", values=pool) for _ in range(3))
-    assert all(layer.values is pool for layer in layers)
-    assert [layer.owns_values for layer in layers] == [True, False, False]
-    keys = [k for k in layers.state_dict() if k.endswith("values.weight")]
-    assert keys == ["0.values.weight"]
-    assert sum(p is pool.weight for p in layers.parameters()) == 1
+    model = SharedPool()
+    pool, layers = model.pool, model.layers
+    assert all(layer.store is pool for layer in layers)
+    keys = [k for k in model.state_dict() if k.endswith("weight") and "pool" in k or "store" in k]
+    assert keys == ["pool.weight"]
+    assert sum(p is pool.weight for p in model.parameters()) == 1
     x = torch.randn(5, 24)
-    sum(layer(x).sum() for layer in layers).backward()
     # the gradient of the pool sums what the three layers read
     grads = []
     for layer in layers:
@@ -211,47 +227,68 @@ def test_shared_pool_is_one_table_saved_once():
     assert torch.allclose(pool.weight.grad, sum(grads), atol=1e-6)
 
 
+def test_a_pool_the_model_does_not_hold_is_refused():
+    cfg = preset("memory_plus", 24, n_keys=16, heads=2, topk=4)
+    orphan = torch.nn.ModuleList(MemoryLayer(cfg, cfg.make_pool()) for _ in range(2))
+    assert not any("weight" in k and "readout" not in k and "addressing" not in k for k in orphan.state_dict())
+    with pytest.raises(ValueError, match="reads a shared pool that the model does not hold"):
+        memlayers.param_groups(orphan, 1e-3)
+
+
 def test_two_models_are_independent():
-    a = small("memory_plus", values=ValueTable(256, 24))
-    b = small("memory_plus", values=ValueTable(256, 24))
-    assert a.values is not b.values and a.owns_values and b.owns_values
+    a, b = SharedPool(), SharedPool()
+    assert a.pool is not b.pool and a.layers[0].store is a.pool
     c, d = small(), small()
-    assert c.values.weight.data_ptr() != d.values.weight.data_ptr()
-
-
-def _shared_model():
-    pool = ValueTable(16 * 16, 24)
-    return torch.nn.Sequential(small("memory_plus", values=pool), torch.nn.ReLU(), small("memory_plus", values=pool))
+    assert c.store.weight.data_ptr() != d.store.weight.data_ptr()
 
 
 def test_state_dict_round_trip_with_shared_pool():
-    src, dst = _shared_model(), _shared_model()
-    src[0].usage.update(torch.zeros(1, 2, 4, dtype=torch.long), torch.ones(1, 2, 4))
+    src, dst = SharedPool(), SharedPool()
+    src.layers[0].usage.update(torch.zeros(1, 2, 4, dtype=torch.long), torch.ones(1, 2, 4))
     buffer = io.BytesIO()
     torch.save(src.state_dict(), buffer)
     buffer.seek(0)
     dst.load_state_dict(torch.load(buffer))
     x = torch.randn(4, 24)
     assert torch.equal(src(x), dst(x))
-    assert dst[2].values is dst[0].values  # still shared after loading
+    assert dst.layers[2].store is dst.pool  # still shared after loading
     assert not any("usage" in k for k in src.state_dict())  # metrics are not checkpoint state
 
 
+def test_legacy_state_dict_keys_load():
+    """Layers saved before the parts had modules (retrieval., values., gate_proj., out_proj.) still load."""
+    layer = small("memory_plus")
+    legacy = {}
+    for k, v in layer.state_dict().items():
+        for new, old in (("addressing.", "retrieval."), ("store.", "values."), ("readout.", "")):
+            if k.startswith(new):
+                k = old + k[len(new) :]
+                break
+        legacy[k] = v.clone()
+    assert "retrieval.keys" in legacy and "values.weight" in legacy and "gate_proj.weight" in legacy
+    fresh = small("memory_plus")
+    fresh.load_state_dict(legacy)
+    x = torch.randn(3, 24)
+    assert torch.equal(fresh(x), layer(x))
+
+
 def test_deepcopy_and_to_keep_sharing():
-    model = copy.deepcopy(_shared_model()).to(torch.float64)
-    assert model[2].values is model[0].values and model[0].values.weight.dtype == torch.float64
+    model = copy.deepcopy(SharedPool()).to(torch.float64)
+    assert model.layers[2].store is model.pool and model.pool.weight.dtype == torch.float64
     assert model(torch.randn(3, 24, dtype=torch.float64)).dtype == torch.float64
 
 
 def test_shared_pool_size_mismatch():
-    with pytest.raises(ValueError, match="shared ValueTable is 256 x 24 but this layer needs"):
-        small(values=ValueTable(256, 24), n_keys=8)
-    with pytest.raises(ValueError, match="same n_keys and value_dim"):
-        small(values=ValueTable(256, 24), value_dim=12)
-    with pytest.raises(ValueError, match="sparse_grad=True"):
-        small(values=ValueTable(256, 24), sparse_values=True)
-    with pytest.raises(TypeError, match="must be a memlayers.ValueTable"):
-        small(values=torch.nn.Embedding(256, 24))
+    pool = preset("memory_plus", 24, n_keys=16, topk=4).make_pool()
+    with pytest.raises(ValueError, match="num_slots: the layer needs 4096, the pool has 256"):
+        small(pool=ValueTable(256, 24), n_keys=64, topk=4)
+    with pytest.raises(ValueError, match="out_dim: the layer needs 12, the pool has 24"):
+        small(pool=ValueTable(256, 24), value_dim=12)
+    with pytest.raises(ValueError, match="sparse_grad: the layer needs True"):
+        small(pool=ValueTable(256, 24), sparse_values=True)
+    with pytest.raises(TypeError, match="pool must be a memlayers value store"):
+        small(pool=torch.nn.Embedding(256, 24))
+    assert small(pool=pool).store is pool
 
 
 # --- configs, presets and bad input ---------------------------------------------------------------
@@ -275,7 +312,7 @@ def test_presets_scale_with_dim():
         (dict(heads=0), "heads"),
         (dict(value_dim=0), "value_dim"),
         (dict(query_norm="batch"), "query_norm: unknown 'batch'"),
-        (dict(score_fn="sigmoid"), "score_fn: unknown 'sigmoid'"),
+        (dict(score_fn="tanh"), "score_fn: unknown 'tanh'"),
         (dict(value_dropout=1.0), "value_dropout"),
         (dict(usage_window=0), "usage_window"),
     ],
@@ -320,8 +357,8 @@ def test_config_accepts_ints_for_floats_and_none_sizes():
 
 
 def test_preset_errors():
-    with pytest.raises(ValueError, match="unknown memory preset 'peer'"):
-        preset("peer", 64)
+    with pytest.raises(ValueError, match="unknown memory preset 'hopfield'"):
+        preset("hopfield", 64)
     with pytest.raises(ValueError, match="unknown MemoryConfig field\\(s\\) \\['nkeys'\\]"):
         preset("memory", 64, nkeys=3)
     with pytest.raises(ValueError, match="MemoryConfig.n_keys: must be an integer, got 16.5"):
@@ -335,7 +372,11 @@ def test_preset_errors():
         (lambda: (torch.randint(0, 3, (3, 24)), None), TypeError, "floating point"),
         (lambda: (torch.randn(3, 24, dtype=torch.float64), None), TypeError, "call layer.to\\(torch.float64\\)"),
         (lambda: (torch.randn(3, 24, device="meta"), None), ValueError, "layer is on cpu"),
-        (lambda: (torch.randn(3, 24), torch.ones(4, dtype=torch.bool)), ValueError, "mask must be a bool tensor of shape \\(3,\\)"),
+        (
+            lambda: (torch.randn(3, 24), torch.ones(4, dtype=torch.bool)),
+            ValueError,
+            "mask must be a bool tensor of shape \\(3,\\)",
+        ),
         (lambda: (torch.randn(3, 24), torch.ones(3)), ValueError, "mask must be a bool"),
     ],
 )
@@ -350,3 +391,34 @@ def test_config_accepts_numpy_numbers_as_python_ones():
     np = pytest.importorskip("numpy")
     cfg = MemoryConfig(dim=np.int64(16), n_keys=np.int32(8), heads=2, topk=4, input_dropout=np.float32(0.25))
     assert (type(cfg.dim), type(cfg.n_keys), type(cfg.input_dropout)) == (int, int, float) and cfg.n_keys == 8
+
+
+# --- every kind ---------------------------------------------------------------------------------
+
+SMALL = {"n_keys": 8, "topk": 4}
+TINY_OPTIONS = {
+    "pkm": SMALL, "memory": SMALL, "memory_plus": SMALL, "peer": {**SMALL, "heads": 2},
+    "ultramem": {**SMALL, "heads": 2}, "ultramem_v2": SMALL, "engram": {"hash_heads": 2, "d_ngram": 8, "table_size": 7},
+}  # fmt: skip
+
+
+def test_every_preset_has_tiny_options():
+    assert set(TINY_OPTIONS) == set(memlayers.PRESETS)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_OPTIONS))
+@pytest.mark.parametrize("lead", [(2, 5), (2, 0), (1, 1)])
+def test_every_kind_runs_any_batch_and_declares_its_parts(name, lead):
+    layer = MemoryLayer.from_preset(name, 24, **TINY_OPTIONS[name])
+    x = torch.randn(*lead, 24, requires_grad=True)
+    ids = torch.randint(0, 50, lead)
+    y = layer(x, token_ids=ids)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    (y.sum() + (layer.aux_loss() or 0)).backward()
+    assert x.grad.shape == x.shape
+    groups = {g["name"]: g for g in memlayers.param_groups(layer, 1e-3)}
+    assert groups["values"]["params"] and sum(len(g["params"]) for g in groups.values()) == len(
+        list(layer.parameters())
+    )
+    assert layer.flops_per_token() > 0 and layer.reads_per_token() > 0
+    assert layer.usage.num_slots == layer.addressing.num_slots

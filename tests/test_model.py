@@ -86,9 +86,9 @@ def test_config_defaults_and_hidden():
      ({"memories": [MemorySpec(layers="1,2"), MemorySpec(layers="2")]},
       r"memories\[1\].*layer 2 already.*memories\[0\]"),
      ({"memories": [mem("1", pool="p"), mem("2", pool="p", options={"n_keys": 16, "heads": 2, "topk": 4})]},
-      r"memories\[1\]\.pool.*n_keys=8.*n_keys=16"),
+      r"memories\[1\]\.pool.*num_slots=64 vs 256"),
      ({"memories": [mem("1", pool="p"), mem("2", pool="p", options={"n_keys": 8, "topk": 4, "value_dim": 16})]},
-      "value_dim"),
+      "out_dim=.* vs 16"),
      ],
 )  # fmt: skip
 def test_config_errors_name_the_field(overrides, match):
@@ -214,12 +214,13 @@ def test_init():
     assert (model.blocks[0].attn_norm.weight == 1).all()
     # the memory layer keeps its own init: projections N(0, dim^-1/2), zero biases, values N(0, d_v^-1/2)
     layer = model.blocks[2].memory
-    assert layer.gate_proj.weight.std().item() == pytest.approx(64**-0.5, rel=0.05)
-    assert layer.out_proj.weight.std().item() == pytest.approx(64**-0.5, rel=0.05)
-    assert layer.values.weight.std().item() == pytest.approx(64**-0.5, rel=0.05)
-    assert (layer.gate_proj.bias == 0).all()
-    bound = layer.retrieval.key_dim**-0.5
-    assert layer.retrieval.keys.abs().max().item() <= bound and layer.retrieval.keys.std().item() > 0.5 * bound / 3**0.5
+    assert layer.readout.gate_proj.weight.std().item() == pytest.approx(64**-0.5, rel=0.05)
+    assert layer.readout.out_proj.weight.std().item() == pytest.approx(64**-0.5, rel=0.05)
+    assert layer.store.weight.std().item() == pytest.approx(64**-0.5, rel=0.05)
+    assert (layer.readout.gate_proj.bias == 0).all()
+    bound = layer.addressing.key_dim**-0.5
+    keys = layer.addressing.keys
+    assert keys.abs().max().item() <= bound and keys.std().item() > 0.5 * bound / 3**0.5
 
 
 def test_init_never_touches_memory_layers():
@@ -271,7 +272,7 @@ def test_memory_presets_and_options_are_applied():
 
 def test_pkm_memory_model_trains_in_bf16():
     model = Transformer(tiny(memories=[mem("1", preset="pkm")])).to(torch.bfloat16).train()
-    bn = model.blocks[1].memory.retrieval.query_norm
+    bn = model.blocks[1].memory.addressing.query_norm
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     out = model(tokens(), tokens(seed=1))
@@ -293,25 +294,37 @@ def test_shared_pool_is_one_table_counted_once():
     specs = [mem("0,2", pool="p"), mem("3", pool="p", mode="beside"), mem("1")]
     model = Transformer(tiny(memories=specs))
     layers = dict(model.memory_layers())
-    table = layers[0].values
-    assert isinstance(table, ValueTable) and layers[2].values is table and layers[3].values is table
-    assert layers[1].values is not table
-    assert layers[0].owns_values and not layers[2].owns_values
+    table = model.pools["p"]
+    assert isinstance(table, ValueTable) and all(layers[i].store is table for i in (0, 2, 3))
+    assert layers[1].store is not table
     params = list(model.parameters())
     assert sum(p is table.weight for p in params) == 1
-    value_keys = [k for k in model.state_dict() if k.endswith("values.weight")]
-    assert value_keys == ["blocks.0.memory.values.weight", "blocks.1.memory.values.weight"]
+    value_keys = [k for k in model.state_dict() if k.endswith("store.weight") or k.startswith("pools.")]
+    assert value_keys == ["blocks.1.memory.store.weight", "pools.p.weight"]
     # the shared table receives gradient from all three layers
     model(tokens(), tokens(seed=1)).loss.backward()
     assert table.weight.grad is not None and table.weight.grad.abs().sum() > 0
     # two models never share a pool
-    assert Transformer(tiny(memories=specs)).blocks[0].memory.values is not table
+    assert Transformer(tiny(memories=specs)).blocks[0].memory.store is not table
+
+
+def test_checkpoints_from_before_model_owned_pools_load():
+    """The first layer reading a pool used to hold it (blocks.{i}.memory.values.weight)."""
+    specs = [mem("0,2", pool="p"), mem("1")]
+    model = Transformer(tiny(memories=specs))
+    legacy = {}
+    for k, v in model.state_dict().items():
+        k = k.replace("pools.p.", "blocks.0.memory.values.").replace(".store.", ".values.")
+        legacy[k.replace(".addressing.", ".retrieval.").replace(".readout.", ".")] = v.clone()
+    fresh = Transformer(tiny(memories=specs))
+    fresh.load_state_dict(legacy)
+    assert torch.equal(fresh(tokens()).logits, model(tokens()).logits)
 
 
 def test_sparse_values_pool():
     model = Transformer(tiny(memories=[mem("1,2", pool="p", options={"n_keys": 8, "topk": 4, "sparse_values": True})]))
-    table = model.blocks[1].memory.values
-    assert table.sparse_grad and model.blocks[2].memory.values is table
+    table = model.pools["p"]
+    assert table.sparse_grad and model.blocks[1].memory.store is table and model.blocks[2].memory.store is table
     model(tokens(), tokens(seed=1)).loss.backward()
     assert table.weight.grad.is_sparse
 

@@ -17,15 +17,25 @@ from memlayers.optim import (
 def model(sparse=False, shared=False):
     pool = ValueTable(16 * 16, 24, sparse_grad=sparse) if shared else None
     kw = dict(n_keys=16, heads=2, topk=4, sparse_values=sparse)
-    layers = [MemoryLayer.from_preset("memory_plus", 24, values=pool, **kw) for _ in range(2)]
-    return torch.nn.Sequential(layers[0], torch.nn.Linear(24, 24), layers[1])
+    layers = [MemoryLayer.from_preset("memory_plus", 24, pool=pool, **kw) for _ in range(2)]
+    m = PoolOwner(layers[0], torch.nn.Linear(24, 24), layers[1])
+    if shared:
+        m.pool = pool  # the model owns the pool
+    return m
+
+
+class PoolOwner(torch.nn.Sequential):
+    def forward(self, x):
+        for name, module in self._modules.items():
+            x = x if name == "pool" else module(x)
+        return x
 
 
 def test_param_groups_hygiene():
     m = model(shared=True)
     groups = {g["name"]: g for g in param_groups(m, lr=1e-4, weight_decay=0.1)}
     assert set(groups) == {"decay", "no_decay", "subkeys", "values"}
-    assert groups["values"]["params"] == [m[0].values.weight]  # the shared pool, once
+    assert groups["values"]["params"] == [m[0].store.weight]  # the shared pool, once
     assert groups["values"]["lr"] == pytest.approx(1e-3) and groups["values"]["weight_decay"] == 0
     assert groups["subkeys"]["weight_decay"] == 0 and len(groups["subkeys"]["params"]) == 2
     assert groups["decay"]["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in groups["decay"]["params"])
@@ -46,7 +56,7 @@ def test_sparse_optimizers_leave_untouched_rows_bit_identical(kind):
     torch.manual_seed(0)
     m = model(sparse=True)
     opt = build_optimizer(m, lr=1e-3, value_optimizer=kind)
-    table = m[0].values.weight
+    table = m[0].store.weight
     x1, x2 = torch.randn(4, 24), torch.randn(4, 24)
     touched1 = m[0].retrieve(x1)[0].unique()
     before = table.detach().clone()
@@ -70,7 +80,7 @@ def test_dense_adamw_moves_rows_that_are_no_longer_read():
     torch.manual_seed(0)
     m = model()
     opt = build_optimizer(m, lr=1e-3)
-    table = m[0].values.weight
+    table = m[0].store.weight
     x1, x2 = torch.randn(4, 24), torch.randn(4, 24)
     only1 = torch.zeros(table.shape[0], dtype=torch.bool)
     only1[m[0].retrieve(x1)[0].unique()] = True
@@ -141,7 +151,7 @@ def test_clip_values_separately(sparse):
     torch.manual_seed(0)
     m = model(sparse=sparse, shared=True)
     (m(torch.randn(8, 24)) * 1000).sum().backward()
-    table = m[0].values.weight
+    table = m[0].store.weight
     norm_rest, norm_values = clip_grad_norms(m, max_norm=1.0, value_max_norm=0.5)
     assert norm_rest > 1.0 and norm_values > 0.5
     if sparse:

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import DEVICES
+
 from memlayers.ops import product_key_topk
 
 

@@ -16,7 +16,6 @@ from conftest import TRITON_DEVICE as DEVICE
 from memlayers.ops.product_key_topk.reference import product_key_topk as reference
 from memlayers.ops.product_key_topk.triton_select import product_key_select_triton, product_key_topk_triton
 
-
 POISON = -(2**62)  # in no valid index range
 
 

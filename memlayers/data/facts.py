@@ -49,8 +49,6 @@ import random
 from dataclasses import dataclass, field
 from functools import cached_property
 
-import torch
-
 from .packing import PackedDataset
 from .tokenizers import WordTokenizer, split_words
 

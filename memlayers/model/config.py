@@ -5,12 +5,37 @@ Construction validates (``__post_init__`` calls ``validate()``); call ``validate
 fields in place (``Transformer`` does). Errors are ``ValueError``s naming the field and the fix.
 """
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import PRESETS, MemoryConfig, preset
+from torch import nn
+
+from ..memory.config import LayerConfig
+from ..memory.registry import PRESETS, preset
 
 MEMORY_MODES = ("replace", "beside")
+_RESERVED = set(dir(nn.Module())) | {"names"}  # attributes of the model's Pools container
+
+
+def parse_share(text: str) -> tuple[str, float]:
+    """How a spec's layers read their pool: "all" -> ("all", 1); "ring:F" -> ("ring", F) with 0 < F <= 1;
+    "block:G" -> ("block", G) with G >= 1. Raises ``ValueError`` for anything else."""
+    s = str(text).strip().lower()
+    if s == "all":
+        return "all", 1
+    kind, _, arg = s.partition(":")
+    try:
+        value = float(arg) if kind == "ring" else int(arg)
+    except ValueError:
+        value = None
+    if kind == "ring" and value is not None and 0 < value <= 1:
+        return "ring", value
+    if kind == "block" and value is not None and value >= 1:
+        return "block", value
+    raise ValueError(
+        f"share {text!r}: expected 'all' (every layer reads the same rows), 'ring:F' (layer j reads the window "
+        "starting at j*F*N of a ring of L*F*N rows, 0 < F <= 1) or 'block:G' (groups of G layers share a pool)"
+    )
 
 
 def parse_placement(text: str, n_layers: int) -> tuple[int, ...]:
@@ -118,11 +143,19 @@ class MoESpec:
 class MemorySpec:
     """Memory layers in the blocks ``layers`` selects (a placement string).
 
-    preset: a ``memlayers.PRESETS`` name, scaled to the model width; options: ``MemoryConfig`` overrides,
-    e.g. ``{"n_keys": 128, "topk": 8}``. pool: specs/layers with the same pool name share ONE
-    ``ValueTable`` (the Memory+ shared pool; they must agree on n_keys, value_dim and sparse_values);
-    None = every layer has its own table. mode: "replace" (the memory replaces the block's FFN) or
-    "beside" (the memory's output is added to the FFN's, both reading the same normalised input).
+    preset: a memory preset name (``memlayers.PRESETS``: pkm, memory, memory_plus, peer, ultramem,
+    ultramem_v2, engram, or one you registered), scaled to the model width; options: overrides of that
+    preset's config fields, e.g. ``{"n_keys": 128, "topk": 8}``.
+    pool: specs/layers with the same pool name share ONE value store, owned by the model
+    (``Transformer.pools[name]``; the Memory+ shared pool); they must agree on its sizes. None = every
+    layer has its own store.
+    share: how this spec's layers read their pool: "all" (the same rows), "ring:F" (UltraMemV2's ring:
+    layer j of the spec reads N rows starting at row j*F*N of a pool of max(N, L*F*N) rows, wrapping
+    around; each row is read by about 1/F layers) or "block:G" (consecutive groups of G layers each
+    share their own pool, named ``pool_0``, ``pool_1``, ...). All specs naming one pool use one share.
+    mode: "replace" (the memory replaces the block's FFN) or "beside" (the memory's output is added
+    to the FFN's). skip: a memory written at block b reads the normalised FFN input of block b - skip
+    (UltraMem's skip-layer: the lookup can start blocks before its result is needed); 0 = its own block.
     """
 
     layers: str = ""
@@ -130,14 +163,20 @@ class MemorySpec:
     pool: str | None = None
     mode: str = "replace"
     options: dict[str, Any] = field(default_factory=dict)
+    skip: int = 0
+    share: str = "all"
 
     def __post_init__(self):
         self.validate()
 
-    def memory_config(self, dim: int, name: str = "MemorySpec.options") -> MemoryConfig:
-        """The ``MemoryConfig`` of this spec's layers in a model of width ``dim``."""
+    def memory_config(
+        self, dim: int, name: str = "MemorySpec.options", n_layers: int | None = None, vocab_size: int | None = None
+    ) -> LayerConfig:
+        """The config of this spec's layers in a model of width ``dim`` (adapted to its depth and vocabulary
+        when given: see ``LayerConfig.in_model``)."""
         try:
-            return preset(self.preset, dim, **dict(self.options))
+            config = preset(self.preset, dim, **dict(self.options))
+            return config if n_layers is None else config.in_model(n_layers, vocab_size)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{name}: {e}") from None
 
@@ -146,14 +185,34 @@ class MemorySpec:
             _fail(f"{name}.preset", f"unknown {self.preset!r}", f"choose one of {sorted(PRESETS)}")
         if self.mode not in MEMORY_MODES:
             _fail(f"{name}.mode", f"unknown {self.mode!r}", f"choose one of {MEMORY_MODES}")
-        if self.pool is not None and (not isinstance(self.pool, str) or not self.pool):
-            _fail(f"{name}.pool", f"must be a non-empty name or None, got {self.pool!r}", "e.g. 'shared'")
+        if self.pool is not None and (
+            not isinstance(self.pool, str) or not self.pool.isidentifier() or self.pool in _RESERVED
+        ):
+            _fail(
+                f"{name}.pool",
+                f"must be None or a name like 'values' (a Python identifier, not an nn.Module attribute), "
+                f"got {self.pool!r}",
+                "e.g. 'shared'",
+            )
+        if not isinstance(self.skip, int) or isinstance(self.skip, bool) or self.skip < 0:
+            _fail(f"{name}.skip", f"must be an integer >= 0, got {self.skip!r}", "use 0 to read the layer's own block")
+        try:
+            parse_share(self.share)
+        except ValueError as e:
+            _fail(f"{name}.share", str(e), "use 'all' unless you want windowed sharing")
+        if parse_share(self.share)[0] != "all" and self.pool is None:
+            _fail(f"{name}.share", f"{self.share!r} needs a pool", "set pool to a name, or share to 'all'")
         if "dim" in self.options:
             _fail(f"{name}.options", "'dim' cannot be set", "a memory layer always has the model's width")
-        known = {f.name for f in fields(MemoryConfig)} - {"dim"}
+        known = PRESETS[self.preset].fields()
         unknown = sorted(set(self.options) - known)
         if unknown:
-            _fail(f"{name}.options", f"unknown MemoryConfig field(s) {unknown}", f"valid fields: {sorted(known)}")
+            config = PRESETS[self.preset].config.__name__
+            _fail(
+                f"{name}.options",
+                f"unknown {config} field(s) {unknown} for preset {self.preset!r}",
+                f"valid fields: {sorted(known)}",
+            )
 
 
 @dataclass
@@ -261,19 +320,44 @@ class ModelConfig:
                 f"layer(s) {both} have both MoE and a memory layer",
                 "a block holds an MoE FFN or a memory, not both: move one of them",
             )
-        pools: dict[str, tuple[int, MemoryConfig]] = {}
+        pools: dict[str, tuple[int, dict]] = {}
+        generated: set[str] = set()  # the pools a "block:G" spec makes: NAME_0, NAME_1, ...
         for s, spec in enumerate(self.memories):
-            mc = spec.memory_config(self.dim, f"memories[{s}].options")
-            if spec.pool is None or not parse_placement(spec.layers, self.n_layers):
+            mc = spec.memory_config(self.dim, f"memories[{s}].options", self.n_layers, self.vocab_size)
+            layers = parse_placement(spec.layers, self.n_layers)
+            early = [b for b in layers if b - spec.skip < 0]
+            if early:
+                _fail(
+                    f"memories[{s}].skip",
+                    f"layer(s) {early} would read block(s) {[b - spec.skip for b in early]}, before the first block",
+                    f"place them at blocks >= {spec.skip} or lower skip",
+                )
+            if spec.pool is None or not layers:
                 continue
-            shape = (mc.n_keys, mc.value_dim, mc.sparse_values)
-            if spec.pool in pools and pools[spec.pool][1] != shape:
-                other, (n, d, sparse) = pools[spec.pool]
+            how = parse_share(spec.share)[0]
+            if how == "ring" and not mc.ring_shareable:
+                _fail(
+                    f"memories[{s}].share", f"{mc.kind!r} memories cannot read a ring window", "use 'all' or 'block:G'"
+                )
+            if how != "all" and spec.pool in pools:
                 _fail(
                     f"memories[{s}].pool",
-                    f"pool {spec.pool!r} is shared with memories[{other}] which has n_keys={n}, value_dim={d}, "
-                    f"sparse_values={sparse}, but this spec has n_keys={mc.n_keys}, value_dim={mc.value_dim}, "
-                    f"sparse_values={mc.sparse_values}",
-                    "layers sharing one value table must agree on all three",
+                    f"pool {spec.pool!r} is also used by memories[{pools[spec.pool][0]}], but a {spec.share!r} pool "
+                    "places its layers by their order in one spec",
+                    "put all the layers reading it in one spec (e.g. layers: 'all'), or give them separate pools",
                 )
-            pools.setdefault(spec.pool, (s, shape))
+            sig = {**mc.pool_signature(), "share": parse_share(spec.share)}
+            if spec.pool in pools and pools[spec.pool][1] != sig:
+                other, theirs = pools[spec.pool]
+                differ = ", ".join(f"{k}={theirs.get(k)!r} vs {v!r}" for k, v in sig.items() if theirs.get(k) != v)
+                _fail(
+                    f"memories[{s}].pool",
+                    f"pool {spec.pool!r} is shared with memories[{other}], which differs ({differ})",
+                    "layers sharing one pool must agree on its sizes: give them the same options or separate pools",
+                )
+            pools.setdefault(spec.pool, (s, sig))
+            if how == "block":
+                generated |= {f"{spec.pool}_{g}" for g in range(-(-len(layers) // parse_share(spec.share)[1]))}
+        clash = sorted(generated & set(pools))
+        if clash:
+            _fail("memories.pool", f"pool name(s) {clash} are also the names of a 'block:G' pool's parts", "rename it")

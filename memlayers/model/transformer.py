@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import MemoryLayer
-from ..values import ValueTable
-from .config import ModelConfig
+from ..memory.layer import MemoryLayer
+from ..memory.parts import ValueStore
+from ..memory.stores.ring_window import RingWindow
+from .config import ModelConfig, parse_placement, parse_share
 from .generation import check_sampling, sample_next
 from .moe import MoE
 
@@ -58,13 +59,15 @@ class RoPE(nn.Module):
 
 
 class KVCache:
-    """One attention layer's keys and values for incremental decoding: (B, H, max_len, head_dim) buffers,
-    allocated on the first ``append`` (its batch, device and dtype), filled up to ``length`` tokens."""
+    """One block's state for incremental decoding: the attention's keys and values, (B, H, max_len, head_dim)
+    buffers allocated on the first ``append`` (its batch, device and dtype) and filled up to ``length``
+    tokens, and ``memory``, a dict the block's memory layer may keep (e.g. engram's recent token ids)."""
 
     def __init__(self, max_len: int):
         self.max_len, self.length = max_len, 0
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self.memory: dict = {}
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, H, T, hd) of the next T positions -> all keys and values so far, (B, H, length, hd) each."""
@@ -127,12 +130,14 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: ``x += attn(norm(x))``, then ``x += ffn(h) [+ memory(h)]`` with ``h = norm(x)``.
+    """Pre-norm block: ``x += attn(norm(x))``, then ``x += ffn(h) [+ memory(m)]`` with ``h = norm(x)``.
 
     ffn: a ``SwiGLU``, an ``MoE``, or None when a memory layer replaces it; memory: a ``MemoryLayer``
-    (mode "replace": instead of the FFN; "beside": added to the FFN's output) or None.
-    forward: x (B, T, dim), cache (the attention's KVCache or None) -> (x (B, T, dim), aux: scalar
-    unweighted MoE load-balancing loss or None).
+    (mode "replace": instead of the FFN; "beside": added to the FFN's output) or None. The memory reads
+    ``m = h``, or the ``memory_input`` given (an earlier block's h: UltraMem's skip-layer).
+    forward: x (B, T, dim), cache (this block's KVCache or None), token_ids (B, T) (for memories addressed
+    by token ids), memory_input (B, T, dim) or None -> (x (B, T, dim), aux: scalar unweighted MoE
+    load-balancing loss or None, h (B, T, dim)).
     """
 
     def __init__(self, cfg: ModelConfig, ffn: nn.Module | None, memory: MemoryLayer | None = None):
@@ -144,7 +149,13 @@ class Block(nn.Module):
         self.memory = memory
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        token_ids: torch.Tensor | None = None,
+        memory_input: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         x = x + self.drop(self.attn(self.attn_norm(x), cache))
         h = self.ffn_norm(x)
         aux, out = None, None
@@ -153,15 +164,40 @@ class Block(nn.Module):
         elif self.ffn is not None:
             out = self.ffn(h)
         if self.memory is not None:
-            m = self.memory(h)
+            ids = token_ids if self.memory.needs_token_ids else None
+            m = self.memory(
+                h if memory_input is None else memory_input,
+                token_ids=ids,
+                state=None if cache is None else cache.memory,
+            )
             out = m if out is None else out + m
-        return x + self.drop(out), aux
+        return x + self.drop(out), aux, h
+
+
+class Pools(nn.Module):
+    """The model's shared value stores by name: ``pools[name]`` or ``pools.name``; ``state_dict`` keys
+    ``pools.{name}.*``. (Not a ModuleDict: a pool may be called "values".)"""
+
+    def __init__(self, stores: dict[str, ValueStore]):
+        super().__init__()
+        for name, store in stores.items():
+            self.add_module(name, store)
+
+    def __getitem__(self, name: str) -> ValueStore:
+        return self._modules[name]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def names(self) -> list[str]:
+        return list(self._modules)
 
 
 @dataclass
 class ModelOutput:
     """logits (B, T, V) float; loss: scalar mean CE over targets != -100 (None without targets);
-    aux_loss: scalar, the sum over MoE layers of aux_weight * load-balancing loss (0. without MoE)."""
+    aux_loss: scalar, the sum over MoE layers of aux_weight * load-balancing loss plus, in training mode, the
+    memory layers' weighted auxiliary losses (e.g. UltraMem's Tucker core penalty); 0. without either."""
 
     logits: torch.Tensor
     loss: torch.Tensor | None
@@ -171,8 +207,9 @@ class ModelOutput:
 class Transformer(nn.Module):
     """Token embedding -> ``n_layers`` Blocks -> final RMSNorm -> lm head (tied to the embedding by default).
 
-    Memory layers are built from ``memlayers.preset(spec.preset, dim, **spec.options)``; specs with the same
-    ``pool`` name share one ``ValueTable`` (registered once, under the first layer that uses it).
+    Memory layers are built from ``memlayers.preset(spec.preset, dim, **spec.options)`` adapted to the model
+    (``LayerConfig.in_model``). Shared pools are owned here, in ``pools`` (a ``Pools`` container by pool name; with
+    ``share="block:G"`` the names are ``pool_0``, ``pool_1``, ...), and read by reference by their layers.
     Init: every Linear/Embedding/expert weight N(0, init_std), residual output projections (attention
     ``out``, SwiGLU ``down``, expert ``down``) N(0, init_std/sqrt(2*n_layers)); memory layers keep their
     own init (the papers').
@@ -189,19 +226,18 @@ class Transformer(nn.Module):
         self.config = cfg
         moe_layers = set(cfg.moe_layers)
         placed = cfg.memory_placement()
-        pools: dict[str, ValueTable] = {}
+        pools: dict[str, ValueStore] = {}
+        self.pool_of: dict[int, str] = {}  # block -> name of the pool its memory reads
+        self.memory_reads: dict[int, int] = {}  # block -> the earlier block whose FFN input its memory reads
         blocks = []
         for i in range(cfg.n_layers):
             memory, mode = None, None
             if i in placed:
                 s, spec = placed[i]
-                mc = spec.memory_config(cfg.dim, f"memories[{s}].options")
-                values = None
-                if spec.pool is not None:
-                    if spec.pool not in pools:
-                        pools[spec.pool] = ValueTable(mc.num_values, mc.value_dim, sparse_grad=mc.sparse_values)
-                    values = pools[spec.pool]
-                memory, mode = MemoryLayer(mc, values), spec.mode
+                mc = spec.memory_config(cfg.dim, f"memories[{s}].options", cfg.n_layers, cfg.vocab_size)
+                memory, mode = MemoryLayer(mc, self._pool_for(i, spec, mc, pools)), spec.mode
+                if spec.skip:
+                    self.memory_reads[i] = i - spec.skip
             if i in moe_layers:
                 ffn = MoE(cfg.dim, cfg.expert_hidden, cfg.moe.experts, cfg.moe.topk)
             elif mode == "replace":
@@ -216,12 +252,32 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.pools = Pools(pools)
+        self.register_load_state_dict_pre_hook(_upgrade_pool_keys)
         self.reset_parameters()
 
+    def _pool_for(self, block: int, spec, mc, pools: dict) -> ValueStore | None:
+        """The pool (or a window onto it) the memory at ``block`` reads, created on first use (so the init
+        draws from the RNG in build order); None without a pool."""
+        if spec.pool is None:
+            return None
+        layers = parse_placement(spec.layers, self.config.n_layers)
+        j, L, N = layers.index(block), len(layers), mc.num_slots
+        how, arg = parse_share(spec.share)
+        name, rows = spec.pool, None
+        if how == "block":
+            name = f"{spec.pool}_{j // arg}"
+        elif how == "ring":
+            rows = max(N, round(L * arg * N))
+        if name not in pools:
+            pools[name] = mc.make_pool(rows)
+        self.pool_of[block] = name
+        return RingWindow(pools[name], round(j * arg * N), N) if how == "ring" else pools[name]
+
     def _own_modules(self, module: nn.Module | None = None):
-        """Every submodule except MemoryLayers and everything inside them."""
+        """Every submodule except memory layers, pools and everything inside them (they keep their own init)."""
         for child in (self if module is None else module).children():
-            if isinstance(child, MemoryLayer):
+            if isinstance(child, (MemoryLayer, ValueStore)) or child is self.pools:
                 continue
             yield child
             yield from self._own_modules(child)
@@ -304,10 +360,16 @@ class Transformer(nn.Module):
                 )
         x = self.drop(self.tok_emb(idx))  # (B, T, dim)
         aux_loss = torch.zeros((), device=idx.device)
+        sources = set(self.memory_reads.values())
+        saved = {}  # block -> its FFN input, for the later memories that read it
         for i, block in enumerate(self.blocks):
-            x, aux = block(x, None if cache is None else cache[i])
+            x, aux, h = block(x, None if cache is None else cache[i], idx, saved.get(self.memory_reads.get(i)))
+            if i in sources:
+                saved[i] = h
             if aux is not None:
                 aux_loss = aux_loss + self.config.moe.aux_weight * aux
+            if self.training and block.memory is not None and (extra := block.memory.aux_loss()) is not None:
+                aux_loss = aux_loss + extra
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         loss = None
         if targets is not None:
@@ -372,3 +434,12 @@ class Transformer(nn.Module):
         finally:
             self.train(was_training)
         return idx
+
+
+def _upgrade_pool_keys(module, state_dict, prefix, *args) -> None:
+    """Load checkpoints saved before pools were owned by the model: the first layer reading a pool held it
+    as ``blocks.{i}.memory.values.weight``; it is ``pools.{name}.weight`` now."""
+    for block, name in module.pool_of.items():
+        old, new = f"{prefix}blocks.{block}.memory.values.weight", f"{prefix}pools.{name}.weight"
+        if old in state_dict and new not in state_dict:
+            state_dict[new] = state_dict.pop(old)

@@ -1,11 +1,23 @@
 """Choosing between an op's Triton kernel and its plain-PyTorch reference."""
 
+import contextlib
 import importlib.util
 import os
 
 import torch
 
 IMPLS = ("auto", "reference", "triton")
+
+
+def full_precision(device: torch.device):
+    """A context turning autocast off on ``device`` when it is on, so that scores, top-k selections and
+    pre-activations are computed in the dtype the code asks for (autocast would run their matmuls in
+    bf16/fp16); a no-op elsewhere (also on devices without autocast, e.g. meta)."""
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # no autocast for this device type
+        enabled = False
+    return torch.autocast(device.type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 def use_triton(op: str, impl: str, tensor: torch.Tensor, problem: str | None = None) -> bool:

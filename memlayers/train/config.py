@@ -29,7 +29,7 @@ except ModuleNotFoundError as e:  # `pip install memlayers` is the layer library
     raise (missing_extra(e, "train") or e) from None
 
 from ..data import DataConfig
-from ..model import ModelConfig
+from ..model import MemorySpec, ModelConfig
 from ..optim import VALUE_OPTIMIZERS
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -274,6 +274,18 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 # Keys added to the configs after runs were saved with them: what a saved config without the key did
 # (other missing keys read as their field's default).
 ADDED_KEYS = {"data.text.chunk_tokens": 0}
+_SPEC_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MemorySpec) if f.default is not dataclasses.MISSING}
+
+
+def _added_default(key: str, defaults: dict, missing):
+    """What a key reads as in a config saved before it existed: ``ADDED_KEYS``, the run default, or for a
+    memory spec's field (``model.memories.<i>.<field>``, e.g. ``skip``, ``share``) the ``MemorySpec`` default."""
+    if key in defaults:
+        return defaults[key]
+    parts = key.split(".")
+    if len(parts) == 4 and parts[:2] == ["model", "memories"]:
+        return _SPEC_DEFAULTS.get(parts[3], missing)
+    return missing
 
 
 def config_diff(saved: dict, requested: dict, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
@@ -289,7 +301,7 @@ def config_diff(saved: dict, requested: dict, ignore: tuple[str, ...] = ()) -> l
     for key in sorted(set(a) | set(b)):
         if any(key == p or key.startswith(p + ".") for p in ignore):
             continue
-        va, vb = a.get(key, defaults.get(key, missing)), b.get(key, defaults.get(key, missing))
+        va, vb = a.get(key, _added_default(key, defaults, missing)), b.get(key, _added_default(key, defaults, missing))
         if va != vb or type(va) is not type(vb) and not _same_number(va, vb):
             out.append((key, None if va is missing else va, None if vb is missing else vb))
     return out

@@ -46,8 +46,9 @@ except ModuleNotFoundError as e:  # `pip install memlayers` is the layer library
     raise (missing_extra(e, "train") or e) from None
 
 from ..data import build_dataset
+from ..memory.parts import MemoryPart
 from ..model import Transformer
-from ..optim import VALUE_LR_RATIOS, build_optimizer, clip_grad_norms
+from ..optim import VALUE_LR_RATIOS, build_optimizer, clip_grad_norms, lr_decay_scale
 from .checkpoint import (
     CHECKPOINT,
     CheckpointError,
@@ -132,9 +133,10 @@ def train(
     device, dtype, resumes.
 
     metrics.jsonl lines: ``step`` (optimizer steps done), ``tokens``, ``elapsed`` (s, wall clock, summed over
-    resumes); on log steps also ``loss`` (mean LM loss since the previous log), ``aux_loss`` (MoE models),
-    ``lr`` and ``value_lr`` (peak-scaled lrs of the base and value groups), ``grad_norm`` and
-    ``value_grad_norm`` (before clipping), ``tokens_per_s`` (since the previous log, training time only);
+    resumes); on log steps also ``loss`` (mean LM loss since the previous log), ``aux_loss`` (MoE models and
+    memories with an auxiliary loss), ``lr`` and ``value_lr`` (peak-scaled lrs of the base and value groups),
+    ``grad_norm`` and ``value_grad_norm`` (before clipping), ``tokens_per_s`` (since the previous log, training
+    time only);
     on eval steps ``eval/<name>`` for every evaluate() output.
     """
     if not isinstance(cfg, RunConfig):
@@ -404,6 +406,9 @@ class _Run:
         self.model = Transformer(cfg.model).to(device)
         if init is not None and ckpt is None:
             self.model.load_state_dict(init)
+        for part in self.model.modules():  # e.g. engram with canonical_ids folds tokens that read alike
+            if isinstance(part, MemoryPart):
+                part.bind_tokenizer(dataset.tokenizer.decode)
         self.optimizer = build_optimizer(
             self.model,
             lr=t.lr,
@@ -424,7 +429,9 @@ class _Run:
         self.steps_history = [t.steps]  # train.steps of each session that changed it (extensions)
         self.saved_step = None  # step of the last checkpoint written or loaded
         self.first_bad = torch.zeros((), dtype=torch.long, device=device)  # first step with NaN/inf, 0 if none
-        self.has_moe = bool(getattr(cfg.model.moe, "layers", ""))
+        self.has_aux = bool(getattr(cfg.model.moe, "layers", "")) or any(
+            layer.aux_loss() is not None for _, layer in self.model.memory_layers()
+        )  # MoE balancing or a memory's own auxiliary loss (UltraMem's core penalty)
         remove_stale_tmp(out_dir, (CHECKPOINT, RESULT, CONFIG, CURVES))
         save_config(cfg, out_dir / CONFIG)  # also restores a deleted one; an extension records its new steps
         metrics = out_dir / METRICS
@@ -514,7 +521,7 @@ class _Run:
         t = self.t
         mult = lr_multiplier(step, t.steps, t.warmup, t.min_lr_ratio)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * mult
+            group["lr"] = base * mult * lr_decay_scale(group.get("lr_decay"), step, t.steps)
         return mult
 
     def _lrs(self) -> dict:
@@ -631,7 +638,7 @@ class _Run:
                     log_time += dt
                     log_tokens += t.tokens_per_step
                     record = {"step": step, "tokens": self.tokens, "loss": loss}
-                    if self.has_moe:
+                    if self.has_aux:
                         record["aux_loss"] = aux
                     record.update(self._lrs())
                     record["grad_norm"], record["value_grad_norm"] = (float(n) for n in norms)

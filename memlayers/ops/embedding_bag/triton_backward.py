@@ -1,7 +1,7 @@
 """Triton backward of the weighted embedding bag.
 
-* weight gradient ``dw[t, l] = <grad_out[t], values[indices[t, l]]>``: grid ``(T, cdiv(L, BLOCK_L))``,
-  each program walks d in column blocks with a 2-D fp32 accumulator, reduced once at the end;
+* weight gradient ``dw[t, l] = <grad_out[t], values[indices[t, l]]>``: a gathered dot, computed by
+  ``memlayers.ops.gather_dot``'s kernel (``gather_dot_triton``);
 * value gradient ``dV[r] = sum_{(t, l): indices[t, l] = r} weights[t, l] * grad_out[t]``, two ways:
   - ``"atomics"``: grid ``(T, cdiv(d, BLOCK_D))``, each program adds ``w * grad_out[t]`` into its
     rows of an fp32 buffer with ``atomic_add``. Fast, not deterministic;
@@ -23,41 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..gather_dot.triton_kernel import gather_dot_triton
 from .triton_forward import accumulation_dtype, tl_dtype
 
 CHUNK = 128  # most entries summed for one row in one pass; longer rows are split into chunks
 SEGS = 16  # segments (rows or chunks) one program of the segment sum walks side by side
-
-
-@triton.jit
-def _weight_grad_kernel(
-    values_ptr,  # (N, d), row stride `stride_v`
-    indices_ptr,  # (T, L) contiguous
-    grad_ptr,  # (T, d) contiguous
-    out_ptr,  # (T, L) contiguous
-    L,
-    D,
-    stride_v,
-    ACC: tl.constexpr,
-    BLOCK_L: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    t = tl.program_id(0).to(tl.int64)
-    offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask_l = offs_l < L
-    idx = tl.load(indices_ptr + t * L + offs_l, mask=mask_l, other=0).to(tl.int64)
-    acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=ACC)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        g = tl.load(grad_ptr + t * D + offs_d, mask=mask_d, other=0).to(ACC)
-        rows = tl.load(
-            values_ptr + idx[:, None] * stride_v + offs_d[None, :],
-            mask=mask_l[:, None] & mask_d[None, :],
-            other=0,
-        ).to(ACC)
-        acc += rows * g[None, :]
-    tl.store(out_ptr + t * L + offs_l, tl.sum(acc, axis=1), mask=mask_l)
 
 
 @triton.jit
@@ -160,36 +130,11 @@ def _block_d(d: int) -> int:
 def weight_grad_triton(
     values: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """values (N, d), indices (T, L), grad_out (T, d) -> dw (T, L) in the accumulation dtype.
+    """values (N, d), indices (T, L), grad_out (T, d) -> dw (T, L) float32 (float64 if an input is).
 
     ``out``, if given, is a contiguous (T, L) tensor (any float dtype) that is overwritten.
     """
-    T, L = indices.shape
-    d = values.shape[1]
-    acc = accumulation_dtype(values.dtype)
-    if out is None:
-        out = torch.empty(T, L, dtype=acc, device=values.device)
-    if out.numel() == 0:
-        return out
-    if d == 0:
-        return out.zero_()
-    values = values if values.stride(1) == 1 else values.contiguous()
-    block_l = min(triton.next_power_of_2(L), 16)
-    block_d = _block_d(d)
-    _weight_grad_kernel[(T, triton.cdiv(L, block_l))](
-        values,
-        indices.contiguous(),
-        grad_out.contiguous(),
-        out,
-        L,
-        d,
-        values.stride(0),
-        ACC=tl_dtype(acc),
-        BLOCK_L=block_l,
-        BLOCK_D=block_d,
-        num_warps=4,
-    )
-    return out
+    return gather_dot_triton(values, indices, grad_out, out=out)
 
 
 def _scatter_atomic(dest: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, num_rows: int) -> torch.Tensor:

@@ -1,0 +1,107 @@
+"""The three parts a memory layer is made of, and what each part tells the rest of the library.
+
+A memory layer is ``readout(store(addressing(x)), x)``:
+
+* ``Addressing``: x (T, dim) [and token ids (T,)] -> slot ids (T, H, k) int64 and weights (T, H, k)
+  (or (T, H, k, C): C weights per slot, one per score core);
+* ``ValueStore``: (ids, weights, x) -> (T, d_v); owns the big table(s). The one seam that is shared
+  between layers, sharded, fused with an optimizer or moved off the GPU: such things wrap a store;
+* ``Readout``: (y (T, d_v), x (T, dim)) -> (T, dim).
+
+Optimizer groups, accounting and usage metrics ask the parts (``param_roles``, ``flops_per_token`` and
+the store's ``read_flops``/``read_params``, the addressing's slot layout); nothing checks which kind of part it holds.
+"""
+
+import torch
+from torch import nn
+
+ROLES = ("keys", "values", "dense")
+
+
+class MemoryPart(nn.Module):
+    """What every part answers.
+
+    param_roles(): {role: [parameters]} over this part's own parameters, roles from ``ROLES``:
+        "keys"   addressing tables (sub-keys, Tucker keys): base lr, no weight decay;
+        "values" the large tables a token reads a few rows of: the value lr, no weight decay, clipped
+                 apart from the rest, eligible for the row-sparse optimizers;
+        "dense"  everything else (AdamW: decay on matrices, none on vectors).
+        Default: every parameter "dense".
+    flops_per_token(): forward FLOPs per token, by ``memlayers.accounting``'s conventions.
+    aux_loss(): a weighted auxiliary loss to add to the training loss, or None.
+    bind_tokenizer(decode): see below.
+    """
+
+    def param_roles(self) -> dict[str, list[nn.Parameter]]:
+        return {"dense": list(self.parameters())}
+
+    def flops_per_token(self) -> int:
+        return 0
+
+    def aux_loss(self) -> torch.Tensor | None:
+        return None
+
+    def bind_tokenizer(self, decode) -> None:
+        """Called with the training data's ``decode(ids) -> text`` before training (engram folds tokens that
+        read alike); most parts ignore it."""
+
+
+class Addressing(MemoryPart):
+    """Chooses the slots a token reads.
+
+    Attributes every addressing sets:
+        heads, topk: each token reads heads*topk slots, returned as (T, heads, topk);
+        num_slots: slot ids are in [0, num_slots);
+        grid: n when slot ids are product-structured ``i*n + j`` (per-half sub-key usage metrics), else None;
+        needs_token_ids: True when forward needs the token ids (hashed n-grams).
+    forward(x (T, dim), mask (T,) bool or None, token_ids (...) int64 or None, state dict or None)
+        -> ids (T, heads, topk) int64, weights (T, heads, topk) or (T, heads, topk, C).
+        token_ids has the layer input's leading shape (e.g. (B, S), T = B*S) so that an addressing can look
+        back along the sequence; state is kept across incremental decoding calls (None otherwise).
+    """
+
+    needs_token_ids = False
+
+
+class ValueStore(MemoryPart):
+    """Holds the values and reads them.
+
+    Attributes: num_slots (ids are in [0, num_slots)), out_dim (width of what forward returns),
+    sparse_grad (its "values" parameters get row-sparse gradients), lr_decay ((start, fraction): the
+    value lr starts at ``start`` times its peak and falls linearly to 1x over the first ``fraction`` of
+    training; None: constant).
+    forward(ids (T, H, k), weights (T, H, k[, C]), x (T, dim)) -> (T, out_dim).
+    read_params(reads): parameters of "values" tables a token reads when it reads ``reads`` slots.
+    read_flops(reads): forward FLOPs per token for ``reads`` slots (a store's ``flops_per_token``).
+    signature(): what layers sharing this store must agree on (shown in errors).
+    root(): the store that holds the tables: itself, or for a wrapper (a window, a per-layer input
+    projection around a shared pool) the wrapped pool's root. Wrappers hold the pool by reference.
+    """
+
+    sparse_grad = False
+    lr_decay: tuple[float, float] | None = None
+
+    def root(self) -> "ValueStore":
+        return self
+
+    def read_params(self, reads: int) -> int:
+        return 0
+
+    def read_flops(self, reads: int) -> int:
+        return 0
+
+    def signature(self) -> dict:
+        return {"num_slots": self.num_slots, "out_dim": self.out_dim, "sparse_grad": self.sparse_grad}
+
+
+class Readout(MemoryPart):
+    """Maps what the store read back to the model: forward(y (T, d_v), x (T, dim), lead, state) -> (T, dim).
+
+    ``lead`` is the input's leading shape (e.g. (B, S)), for readouts that act along the sequence;
+    ``state`` a dict kept across incremental decoding calls (None when not decoding).
+    """
+
+
+def linear_flops(*layers: nn.Linear | None) -> int:
+    """2 * in * out per (present) Linear: one multiply-add per weight."""
+    return sum(2 * m.in_features * m.out_features for m in layers if m is not None)

@@ -1,0 +1,88 @@
+"""Gathered dot products in plain PyTorch, with their autograd.
+
+    out[t, l] = table[ids[t, l]] · x[t]
+
+The forward gathers rows over chunks of tokens so at most ``_CHUNK_ELEMENTS`` gathered elements
+exist at once (never the whole ``(T, L, d)``). The gradients never gather either:
+
+* ``grad_x[t] = sum_l grad_out[t, l] * table[ids[t, l]]`` is a weighted embedding bag over ``table``;
+* ``grad_table[r] = sum_{(t, l): ids[t, l] = r} grad_out[t, l] * x[t]`` is the bag's value gradient
+  with ``grad_out`` as the weights and ``x`` as the bag's output gradient (touched rows only, sorted).
+
+Accumulation is in float32, float64 if either input is float64. The function the Triton kernel is
+checked against: keep it simple and obviously right.
+"""
+
+import torch
+
+from ..embedding_bag import embedding_bag
+from ..embedding_bag.reference import value_row_grads
+
+_CHUNK_ELEMENTS = 1 << 22  # gathered elements per chunk of the forward (16 MiB in fp32)
+
+
+def accumulation_dtype(table_dtype: torch.dtype, x_dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16/32-bit inputs, float64 if either is float64: the dtype of the output."""
+    return torch.promote_types(torch.promote_types(table_dtype, x_dtype), torch.float32)
+
+
+def gather_dot_forward(table: torch.Tensor, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """table (N, d), ids (T, L) int64, x (T, d) -> (T, L) in the accumulation dtype."""
+    acc = accumulation_dtype(table.dtype, x.dtype)
+    T, L = ids.shape
+    d = table.shape[1]
+    out = torch.empty(T, L, dtype=acc, device=table.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, L * d))
+    for start in range(0, T, step):
+        rows = table[ids[start : start + step]].to(acc)  # (chunk, L, d)
+        xs = x[start : start + step].to(acc).unsqueeze(-1)  # (chunk, d, 1)
+        out[start : start + step] = torch.bmm(rows, xs).squeeze(-1)
+    return out
+
+
+def table_grad(ids: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor, num_rows: int, sparse: bool):
+    """Gradient of ``table``: ``(rows (U,) sorted unique int64, row_grads (U, d))`` if ``sparse``, else
+    dense ``(num_rows, d)``; in the accumulation dtype of x. ids (T, L) int64, grad_out (T, L), x (T, d)."""
+    d = x.shape[1]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    if ids.numel() == 0:
+        rows, row_grads = ids.new_zeros(0), x.new_zeros(0, d, dtype=acc)
+    else:
+        rows, row_grads = value_row_grads(ids, grad_out, x)
+    if sparse:
+        return rows, row_grads
+    return row_grads.new_zeros(num_rows, d).index_copy_(0, rows, row_grads)
+
+
+class GatherDotFunction(torch.autograd.Function):
+    """Autograd of both paths. ``forward_fn`` (``gather_dot_forward`` or the Triton kernel's wrapper) computes
+    the forward; ``bag_impl`` ("reference" or "triton") is the ``embedding_bag`` path of ``grad_x``."""
+
+    @staticmethod
+    def forward(ctx, table, ids, x, sparse_grad: bool, forward_fn, bag_impl: str):
+        ctx.save_for_backward(table, ids, x)
+        ctx.sparse_grad, ctx.bag_impl = sparse_grad, bag_impl
+        return forward_fn(table, ids, x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        table, ids, x = ctx.saved_tensors
+        grad_table = grad_x = None
+        if ctx.needs_input_grad[2]:
+            grad_x = embedding_bag(table, ids, grad_out, impl=ctx.bag_impl).to(x.dtype)
+        if ctx.needs_input_grad[0]:
+            got = table_grad(ids.long(), grad_out, x, table.shape[0], ctx.sparse_grad)
+            if ctx.sparse_grad:
+                rows, row_grads = got
+                grad_table = torch.sparse_coo_tensor(
+                    rows.unsqueeze(0), row_grads.to(table.dtype), table.shape, is_coalesced=True, check_invariants=False
+                )
+            else:
+                grad_table = got.to(table.dtype)
+        return grad_table, None, grad_x, None, None, None
+
+
+def gather_dot_reference(table, ids, x, sparse_grad: bool = False) -> torch.Tensor:
+    """table (N, d), ids (T, L) int64, x (T, d) -> (T, L) float32 (float64 if an input is), differentiable
+    in table and x (``sparse_grad``: table gets a row-sparse COO gradient of the touched rows)."""
+    return GatherDotFunction.apply(table, ids, x, sparse_grad, gather_dot_forward, "reference")
