@@ -393,3 +393,12 @@ def test_pool_names_that_are_fine():
     assert model.pools.names() == ["shared_1_0", "shared_1_1"]
     assert model.pools.shared_1_0 is model.pools["shared_1_0"]
     assert model(tokens()).logits.shape == (2, 10, V)
+
+
+def test_pools_read_like_a_mapping():
+    model = build("memory_plus", "block:2")
+    assert list(model.pools) == model.pools.names() == ["values_0", "values_1"] and len(model.pools) == 2
+    assert "values_0" in model.pools and "values" not in model.pools
+    assert dict(model.pools.items())["values_1"] is model.pools["values_1"]
+    with pytest.raises(KeyError, match=r"no pool 'nope'; the model's pools: \['values_0', 'values_1'\]"):
+        model.pools["nope"]

@@ -144,3 +144,10 @@ def test_config_diff():
     assert config_diff(a, a) == []
     assert config_diff({"x": 1}, {"x": 1.0}) == [] and config_diff({"x": True}, {"x": 1}) != []
     assert flatten({"a": {"b": [1, {"c": 2}], "d": {}}}) == {"a.b.0": 1, "a.b.1.c": 2, "a.d": {}}
+
+
+def test_sparse_values_with_adamw_names_the_config_keys():
+    memory = "model.memories=[{layers: '1', preset: memory_plus, options: {n_keys: 8, topk: 4, sparse_values: true}}]"
+    match = r"train.value_optimizer=adamw cannot take .*model.memories\[0\].options.sparse_values=true"
+    with pytest.raises(ValueError, match=match):
+        load_config(None, [memory])

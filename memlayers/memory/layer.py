@@ -126,7 +126,7 @@ class MemoryLayer(nn.Module):
         if self.needs_token_ids:
             if token_ids is None:
                 raise ValueError(
-                    f"MemoryLayer: a {self.config.kind!r} memory is addressed by token ids; "
+                    f"MemoryLayer: {self.config.kind!r} memories are addressed by token ids; "
                     "call layer(x, token_ids=ids) "
                     f"with ids of shape {tuple(x.shape[:-1])}"
                 )

@@ -56,6 +56,8 @@ def preset(name: str, dim: int, **overrides) -> LayerConfig:
     """The named preset scaled to ``dim``, with any field overridden:
     ``preset("memory_plus", 512, n_keys=256)``."""
     p = get_preset(name)
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise ValueError(f"preset {name!r}: dim must be an integer >= 1 (the model width), got {dim!r}")
     unknown = sorted(set(overrides) - p.fields())
     if unknown:
         raise ValueError(

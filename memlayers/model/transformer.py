@@ -175,8 +175,9 @@ class Block(nn.Module):
 
 
 class Pools(nn.Module):
-    """The model's shared value stores by name: ``pools[name]`` or ``pools.name``; ``state_dict`` keys
-    ``pools.{name}.*``. (Not a ModuleDict: a pool may be called "values".)"""
+    """The model's shared value stores by name: ``pools[name]``, ``pools.name``, ``name in pools``, iteration
+    over the names, ``pools.items()``; ``state_dict`` keys ``pools.{name}.*``. (Not a ModuleDict: a pool may be
+    called "values".)"""
 
     def __init__(self, stores: dict[str, ValueStore]):
         super().__init__()
@@ -184,13 +185,24 @@ class Pools(nn.Module):
             self.add_module(name, store)
 
     def __getitem__(self, name: str) -> ValueStore:
+        if name not in self._modules:
+            raise KeyError(f"no pool {name!r}; the model's pools: {self.names()}")
         return self._modules[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._modules
+
+    def __iter__(self):
+        return iter(self._modules)
 
     def __len__(self) -> int:
         return len(self._modules)
 
     def names(self) -> list[str]:
         return list(self._modules)
+
+    def items(self):
+        return self._modules.items()
 
 
 @dataclass

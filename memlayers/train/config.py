@@ -151,6 +151,14 @@ class RunConfig:
                     f"train.value_optimizer={self.train.value_optimizer} needs row-sparse value gradients: set "
                     + ", ".join(f"model.memories[{i}].options.sparse_values=true" for i in dense)
                 )
+        else:
+            sparse = [i for i, m in enumerate(self.model.memories) if dict(m.options).get("sparse_values", False)]
+            if sparse:
+                raise ValueError(
+                    "train.value_optimizer=adamw cannot take the row-sparse value gradients of "
+                    + ", ".join(f"model.memories[{i}].options.sparse_values=true" for i in sparse)
+                    + "; set train.value_optimizer=sparse_adam (or sparse_adagrad, sparse_sgd), or sparse_values=false"
+                )
 
     def to_dict(self) -> dict:
         """A plain nested dict of builtins (dataclasses and tuples turned into dicts and lists)."""
