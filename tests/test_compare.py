@@ -122,3 +122,11 @@ def test_format_table_skips_empty_columns_and_shows_missing_values():
     lines = table.splitlines()
     assert lines[0].split() == ["arm", "params", "FLOPs/token"]
     assert lines[2].split() == ["a", "10", "5"] and lines[3].split() == ["bb", "2,000", "-"]
+
+
+def test_an_override_that_does_not_fit_one_arm_names_the_arm():
+    from memlayers.compare.runner import arm_configs
+
+    with pytest.raises(ValueError, match=r"^arm 'dense': .*model.memories.*pick arms with --arms"):
+        arm_configs(get_preset("cpu_family"), ["model.memories[0].options.n_keys=8"])
+    assert set(arm_configs(get_preset("cpu_family"), ["model.memories[0].options.topk=8"], ["peer"])) == {"peer"}

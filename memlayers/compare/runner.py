@@ -67,11 +67,16 @@ def arm_configs(
         unknown = sorted(set(arms) - set(preset.arms))
         if unknown:
             raise ValueError(f"unknown arm(s) {unknown} for preset {preset.name!r}; its arms: {list(preset.arms)}")
-    return {
-        arm: load_config(None, list(overrides), base=RunConfig(model=model, data=preset.data, train=preset.train))
-        for arm, model in preset.arms.items()
-        if arms is None or arm in arms
-    }
+    configs = {}
+    for arm, model in preset.arms.items():
+        if arms is None or arm in arms:
+            try:
+                configs[arm] = load_config(
+                    None, list(overrides), base=RunConfig(model=model, data=preset.data, train=preset.train)
+                )
+            except ValueError as e:  # an override applies to every arm: say which one it does not fit
+                raise ValueError(f"arm {arm!r}: {e} (overrides apply to every arm; pick arms with --arms)") from None
+    return configs
 
 
 def run_compare(
