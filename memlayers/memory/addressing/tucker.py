@@ -4,7 +4,7 @@ Per head h, each side (row, column) has rank-r keys; a token's row scores ``S_ro
 scores ``S_col (r, n)`` combine through C learned r x r cores: slot ``i*n + j`` scores
 ``S_row[:, i]ᵀ C_c S_col[:, j]`` under core c. Slots are ranked by the sum over cores ``C_sum = Σ_c C_c``;
 each selected slot keeps one weight per core (multi-core scoring: core c weights the c-th column slice
-of the value, see ``multi_core_bag``).
+of the value, see ``ImplicitValueExpansion``).
 
 Ranking all n² cells would cost O(n²); a rank-1 approximation of ``C_sum`` (its leading singular pair
 ``σ u vᵀ``) gives each row a filter score ``a_i = u·S_row[:, i]`` and each column ``b_j = v·S_col[:, j]``,

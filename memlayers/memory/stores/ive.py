@@ -7,7 +7,31 @@ from torch import nn
 
 from ...ops import embedding_bag
 from ..parts import ValueStore
-from .value_table import RowSlices
+
+
+class RowSlices(torch.autograd.Function):
+    """table (N, d) -> the (N*C, d/C) view whose row r*C + c is column slice c of row r. Autograd's own view
+    cannot take a row-sparse gradient back (sparse reshape); this backward maps it to (N, d) row-sparse."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, C: int) -> torch.Tensor:
+        ctx.shape, ctx.C = table.shape, C
+        return table.view(table.shape[0] * C, table.shape[1] // C)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (N, d), C = ctx.shape, ctx.C
+        if not grad.is_sparse:
+            return grad.reshape(N, d), None
+        grad = grad.coalesce()
+        slices = grad.indices()[0]
+        rows, at = torch.unique(slices // C, return_inverse=True)
+        values = grad.values().new_zeros(rows.numel(), C, d // C)
+        values[at, slices % C] = grad.values()
+        grad = torch.sparse_coo_tensor(
+            rows.unsqueeze(0), values.view(-1, d), (N, d), is_coalesced=True, check_invariants=False
+        )
+        return grad, None
 
 
 class ImplicitValueExpansion(ValueStore):
@@ -23,7 +47,7 @@ class ImplicitValueExpansion(ValueStore):
     costs E·d_v·out_dim of projection instead of projecting the E·N·d_v virtual table. Every chosen slot
     is added, also when two heads choose the same slot or two slots share a physical row and block (the
     lucidrains copy scatters them and keeps one). With C cores (C | d_v) column slice c of each physical
-    row is weighted by ``weights[..., c]``, before the projection (as ``multi_core_bag``).
+    row is weighted by ``weights[..., c]``, before the projection (bags over the table seen as ``RowSlices``).
 
     Each (token, block) bag holds all the token's H·k entries, those of other blocks at weight 0, so the
     bag reads E·H·k rows per token (H·k of them useful) and the rows a step touches are exactly those the

@@ -10,9 +10,7 @@ from ..parts import ValueStore
 class ValueTable(ValueStore):
     """A trainable (num_values, dim) table read as a weighted embedding bag.
 
-    ``forward(ids (T, H, k), weights (T, H, k), x) -> (T, dim)``: ``sum_{h,k} weights * V[ids]``; with
-    weights (T, H, k, C) ("multi-core" scores, C dividing dim) column slice c of every row is weighted
-    by ``weights[..., c]``.
+    ``forward(ids (T, H, k), weights (T, H, k), x) -> (T, dim)``: ``sum_{h,k} weights * V[ids]``.
 
     One table can be read by several ``MemoryLayer``s (a Memory+ *shared pool*): the model owns it
     (``Transformer.pools``), the layers hold a reference. Nothing is global: two models built in one
@@ -70,50 +68,7 @@ class ValueTable(ValueStore):
         return embedding_bag(self.weight, ids, weights, sparse_grad=self.sparse_grad)
 
     def forward(self, ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        if weights.dim() == ids.dim():
-            return self.bag(ids.flatten(1), weights.flatten(1))
-        return multi_core_bag(self.weight, ids, weights, self.sparse_grad)
+        return self.bag(ids.flatten(1), weights.flatten(1))
 
     def extra_repr(self) -> str:
         return f"num_values={self.num_values}, dim={self.dim}, sparse_grad={self.sparse_grad}"
-
-
-class RowSlices(torch.autograd.Function):
-    """table (N, d) -> the (N*C, d/C) view whose row r*C + c is column slice c of row r. Autograd's own view
-    cannot take a row-sparse gradient back (sparse reshape); this backward maps it to (N, d) row-sparse."""
-
-    @staticmethod
-    def forward(ctx, table: torch.Tensor, C: int) -> torch.Tensor:
-        ctx.shape, ctx.C = table.shape, C
-        return table.view(table.shape[0] * C, table.shape[1] // C)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (N, d), C = ctx.shape, ctx.C
-        if not grad.is_sparse:
-            return grad.reshape(N, d), None
-        grad = grad.coalesce()
-        slices = grad.indices()[0]
-        rows, at = torch.unique(slices // C, return_inverse=True)
-        values = grad.values().new_zeros(rows.numel(), C, d // C)
-        values[at, slices % C] = grad.values()
-        grad = torch.sparse_coo_tensor(
-            rows.unsqueeze(0), values.view(-1, d), (N, d), is_coalesced=True, check_invariants=False
-        )
-        return grad, None
-
-
-def multi_core_bag(table: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, sparse_grad: bool = False):
-    """table (N, d), ids (T, H, k), weights (T, H, k, C) with C | d -> (T, d): column slice c of each row
-    weighted by weights[..., c]. One bag over the table seen as (N*C, d/C) rows: slice c of row i is row
-    i*C + c, and token t's slice c is bag t*C + c."""
-    T, C = ids.shape[0], weights.shape[-1]
-    N, d = table.shape
-    if d % C:
-        raise ValueError(
-            f"multi-core weights: {C} cores must divide the row width {d}; use a value width divisible by C"
-        )
-    L = ids[0].numel()
-    rows = (ids.reshape(T, 1, L) * C + torch.arange(C, device=ids.device).view(1, C, 1)).reshape(T * C, L)
-    w = weights.reshape(T, L, C).transpose(1, 2).reshape(T * C, L)
-    return embedding_bag(RowSlices.apply(table, C), rows, w, sparse_grad=sparse_grad).view(T, d)

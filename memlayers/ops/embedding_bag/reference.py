@@ -58,8 +58,9 @@ def value_row_grads(indices: torch.Tensor, weights: torch.Tensor, grad_out: torc
 
 
 def weight_grad(values: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-    """dw[t, l] = <grad_out[t], values[indices[t, l]]>: (T, L) in the accumulation dtype."""
-    acc = _accumulation_dtype(grad_out.dtype)
+    """dw[t, l] = <grad_out[t], values[indices[t, l]]>: (T, L) in float32, float64 if either input is
+    (also ``memlayers.ops.gather_dot``'s reference forward: the same function)."""
+    acc = torch.promote_types(torch.promote_types(values.dtype, grad_out.dtype), torch.float32)
     T, L = indices.shape
     d = values.shape[1]
     out = torch.empty(T, L, dtype=acc, device=values.device)

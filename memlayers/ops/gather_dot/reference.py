@@ -2,8 +2,8 @@
 
     out[t, l] = table[ids[t, l]] · x[t]
 
-The forward gathers rows over chunks of tokens so at most ``_CHUNK_ELEMENTS`` gathered elements
-exist at once (never the whole ``(T, L, d)``). The gradients never gather either:
+The forward is the embedding bag's weight gradient (``embedding_bag.reference.weight_grad``), which
+gathers rows over chunks of tokens (never the whole ``(T, L, d)``). The gradients never gather either:
 
 * ``grad_x[t] = sum_l grad_out[t, l] * table[ids[t, l]]`` is a weighted embedding bag over ``table``;
 * ``grad_table[r] = sum_{(t, l): ids[t, l] = r} grad_out[t, l] * x[t]`` is the bag's value gradient
@@ -16,9 +16,7 @@ checked against: keep it simple and obviously right.
 import torch
 
 from ..embedding_bag import embedding_bag
-from ..embedding_bag.reference import value_row_grads
-
-_CHUNK_ELEMENTS = 1 << 22  # gathered elements per chunk of the forward (16 MiB in fp32)
+from ..embedding_bag.reference import value_row_grads, weight_grad
 
 
 def accumulation_dtype(table_dtype: torch.dtype, x_dtype: torch.dtype) -> torch.dtype:
@@ -27,17 +25,9 @@ def accumulation_dtype(table_dtype: torch.dtype, x_dtype: torch.dtype) -> torch.
 
 
 def gather_dot_forward(table: torch.Tensor, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """table (N, d), ids (T, L) int64, x (T, d) -> (T, L) in the accumulation dtype."""
-    acc = accumulation_dtype(table.dtype, x.dtype)
-    T, L = ids.shape
-    d = table.shape[1]
-    out = torch.empty(T, L, dtype=acc, device=table.device)
-    step = max(1, _CHUNK_ELEMENTS // max(1, L * d))
-    for start in range(0, T, step):
-        rows = table[ids[start : start + step]].to(acc)  # (chunk, L, d)
-        xs = x[start : start + step].to(acc).unsqueeze(-1)  # (chunk, d, 1)
-        out[start : start + step] = torch.bmm(rows, xs).squeeze(-1)
-    return out
+    """table (N, d), ids (T, L) int64, x (T, d) -> (T, L) in the accumulation dtype: the bag's weight
+    gradient, which is this function (chunked over tokens)."""
+    return weight_grad(table, ids, x)
 
 
 def table_grad(ids: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor, num_rows: int, sparse: bool):
