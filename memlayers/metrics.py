@@ -8,7 +8,6 @@ syncs) turns them into floats. Definitions follow ``reference/sparse_update.md``
 """
 
 import math
-from collections import deque
 
 import torch
 from torch import nn
@@ -77,6 +76,7 @@ class UsageTracker(nn.Module):
                                      read by head h adds 1 to [h, 0, i] and [h, 1, j] (product
                                      keys only; (H, 2, 0) when ``n_keys`` is None)
         last_seen (N,) int64         update number (0-based) of the last access, -1 = never
+        (and the counters: updates, real tokens seen, accesses per update over the last `window`)
 
     Each ``update`` decays the EMAs by gamma = 1 - 1/window, then adds the step's accesses.
 
@@ -122,12 +122,11 @@ class UsageTracker(nn.Module):
         self.register_buffer("subkey_counts", torch.zeros(H, 2, n_keys or 0), persistent=False)
         self.register_buffer("last_seen", torch.full((N,), -1, dtype=torch.long), persistent=False)
         self.register_buffer("_step", torch.zeros((), dtype=torch.long), persistent=False)  # == updates
-        self.register_buffer("_masked_tokens", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("_tokens", torch.zeros((), dtype=torch.long), persistent=False)  # real tokens seen
+        # accesses (real tokens * H * k) of update u at [u % window]: the last `window` updates' accesses
+        self.register_buffer("_window_accesses", torch.zeros(window, dtype=torch.long), persistent=False)
         # flat offset of [h, 0, 0] in subkey_counts.view(-1), per head
         self.register_buffer("_head_offsets", torch.arange(H).mul_(2 * (n_keys or 0)).view(H, 1), persistent=False)
-        self._updates = 0
-        self._host_tokens = 0  # real tokens of the updates without a mask (masked ones: _masked_tokens)
-        self._window_accesses = deque(maxlen=window)  # per update: (tokens as int or device scalar, H*k)
 
     def reset(self) -> None:
         """Forget everything recorded (buffers stay on their device)."""
@@ -136,33 +135,30 @@ class UsageTracker(nn.Module):
         self.subkey_counts.zero_()
         self.last_seen.fill_(-1)
         self._step.zero_()
-        self._masked_tokens.zero_()
-        self._updates = 0
-        self._host_tokens = 0
-        self._window_accesses.clear()
+        self._tokens.zero_()
+        self._window_accesses.zero_()
 
-    _STATE_BUFFERS = ("counts", "mass", "subkey_counts", "last_seen", "_step", "_masked_tokens")
+    _STATE_BUFFERS = ("counts", "mass", "subkey_counts", "last_seen", "_step", "_tokens", "_window_accesses")
 
     def tracker_state(self) -> dict:
-        """Everything recorded, as CPU tensors and ints: the buffers (kept out of ``state_dict``, so
-        model checkpoints stay pure weights) and the host-side counters. For exact training resume."""
+        """Everything recorded, as CPU tensors: the buffers (kept out of ``state_dict``, so model
+        checkpoints stay pure weights), and ``updates``. For exact training resume."""
         state = {b: getattr(self, b).detach().cpu().clone() for b in self._STATE_BUFFERS}
-        state["updates"], state["host_tokens"] = self._updates, self._host_tokens
-        state["window"] = [
-            [tok.detach().cpu().clone() if torch.is_tensor(tok) else int(tok), int(per)]
-            for tok, per in self._window_accesses
-        ]
+        state["updates"] = int(self._step)
         return state
 
     def load_tracker_state(self, state: dict) -> None:
-        """Restore what ``tracker_state`` returned (onto this tracker's device)."""
+        """Restore what ``tracker_state`` returned (onto this tracker's device), also from older versions
+        (which kept the token count and the window's accesses on the host)."""
+        if "_tokens" not in state:
+            state = {**state, "_tokens": state["_masked_tokens"] + int(state["host_tokens"])}
+            ring = torch.zeros(self.window, dtype=torch.long)
+            updates = int(state["updates"])
+            for age, (tokens, per_token) in enumerate(reversed(state["window"]), start=1):
+                ring[(updates - age) % self.window] = int(tokens) * int(per_token)
+            state["_window_accesses"] = ring
         for b in self._STATE_BUFFERS:
             getattr(self, b).copy_(state[b])
-        self._updates, self._host_tokens = int(state["updates"]), int(state["host_tokens"])
-        dev = self.counts.device
-        self._window_accesses = deque(
-            ((tok.to(dev) if torch.is_tensor(tok) else tok, per) for tok, per in state["window"]), maxlen=self.window
-        )
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) would otherwise cast the EMA buffers too: a bf16 count stops
@@ -207,10 +203,10 @@ class UsageTracker(nn.Module):
                     f"got {mask.dtype} on {mask.device}; pass mask.bool().to(device)"
                 )
 
-    @torch.compiler.disable  # host-side counters: run eagerly rather than recompile every step
     @torch.no_grad()
     def update(self, indices: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Record one step's accesses. Never syncs with the host (no .item(), no data-dependent shapes).
+        """Record one step's accesses. Never syncs with the host (no .item(), no data-dependent shapes, no
+        host-side counters: ``torch.compile`` traces it whole).
 
         Args:
             indices: (..., H, k) int64 flat slot ids ``i*n + j``. Their range is *not* checked
@@ -227,15 +223,14 @@ class UsageTracker(nn.Module):
         w = weights.detach().reshape(T, H, k).abs().float()  # (T, H, k)
         if mask is None:
             ones = torch.ones_like(w)
-            self._host_tokens += T
-            self._window_accesses.append((T, H * k))
+            n_real = self._step.new_full((1,), T)
         else:
             m = mask.reshape(T, 1, 1)
             ones = m.float().expand(T, H, k)
             w = w * ones
-            n_real = mask.sum()  # device scalar, read only in summary()
-            self._masked_tokens.add_(n_real)
-            self._window_accesses.append((n_real, H * k))
+            n_real = mask.sum().view(1)  # device scalar, read only in summary()
+        self._tokens.add_(n_real[0])
+        self._window_accesses.index_copy_(0, self._step.remainder(self.window).view(1), n_real * (H * k))
         flat, ones = idx.reshape(-1), ones.reshape(-1)
 
         self.counts.mul_(self.gamma).index_add_(0, flat, ones)
@@ -251,7 +246,6 @@ class UsageTracker(nn.Module):
             step = torch.where(mask.reshape(T, 1, 1), step, -1)
         self.last_seen.scatter_reduce_(0, flat, step.expand(T, H, k).reshape(-1), reduce="amax")
         self._step.add_(1)
-        self._updates += 1
 
     @torch.no_grad()
     def summary(self) -> dict[str, float]:
@@ -279,15 +273,11 @@ class UsageTracker(nn.Module):
         nan = torch.tensor(float("nan"), dtype=dt, device=dev)
         N = self.num_slots
 
-        A = torch.zeros((), dtype=dt, device=dev)
-        for tokens, per_token in self._window_accesses:
-            A = A + (tokens.to(dev) if torch.is_tensor(tokens) else tokens) * per_token
-        if self._updates:
-            first = max(0, self._updates - self.window)  # oldest update number inside the window
-            coverage = (self.last_seen >= first).to(dt).mean()
-            ideal = -torch.expm1(-A / N)
-        else:
-            coverage = ideal = nan
+        A = self._window_accesses.sum().to(dt)
+        first = (self._step - self.window).clamp_min(0)  # oldest update number inside the window
+        updated = self._step > 0
+        coverage = torch.where(updated, (self.last_seen >= first).to(dt).mean(), nan)
+        ideal = torch.where(updated, -torch.expm1(-A / N), nan)
         ratio = torch.where(ideal > 0, coverage / ideal, nan)
 
         stats = {"coverage": coverage, "coverage_ideal": ideal, "coverage_ratio": ratio}
@@ -310,10 +300,9 @@ class UsageTracker(nn.Module):
             dead = (sub < self.dead_threshold * total / self.n_keys).to(dt).mean()
             stats["dead_subkeys"] = torch.where(total.min() > 0, dead, nan)
 
-        stats["tokens_seen"] = self._masked_tokens.to(dt) + self._host_tokens
-        out = dict(zip(stats.keys(), torch.stack(list(stats.values())).tolist()))  # the one sync
-        out["updates"] = float(self._updates)
-        return out
+        stats["tokens_seen"] = self._tokens.to(dt)
+        stats["updates"] = self._step.to(dt)
+        return dict(zip(stats.keys(), torch.stack(list(stats.values())).tolist()))  # the one sync
 
     def extra_repr(self) -> str:
         return (

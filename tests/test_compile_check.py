@@ -22,7 +22,7 @@ def launched_kernels() -> set[str]:
     """Names of the ``@triton.jit`` functions the ops launch (by convention they end in ``_kernel``)."""
     names = set()
     for path in (REPO / "memlayers" / "ops").rglob("*.py"):
-        names |= set(re.findall(r"@triton\.jit\s*\ndef (\w+_kernel)\(", path.read_text()))
+        names |= set(re.findall(r"@triton\.jit(?:\(.*\))?[^\n]*\ndef (\w+_kernel)\(", path.read_text()))
     return names
 
 
@@ -32,6 +32,29 @@ def tile_configs() -> set[tuple[int, int]]:
 
     sizes = sorted({(1 << i) + e for i in range(14) for e in (-1, 0, 1)} - {0})
     return {(c["BLOCK_L"], c["BLOCK_D"]) for L in sizes for d in sizes for c in [tile_config(L, d)]}
+
+
+def select_table() -> set[str]:
+    """Every selection-kernel configuration the CUDA dispatcher picks over the supported range, plus the
+    benchmark's sweep, as the table prints them (constexprs, then the score dtype of both pointers)."""
+    import torch
+
+    from memlayers.ops.product_key_topk import K_MAX, N_MAX
+    from memlayers.ops.product_key_topk.triton_select import SWEEP_CONFIGS, kernel_constexprs, select_config
+
+    configs = [(1024, 32, c) for c in SWEEP_CONFIGS]
+    configs += [
+        (n, k, select_config(n, k, torch.device("cuda")))
+        for n in range(1, N_MAX + 1)
+        for k in range(1, min(n, K_MAX) + 1)
+    ]
+    rows = set()
+    for n, k, config in configs:
+        for dtype, name in (("fp32", "False"), ("bf16", "True")):
+            meta = {"ROWS": config["ROWS"], **kernel_constexprs(n, k, config), "BF16_SUM": name == "True"}
+            meta = {**meta, "TL_TOPK": config["TL_TOPK"], "num_warps": config["num_warps"]}
+            rows.add(f"{meta}  {dtype} {dtype} i64 i32 i32 i32 i64")
+    return rows
 
 
 def test_every_kernel_compiles_for_sm90():
@@ -53,6 +76,9 @@ def test_every_kernel_compiles_for_sm90():
     assert {(int(bl), int(bd)) for bl, bd in tiles} == tile_configs()
     assert any("'ACC': 'fp64'" in line for line in gather_dot_rows)
     assert any(line.endswith("fp32 i64 bf16 fp32") for line in gather_dot_rows)  # fp32 table, bf16 x
+    select_rows = [line for line in table.splitlines() if "_product_key_select_kernel" in line]
+    compiled = {line[line.index("{") :] for line in select_rows}
+    assert compiled == select_table()  # each configuration the dispatcher or the benchmark can pick, once
     rows = re.findall(r"(_\w+_kernel)\s+(\d+)\s+(\d+)", table)
     assert len(rows) >= len(kernels)
     for name, regs, spill in rows:

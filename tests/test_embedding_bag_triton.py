@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 from conftest import TOL, rel_err
 from conftest import TRITON_DEVICE as DEVICE
 
-from memlayers.ops.embedding_bag import triton_backward
+from memlayers.ops.bag_update import triton_kernel
 from memlayers.ops.embedding_bag.reference import embedding_bag_reference, value_row_grads
 from memlayers.ops.embedding_bag.triton_autograd import embedding_bag_triton
 from memlayers.ops.embedding_bag.triton_backward import bag_backward_triton, value_grad_triton, weight_grad_triton
@@ -23,14 +23,21 @@ from memlayers.ops.embedding_bag.triton_forward import bag_forward_triton
 
 @pytest.fixture(autouse=True)
 def poisoned_allocations(monkeypatch):
-    """Every float buffer the kernels' wrappers allocate with empty/empty_like starts as NaN."""
+    """Every buffer the kernels' wrappers allocate with empty/empty_like starts as NaN (floats) or 7 (ints: a
+    row id, so that an unwritten key would be read as one)."""
     empty, empty_like = torch.empty, torch.empty_like
 
     def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
+        return t.fill_(float("nan") if t.is_floating_point() else 7)
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+@pytest.fixture
+def chunk(monkeypatch):
+    """chunk(c): the sorted backward's programs take c sorted entries each (rows cut by chunk borders)."""
+    return lambda c: monkeypatch.setattr(triton_kernel, "chunk_size", lambda n: c)
 
 
 def make(N, T, L, d, dtype, index_dtype=torch.int64, seed=0):
@@ -93,12 +100,12 @@ def test_float64_matches_reference():
         assert rel_err(a, b) < 1e-12
 
 
-@pytest.mark.parametrize("backward", ["sorted", "atomics"])
+@pytest.mark.parametrize("backward,chunk_size", [("sorted", 4), ("sorted", None), ("atomics", None)])
 @pytest.mark.parametrize("sparse_grad", [False, True])
-@pytest.mark.parametrize("chunk", [4, 128])
-def test_all_entries_on_one_row(backward, sparse_grad, chunk, monkeypatch):
-    """Heavy collision; chunk=4 splits the row into chunks of chunks (three levels of partial sums)."""
-    monkeypatch.setattr(triton_backward, "CHUNK", chunk)
+def test_all_entries_on_one_row(backward, chunk_size, sparse_grad, chunk):
+    """Heavy collision; chunks of 4 cut the row 23 times: carries summed over four levels."""
+    if chunk_size:
+        chunk(chunk_size)
     values, indices, weights, grad_out = make(20, 13, 7, 24, torch.float32)
     indices.fill_(3)
     ours = run(lambda v, i, w: embedding_bag_triton(v, i, w, sparse_grad, backward), values, indices, weights, grad_out)
@@ -107,8 +114,8 @@ def test_all_entries_on_one_row(backward, sparse_grad, chunk, monkeypatch):
         assert rel_err(a, b) < 1e-5
 
 
-def test_mixed_heavy_and_light_rows(monkeypatch):
-    monkeypatch.setattr(triton_backward, "CHUNK", 4)
+def test_mixed_heavy_and_light_rows(chunk):
+    chunk(4)
     _, indices, weights, grad_out = make(30, 11, 6, 33, torch.float32, seed=1)
     indices[:, :3] = 7  # row 7: 33 entries, the rest spread over 30 rows
     rows, row_grads = value_grad_triton(indices, weights, grad_out, 30, "sorted", sparse=True)
@@ -117,12 +124,14 @@ def test_mixed_heavy_and_light_rows(monkeypatch):
     assert rel_err(row_grads, ref_grads) < 1e-5
 
 
-@pytest.mark.parametrize("chunk", [4, 128])
-@pytest.mark.parametrize("sparse_grad", [False, True])
-def test_fused_weight_grad_over_column_blocks_and_heavy_rows(chunk, sparse_grad, monkeypatch):
-    """The sorted backward computes the weight gradient in its per-row pass: d=300 spans two
-    column blocks (partial dot products summed after), row 7 is split into chunks when chunk=4."""
-    monkeypatch.setattr(triton_backward, "CHUNK", chunk)
+@pytest.mark.parametrize("chunk_size,sparse_grad", [(5, True), (None, False)])
+def test_fused_weight_grad_over_column_blocks_and_heavy_rows(chunk_size, sparse_grad, chunk, monkeypatch):
+    """The sorted backward computes the weight gradient in its per-row pass: with rows of at most 256
+    columns held whole, d=300 takes three blocks of 128 (each entry's dot summed over them); row 7 is
+    cut by chunks of 5."""
+    monkeypatch.setattr(triton_kernel, "MAX_BLOCK_D", 256)
+    if chunk_size:
+        chunk(chunk_size)
     values, indices, weights, grad_out = make(30, 11, 6, 300, torch.bfloat16, seed=3)
     indices[:, :3] = 7
     ours = run(lambda v, i, w: embedding_bag_triton(v, i, w, sparse_grad), values, indices, weights, grad_out)
@@ -133,41 +142,49 @@ def test_fused_weight_grad_over_column_blocks_and_heavy_rows(chunk, sparse_grad,
     assert rel_err(ours[2], exact) < 1e-5  # fp32 accumulation of the bf16 products
 
 
-@pytest.mark.parametrize("chunk", [2, 3])
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_sorted_backward_on_zipf_rows(chunk, seed, monkeypatch):
-    """Skewed reads (Zipf): rows of every length, several levels of chunks (CHUNK=2: chunks of
-    chunks of chunks), against the reference for both gradients, dense and sparse."""
-    monkeypatch.setattr(triton_backward, "CHUNK", chunk)
+@pytest.mark.parametrize("chunk_size,seed", [(4, 0), (5, 1)])
+def test_sorted_backward_on_zipf_rows(chunk_size, seed, chunk):
+    """Skewed reads (Zipf): rows of every length, cut by chunk borders anywhere, several carry levels,
+    against the reference for both gradients, dense and sparse."""
+    chunk(chunk_size)
     values, _, weights, grad_out = make(50, 11, 7, 40, torch.float32, seed=seed)
     g = torch.Generator().manual_seed(seed)
     zipf = 1.0 / torch.arange(1, 51, dtype=torch.float64) ** 1.5
     indices = torch.multinomial(zipf, 11 * 7, replacement=True, generator=g).view(11, 7).to(DEVICE)
     for sparse in (False, True):
-        ours = run(lambda v, i, w: embedding_bag_triton(v, i, w, sparse), values, indices, weights, grad_out)
-        ref = run(lambda v, i, w: embedding_bag_reference(v, i, w, sparse), values, indices, weights, grad_out)
+        ours = run(lambda v, i, w, s=sparse: embedding_bag_triton(v, i, w, s), values, indices, weights, grad_out)
+        ref = run(lambda v, i, w, s=sparse: embedding_bag_reference(v, i, w, s), values, indices, weights, grad_out)
         for a, b in zip(ours, ref):
             assert rel_err(a, b) < 1e-5
 
 
-def test_sorted_backward_syncs_once_with_heavy_rows(monkeypatch):
-    """Rows of 9, 5 and 13 entries with CHUNK=4 (chunked, none over CHUNK**2): still one host
-    sync (the only Tensor -> Python conversion), and both gradients match the reference."""
-    monkeypatch.setattr(triton_backward, "CHUNK", 4)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_sorted_backward_host_syncs(sparse, chunk, monkeypatch):
+    """Rows of 9, 5 and 13 entries cut by chunks of 4: the dense gradient converts no tensor to a Python
+    value (no host sync), the row-sparse one exactly once (its row count); both gradients match the
+    reference, and nothing allocates a zero-filled (N, d) buffer (untouched rows are zeroed once)."""
+    chunk(4)
     values, indices, weights, grad_out = make(40, 12, 5, 24, torch.float32, seed=4)
     flat = indices.view(-1)
     flat[:9], flat[9:14], flat[20:33] = 3, 5, 8
-    conversions = []
-    for name in ("tolist", "item", "__bool__", "__int__", "__index__"):
+    conversions, zero_filled = [], []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__"):
         real = getattr(torch.Tensor, name)
         monkeypatch.setattr(
             torch.Tensor, name, lambda self, *a, _n=name, _f=real, **k: conversions.append(_n) or _f(self, *a, **k)
         )
-    (rows, row_grads), dw = bag_backward_triton(values, indices, weights, grad_out, "sorted", sparse=True)
+    for name in ("zeros", "zeros_like"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _f=real, **k: zero_filled.append(_f(*a, **k)) or zero_filled[-1])
+    dv, dw = bag_backward_triton(values, indices, weights, grad_out, "sorted", sparse=sparse)
     monkeypatch.undo()
-    assert conversions == ["tolist"]
+    assert conversions == (["__int__"] if sparse else [])
+    assert all(t.numel() < values.numel() for t in zero_filled)
     ref_rows, ref_grads = value_row_grads(indices, weights, grad_out)
-    assert torch.equal(rows, ref_rows) and rel_err(row_grads, ref_grads) < 1e-5
+    if sparse:
+        assert torch.equal(dv[0], ref_rows) and rel_err(dv[1], ref_grads) < 1e-5
+    else:
+        assert rel_err(dv, torch.zeros_like(values).index_copy_(0, ref_rows, ref_grads)) < 1e-5
     assert rel_err(dw, torch.einsum("tld,td->tl", values[indices].double(), grad_out.double())) < 1e-5
 
 
@@ -181,8 +198,8 @@ def test_one_gradient_at_a_time(backward):
     assert rel_err(dv, ref[1]) < 1e-5 and rel_err(dw, ref[2]) < 1e-5
 
 
-def test_sorted_is_bitwise_deterministic(monkeypatch):
-    monkeypatch.setattr(triton_backward, "CHUNK", 4)
+def test_sorted_is_bitwise_deterministic(chunk):
+    chunk(6)
     _, indices, weights, grad_out = make(16, 10, 8, 40, torch.bfloat16, seed=2)
     indices[::2] = 5
     first = value_grad_triton(indices, weights, grad_out, 16, "sorted")

@@ -282,7 +282,19 @@ def test_update_reads_no_data():
     indices = torch.empty(3, 5, 2, 4, dtype=torch.long, device="meta")
     t.update(indices, torch.empty(3, 5, 2, 4, device="meta"), torch.empty(3, 5, dtype=torch.bool, device="meta"))
     t.update(indices, torch.empty(3, 5, 2, 4, device="meta"))
-    assert t._updates == 2 and t._host_tokens == 15
+    assert t._step.device.type == "meta" and t._window_accesses.shape == (t.window,)
+
+
+def test_state_of_older_versions_loads():
+    """Before the counters moved to the device, tracker_state kept tokens and the window on the host."""
+    a = UsageTracker(4, heads=1, window=3)
+    for tokens in (2, 3, 4, 5):
+        a.update(torch.zeros(tokens, 1, 2, dtype=torch.long), torch.ones(tokens, 1, 2))
+    old = {b: getattr(a, b).clone() for b in ("counts", "mass", "subkey_counts", "last_seen", "_step")}
+    old.update(_masked_tokens=torch.tensor(0), updates=4, host_tokens=14, window=[[3, 2], [4, 2], [5, 2]])
+    b = UsageTracker(4, heads=1, window=3)
+    b.load_tracker_state(old)
+    assert b.summary() == a.summary() and b.summary()["tokens_seen"] == 14
 
 
 def test_int32_indices_and_bf16_weights():

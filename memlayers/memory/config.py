@@ -6,7 +6,7 @@ import typing
 from dataclasses import MISSING, Field, asdict, dataclass, fields
 from typing import ClassVar
 
-from .addressing.product_keys import SCORE_FNS, ProductKeys
+from .addressing.product_keys import SCORE_DTYPES, SCORE_FNS, ProductKeys
 from .norms import QUERY_NORMS
 from .parts import Addressing, Readout, ValueStore
 
@@ -150,7 +150,8 @@ class KeyedConfig(LayerConfig):
     key_dim: full query/key width (split in two halves); default dim/2 (rounded to even).
     value_dim: width of a value row; default dim.
     query_bias, query_norm ("none" | "layernorm" | "rmsnorm" | "batchnorm"), qk_norm, score_fn
-    ("softmax" | "sigmoid" | "relu" | "identity"), query_dropout: see ``ProductKeys``.
+    ("softmax" | "sigmoid" | "relu" | "identity"), query_dropout, score_dtype ("full" | "bfloat16": exact
+    top-k of the bf16 scores, on tensor cores): see ``ProductKeys``.
     """
 
     n_keys: int = 1024
@@ -163,6 +164,7 @@ class KeyedConfig(LayerConfig):
     qk_norm: bool = False
     score_fn: str = "softmax"
     query_dropout: float = 0.0
+    score_dtype: str = "full"
 
     def derive(self) -> None:
         if self.key_dim is None:
@@ -188,6 +190,8 @@ class KeyedConfig(LayerConfig):
             self.fail("query_norm", f"unknown {self.query_norm!r}", f"choose one of {QUERY_NORMS}")
         if self.score_fn not in SCORE_FNS:
             self.fail("score_fn", f"unknown {self.score_fn!r}", f"choose one of {SCORE_FNS}")
+        if self.score_dtype not in SCORE_DTYPES:
+            self.fail("score_dtype", f"unknown {self.score_dtype!r}", f"choose one of {SCORE_DTYPES}")
         if not 0.0 <= self.query_dropout < 1.0:
             self.fail("query_dropout", f"must be in [0, 1), got {self.query_dropout}", "use 0.0 to disable")
 
@@ -212,6 +216,7 @@ class KeyedConfig(LayerConfig):
             c.qk_norm,
             c.score_fn,
             c.query_dropout,
+            c.score_dtype,
         )
 
     def make_addressing(self) -> Addressing:

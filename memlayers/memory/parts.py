@@ -76,6 +76,10 @@ class ValueStore(MemoryPart):
     signature(): what layers sharing this store must agree on (shown in errors).
     root(): the store that holds the tables: itself, or for a wrapper (a window, a per-layer input
     projection around a shared pool) the wrapped pool's root. Wrappers hold the pool by reference.
+    set_value_grad_sink(param, sink): read ``param`` (one of its "values" tables) so that the backward hands
+    the bag's ``(ids, weights, grad_out)`` to ``sink`` instead of giving ``param`` a gradient (the fused
+    optimizer update, ``memlayers.optim.FusedRowOptimizer``); None restores gradients. Stores that read a
+    table otherwise than as a weighted bag of its rows cannot, and raise.
     """
 
     sparse_grad = False
@@ -92,6 +96,14 @@ class ValueStore(MemoryPart):
 
     def signature(self) -> dict:
         return {"num_slots": self.num_slots, "out_dim": self.out_dim, "sparse_grad": self.sparse_grad}
+
+    def set_value_grad_sink(self, param: nn.Parameter, sink) -> None:
+        if sink is None:
+            return
+        raise ValueError(
+            f"{type(self).__name__} cannot update its values inside the backward (it does not read them as a "
+            "weighted bag of rows): use fused_values=False for this memory kind"
+        )
 
 
 class Readout(MemoryPart):

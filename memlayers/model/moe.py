@@ -1,8 +1,16 @@
-"""Mixture of SwiGLU experts with token-choice top-k routing and the Switch/Mixtral load-balancing loss."""
+"""Mixture of SwiGLU experts with token-choice top-k routing and the Switch/Mixtral load-balancing loss.
+
+The dispatch never reads routing data on the host (no ``.tolist()``, ``.item()``, ``bincount`` or
+``nonzero``, no Python loop over experts), so it costs no device-to-host sync and
+``torch.compile(moe, fullgraph=True)`` traces it whole, backward included.
+"""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)  # torch >= 2.8
+_BLOCKS_PER_EXPERT = 4  # padded_experts: blocks of ~slots / (4 * experts) rows (memory vs padding, see there)
 
 
 class MoE(nn.Module):
@@ -15,10 +23,10 @@ class MoE(nn.Module):
     dropped and a token's output never depends on the other tokens of the batch (the model stays causal
     and batch-independent). The cost is uneven per-expert work, which is fine for the sizes here.
 
-    Dispatch sorts the T*k (token, expert) slots by expert and runs each expert once, as two batched
-    matmuls, on its contiguous slice: no per-token Python loop; E small matmuls per call. Reading the
-    per-expert slot counts is one host sync per MoE layer per forward (fine on CPU; on a GPU a grouped
-    matmul would avoid it).
+    Dispatch sorts the T*k (token, expert) slots by expert and runs every expert on its contiguous
+    segment at once: a grouped GEMM where the device has one (``grouped_experts``), else one batched
+    matmul over fixed-height blocks (``padded_experts``); ``expert_ffn`` picks. The segment ends are
+    found on the device (a binary search in the sorted expert ids), so there is no host sync.
 
     Load balancing (Switch Transformer / Mixtral): ``aux = E * sum_e f_e * P_e`` with f_e the fraction of
     the T*k slots routed to expert e (not differentiable) and P_e the mean router probability of e. It is
@@ -60,23 +68,127 @@ class MoE(nn.Module):
         x = x.reshape(-1, self.dim)  # (T, dim)
         T, k, E = x.shape[0], self.topk, self.experts
         probs, weights, experts = self.route(x)
-        flat = experts.flatten()  # (T*k,) slot s = token s // k, its (s % k)-th choice
-        order = torch.argsort(flat, stable=True)  # slots grouped by expert, in token order within an expert
-        token = order // k  # (T*k,) the token of each sorted slot
-        counts = torch.bincount(flat, minlength=E)  # (E,) slots per expert
-        xs = x[token]  # (T*k, dim)
-        outs, start = [], 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                gate, up = (xs[start : start + n] @ self.gate_up[e]).chunk(2, dim=-1)  # (n, hidden) each
-                outs.append((F.silu(gate) * up) @ self.down[e])  # (n, dim)
-            start += n
-        ys = torch.cat(outs) if outs else xs  # (T*k, dim), slots sorted by expert
-        ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
-        y = torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # (T, dim)
-        f = counts.to(probs.dtype) / max(T * k, 1)
+        sorted_experts, order = torch.sort(experts.flatten(), stable=True)  # slot s = token s // k, choice s % k
+        ends = torch.searchsorted(sorted_experts, torch.arange(1, E + 1, device=x.device))  # (E,) segment ends
+        gate_up, down, xs = self.gate_up, self.down, x.index_select(0, order // k)  # (T*k, dim) sorted by expert
+        if torch.is_autocast_enabled(x.device.type):  # cast as autocast casts a matmul's operands
+            dt = torch.get_autocast_dtype(x.device.type)
+            gate_up, down, xs = gate_up.to(dt), down.to(dt), xs.to(dt)
+        ys = expert_ffn(xs, ends, gate_up, down)  # (T*k, dim), sorted by expert
+        ys = torch.empty_like(ys).index_copy_(0, order, ys).view(T, k, self.dim)  # back in slot order
+        y = (ys * weights.unsqueeze(-1).to(ys.dtype)).sum(dim=1).to(x.dtype)  # (T, dim)
+        f = torch.diff(ends, prepend=ends.new_zeros(1)).to(probs.dtype) / max(T * k, 1)
         aux = E * (f * probs.mean(dim=0)).sum() if T else probs.new_zeros(())
         return y.reshape(*lead, self.dim), aux
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, hidden={self.hidden}, experts={self.experts}, topk={self.topk}"
+
+
+def expert_ffn(xs: torch.Tensor, ends: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Every expert's SwiGLU on its segment of the expert-sorted slots, by the fastest sync-free way here.
+
+    xs (M, dim) slots sorted by expert; ends (E,) int, ends[e] = end of expert e's segment (ends[-1] = M);
+    gate_up (E, dim, 2*hidden); down (E, hidden, dim) -> (M, dim). ``grouped_experts`` where
+    ``grouped_mm_ok`` says the grouped GEMM runs without a host sync, else ``padded_experts``.
+    """
+    if grouped_mm_ok(xs, gate_up, down):
+        return grouped_experts(xs, ends, gate_up, down)
+    return padded_experts(xs, ends, gate_up, down)
+
+
+def grouped_mm_ok(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether ``grouped_experts`` runs here with neither a host sync nor a graph break.
+
+    On CUDA, torch has a grouped kernel only for bf16 on sm_90 and sm_100; elsewhere (and on ROCm) it
+    loops over the groups after copying the offsets to the host, a sync. sm_100 is left out too: its
+    kernel gives experts without tokens non-zero weight gradients (pytorch/pytorch#172439). On CPU it
+    runs fp32/fp16/bf16, but when tracing (torch.compile) its shape function accepts only bf16. Row
+    strides must be 16-byte aligned: dim and hidden multiples of 16 / element size.
+    """
+    dtype, device = xs.dtype, xs.device
+    if _GROUPED_MM is None or gate_up.dtype != dtype or down.dtype != dtype:
+        return False
+    align = 16 // xs.element_size()
+    if xs.shape[-1] % align or down.shape[1] % align:
+        return False
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.version.hip is None and _cuda_sm90(device.index)
+    if device.type == "cpu":
+        traceable = dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+        return dtype in (torch.float32, torch.float16, torch.bfloat16) and traceable
+    return False
+
+
+@torch.compiler.assume_constant_result
+def _cuda_sm90(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
+def grouped_experts(xs: torch.Tensor, ends: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """``expert_ffn`` as two grouped GEMMs (``torch.nn.functional.grouped_mm``); shapes as there.
+
+    One kernel per projection for all experts; the segment ends stay on the device. Needs
+    ``grouped_mm_ok``.
+    """
+    offs = ends.to(torch.int32)
+    gate, up = _GROUPED_MM(xs, gate_up, offs=offs).chunk(2, dim=-1)  # (M, hidden) each
+    return _GROUPED_MM(F.silu(gate) * up, down, offs=offs)
+
+
+def padded_experts(
+    xs: torch.Tensor, ends: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, block: int | None = None
+) -> torch.Tensor:
+    """``expert_ffn`` as two batched matmuls over fixed-height blocks; shapes as there; any dtype/device.
+
+    Each expert's segment is laid out from a multiple of ``block`` (B) rows, zero-padded, so every block
+    of B rows belongs to one expert; each block is multiplied by its expert's weights, gathered per block
+    (one ``bmm`` per projection). All shapes are static: nb = (M + E*(B-1)) // B blocks, enough for any
+    routing; blocks past the last used one are zeros given the last expert's weights. Padding rows are
+    zero, so they add nothing to any gradient.
+
+    Cost, with the default B (the power of two >= M / (4E), at least 8): nb <= M/B + E <= 5E blocks, so
+    the per-block weight copies (saved for the backward) take at most 5x the experts' weights; the padding
+    is under max(M/2 + 2E, 8E) rows, so at most ~1.5x the grouped GEMM's FLOPs for M >> E.
+    """
+    M, dim = xs.shape
+    E = ends.shape[0]
+    B = block or _block_rows(M, E)
+    nb = (M + E * (B - 1)) // B
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    blocks = (counts + B - 1) // B  # (E,) blocks of each expert
+    block_end = blocks.cumsum(0)  # (E,)
+    slot = torch.arange(M, device=xs.device)
+    e = torch.searchsorted(ends, slot, right=True)  # (M,) expert of each sorted slot
+    row = (block_end - blocks)[e] * B + slot - (ends - counts)[e]  # (M,) padded row of each slot
+    block_expert = torch.searchsorted(block_end, torch.arange(nb, device=xs.device), right=True).clamp_(max=E - 1)
+    xp = xs.new_zeros(nb * B, dim).index_copy(0, row, xs).view(nb, B, dim)
+    gate, up = torch.bmm(xp, gate_up.index_select(0, block_expert)).chunk(2, dim=-1)  # (nb, B, hidden) each
+    return torch.bmm(F.silu(gate) * up, down.index_select(0, block_expert)).view(nb * B, dim).index_select(0, row)
+
+
+def _block_rows(slots: int, experts: int) -> int:
+    """``padded_experts``' default block height: the power of two >= slots / (4 * experts), at least 8."""
+    target = -(-slots // (_BLOCKS_PER_EXPERT * experts))
+    return max(8, 1 << max(target - 1, 0).bit_length())
+
+
+def moe_reference(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``moe(x)`` by its definition, expert by expert (host syncs and all): the reference for tests.
+
+    x (..., dim) -> (y (..., dim), aux scalar).
+    """
+    flat = x.reshape(-1, moe.dim)
+    logits = flat @ moe.router.weight.T
+    probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)  # (T, E)
+    top, chosen = probs.topk(moe.topk, dim=-1)
+    top = top / top.sum(dim=-1, keepdim=True)
+    y = torch.zeros_like(flat)
+    for e in range(moe.experts):
+        token, j = (chosen == e).nonzero(as_tuple=True)
+        gate, up = (flat[token] @ moe.gate_up[e]).chunk(2, dim=-1)
+        out = (F.silu(gate) * up) @ moe.down[e]
+        y = y.index_add(0, token, out * top[token, j].unsqueeze(-1).to(out.dtype))
+    f = F.one_hot(chosen, moe.experts).sum(dim=(0, 1)).to(probs.dtype) / max(chosen.numel(), 1)
+    aux = moe.experts * (f * probs.mean(dim=0)).sum() if flat.shape[0] else probs.new_zeros(())
+    return y.reshape(x.shape), aux

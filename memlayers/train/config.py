@@ -50,6 +50,9 @@ class TrainConfig:
     weight_decay, beta1, beta2: AdamW (no decay on values, sub-keys, biases and gains).
     value_optimizer: "adamw", or a row-sparse one: "sparse_adam", "sparse_adagrad" or "sparse_sgd" (these
         need memories built with ``options: {sparse_values: true}``; see ``memlayers.build_optimizer``).
+    fused_values: apply the row-sparse value optimizer inside the backward (``memlayers.optim.FusedRowOptimizer``:
+        no value gradients, no separate pass over the tables); needs a sparse ``value_optimizer`` and
+        ``value_clip: null`` (a gradient that is never formed cannot be clipped by its norm).
     clip, value_clip: max gradient norm of the non-value parameters / of the value tables (None: no clipping).
     eval_every: steps between periodic evaluations (0: only the final one); eval_limit: probes per format in
         the periodic ones (the final evaluation has no limit).
@@ -78,6 +81,7 @@ class TrainConfig:
     beta2: float = 0.95
     value_lr_ratio: float | None = None
     value_optimizer: str = "adamw"
+    fused_values: bool = False
     clip: float | None = 1.0
     value_clip: float | None = 1.0
     eval_every: int = 200
@@ -125,6 +129,15 @@ class TrainConfig:
             fail("eval_limit", f"must be >= 1 or null, got {self.eval_limit}", "use null for every probe")
         if self.value_optimizer not in VALUE_OPTIMIZERS:
             fail("value_optimizer", f"unknown {self.value_optimizer!r}", f"choose one of {VALUE_OPTIMIZERS}")
+        if self.fused_values and self.value_optimizer == "adamw":
+            fail("fused_values", "needs a row-wise value optimizer", "set train.value_optimizer=sparse_adam (or sparse_adagrad, sparse_sgd)")
+        if self.fused_values and self.value_clip is not None:
+            fail(
+                "value_clip",
+                f"is {self.value_clip}, but with train.fused_values=true the values are updated inside the backward, "
+                "before their gradient's norm is known",
+                "set train.value_clip=null (or train.fused_values=false)",
+            )
         if self.dtype not in DTYPES:
             fail("dtype", f"unknown {self.dtype!r}", f"choose one of {DTYPES}")
         if self.threads is not None and self.threads < 1:
@@ -144,7 +157,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        if self.train.value_optimizer != "adamw":
+        if self.train.fused_values:
+            pass  # the fused update reads the tables through the bag's backward: sparse_values does not matter
+        elif self.train.value_optimizer != "adamw":
             dense = [i for i, m in enumerate(self.model.memories) if not dict(m.options).get("sparse_values", False)]
             if dense:
                 raise ValueError(

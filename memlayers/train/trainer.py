@@ -48,7 +48,7 @@ except ModuleNotFoundError as e:  # `pip install memlayers` is the layer library
 from ..data import build_dataset
 from ..memory.parts import MemoryPart
 from ..model import Transformer
-from ..optim import VALUE_LR_RATIOS, build_optimizer, clip_grad_norms, lr_decay_scale
+from ..optim import VALUE_LR_RATIOS, FusedRowOptimizer, build_optimizer, clip_grad_norms, lr_decay_scale, set_lr
 from .checkpoint import (
     CHECKPOINT,
     CheckpointError,
@@ -196,7 +196,8 @@ def _check_buildable(cfg: RunConfig, dataset, probes: bool) -> None:
     """Fail early on what would only fail later: the model and optimizer must build (on the meta device:
     no memory, no time), and (``probes``) every recall probe must fit in the model's context."""
     with torch.device("meta"):
-        build_optimizer(Transformer(cfg.model), lr=cfg.train.lr, value_optimizer=cfg.train.value_optimizer)
+        t = cfg.train
+        build_optimizer(Transformer(cfg.model), lr=t.lr, value_optimizer=t.value_optimizer, fused_values=t.fused_values)
     if not probes:
         return
     longest = max((len(p.prompt) + len(p.answer) - 1 for f in dataset.probe_formats for p in dataset.probes(f)),
@@ -416,8 +417,9 @@ class _Run:
             betas=(t.beta1, t.beta2),
             value_lr_ratio=t.value_lr_ratio,
             value_optimizer=t.value_optimizer,
+            fused_values=t.fused_values,
         )
-        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.base_lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
         self.step, self.tokens = 0, 0
         self.loss_sum = torch.zeros((), device=device)  # LM loss summed over the steps since the last log
         self.aux_sum = torch.zeros((), device=device)
@@ -521,14 +523,14 @@ class _Run:
         t = self.t
         mult = lr_multiplier(step, t.steps, t.warmup, t.min_lr_ratio)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * mult * lr_decay_scale(group.get("lr_decay"), step, t.steps)
+            set_lr(group, base * mult * lr_decay_scale(group.get("lr_decay"), step, t.steps))
         return mult
 
     def _lrs(self) -> dict:
         out = {}
         for group in self.optimizer.param_groups:
             key = "value_lr" if group.get("name") == "values" else "lr"
-            out.setdefault(key, group["lr"])
+            out.setdefault(key, float(group["lr"]))
         return out
 
     def _train_step(self, forward) -> tuple:
@@ -549,10 +551,15 @@ class _Run:
             weight = counts[i] / total
             lm = out.loss.float() * weight
             aux = out.aux_loss.float() / t.grad_accum
-            (lm + aux).backward()
+            # a fused value update collects the micro-batches' parts and applies them at the last backward
+            last = i == t.grad_accum - 1
+            with contextlib.nullcontext() if last or not t.fused_values else self.optimizer.accumulate():
+                (lm + aux).backward()
             step_loss += lm.detach()
             step_aux += aux.detach()
         norms = clip_grad_norms(self.model, t.clip, t.value_clip)
+        if t.fused_values:  # the values got no gradients: their norm is that of what the fused update applied
+            norms = (norms[0], self._fused_values().grad_norm())
         # no host sync: the first bad step is remembered on the device and checked before anything is logged
         # or saved (a norm of no gradients is a CPU zero: left out, it is finite and would cost a copy)
         finite = torch.isfinite(step_loss + step_aux)
@@ -563,6 +570,9 @@ class _Run:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return step_loss, step_aux, norms
+
+    def _fused_values(self) -> FusedRowOptimizer:
+        return next(o for o in self.optimizer.optimizers if isinstance(o, FusedRowOptimizer))
 
     def _check_finite(self) -> None:
         """Stop a diverged run (``NonFiniteError``) before it logs or saves anything non-finite."""

@@ -10,6 +10,7 @@ from ..norms import MaskedBatchNorm, make_query_norm
 from ..parts import Addressing
 
 SCORE_FNS = ("softmax", "sigmoid", "relu", "identity")
+SCORE_DTYPES = ("full", "bfloat16")
 
 
 def apply_score_fn(scores: torch.Tensor, score_fn: str) -> torch.Tensor:
@@ -44,6 +45,13 @@ class ProductKeys(Addressing):
     With ``qk_norm`` the query halves (learned gain) and the sub-keys (no gain) are RMS-normalised
     and scores scaled by (key_dim/2)^-1/2, as attention's qk-norm; the query gain then acts as a
     learned inverse temperature.
+
+    ``score_dtype``: "full" (default) scores in float32 (float64 for a float64 x) with autocast off;
+    "bfloat16" casts the (normalised) query halves and sub-keys to bfloat16 and scores on bf16
+    tensor cores (also outside autocast). The selection is then exact for the bf16 scores: the top
+    k of all n*n sums ``s1[i] + s2[j]`` of bf16 half scores, each sum rounded to bf16, ties to the
+    lower slot id (see ``ops/product_key_topk/reference.py``), not of the float32 scores; the
+    weights are computed in float32 from those bf16 scores.
     """
 
     def __init__(
@@ -58,13 +66,16 @@ class ProductKeys(Addressing):
         qk_norm: bool = False,
         score_fn: str = "softmax",
         query_dropout: float = 0.0,
+        score_dtype: str = "full",
     ):
         super().__init__()
         if score_fn not in SCORE_FNS:
             raise ValueError(f"score_fn must be one of {SCORE_FNS}, got {score_fn!r}")
+        if score_dtype not in SCORE_DTYPES:
+            raise ValueError(f"score_dtype must be one of {SCORE_DTYPES}, got {score_dtype!r}")
         self.dim, self.n_keys, self.heads, self.topk, self.key_dim = dim, n_keys, heads, topk, key_dim
         self.num_slots, self.grid = n_keys * n_keys, n_keys
-        self.score_fn = score_fn
+        self.score_fn, self.score_dtype = score_fn, score_dtype
         half = key_dim // 2
         self.query = nn.Linear(dim, heads * key_dim, bias=query_bias)
         self.query_norm = make_query_norm(query_norm, heads, key_dim)
@@ -95,7 +106,8 @@ class ProductKeys(Addressing):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, token_ids=None, state=None):
         """x (T, dim), mask (T,) bool or None -> ids (T, H, k) int64, weights (T, H, k).
 
-        Scores and weights are float32, or float64 for a float64 x (also under autocast).
+        Weights are float32, or float64 for a float64 x (also under autocast); scores likewise, or
+        bfloat16 with ``score_dtype="bfloat16"``.
         """
         T = x.shape[0]
         dtype = torch.promote_types(x.dtype, torch.float32)
@@ -113,11 +125,14 @@ class ProductKeys(Addressing):
                 gain = self.qk_norm.weight.to(dtype)  # a bf16 gain with fp32 halves misses the fused rms_norm
                 q1, q2 = (F.rms_norm(h, h.shape[-1:], gain, self.qk_norm.eps) for h in (q1, q2))
                 keys = F.rms_norm(keys, keys.shape[-1:]) * keys.shape[-1] ** -0.5
+            if self.score_dtype == "bfloat16":
+                q1, q2, keys = q1.bfloat16(), q2.bfloat16(), keys.bfloat16()
             scores, indices = product_key_topk(q1, q2, keys[:, 0], keys[:, 1], self.topk)
-            return indices, apply_score_fn(scores, self.score_fn)
+            return indices, apply_score_fn(scores.to(dtype), self.score_fn)
 
     def extra_repr(self) -> str:
         return (
             f"n_keys={self.n_keys} (N={self.n_keys**2}), heads={self.heads}, topk={self.topk}, "
             f"key_dim={self.key_dim}, score_fn={self.score_fn!r}"
+            + (f", score_dtype={self.score_dtype!r}" if self.score_dtype != "full" else "")
         )

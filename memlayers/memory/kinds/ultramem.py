@@ -71,6 +71,8 @@ class UltraMemConfig(KeyedConfig):
             )
         if self.qk_norm:
             self.fail("qk_norm", "is not supported", "leave it False: UltraMem's qk LayerNorm is built in")
+        if self.score_dtype != "full":
+            self.fail("score_dtype", "is not supported", "leave it 'full': Tucker scoring runs in full precision")
         for name in ("rank", "cores", "expansion", "svd_every"):
             if getattr(self, name) < 1:
                 self.fail(

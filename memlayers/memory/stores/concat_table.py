@@ -2,7 +2,6 @@
 
 import torch
 
-from ...ops import embedding_bag
 from .value_table import ValueTable
 
 
@@ -38,9 +37,7 @@ class ConcatTable(ValueTable):
                 f"got {tuple(ids.shape)} and {tuple(weights.shape)}"
             )
         T = ids.shape[0]
-        rows = embedding_bag(
-            self.weight, ids.reshape(T * self.heads, 1), weights.reshape(T * self.heads, 1), self.sparse_grad
-        )
+        rows = self.bag(ids.reshape(T * self.heads, 1), weights.reshape(T * self.heads, 1))
         return rows.view(T, self.out_dim)
 
     def extra_repr(self) -> str:

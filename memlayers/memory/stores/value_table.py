@@ -48,6 +48,7 @@ class ValueTable(ValueStore):
         self.init_std = init_std
         self.lr_decay = lr_decay
         self.weight = nn.Parameter(torch.empty(num_values, dim, dtype=dtype, device=device))
+        self.value_grad_sink = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -63,9 +64,16 @@ class ValueTable(ValueStore):
         """The weighted bag: one multiply-add per entry of each row read, 2 * reads * d_v."""
         return 2 * reads * self.dim
 
+    def set_value_grad_sink(self, param: nn.Parameter, sink) -> None:
+        if param is not self.weight:
+            raise ValueError(f"{type(self).__name__}.set_value_grad_sink: the parameter is not this table's weight")
+        if self.value_grad_sink is not None:
+            self.value_grad_sink.close()
+        self.value_grad_sink = sink
+
     def bag(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """ids (T, L) in [0, N), weights (T, L) -> (T, dim): the plain weighted bag."""
-        return embedding_bag(self.weight, ids, weights, sparse_grad=self.sparse_grad)
+        return embedding_bag(self.weight, ids, weights, sparse_grad=self.sparse_grad, value_grad_sink=self.value_grad_sink)
 
     def forward(self, ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         return self.bag(ids.flatten(1), weights.flatten(1))

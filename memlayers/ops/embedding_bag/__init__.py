@@ -7,8 +7,10 @@ to the plain-PyTorch reference; both compute the same function (tested against e
 import torch
 
 from ..dispatch import use_triton
+from . import library
 from .naive import embedding_bag_naive
 from .reference import embedding_bag_reference
+from .sink import SinkBagFunction
 
 __all__ = ["embedding_bag", "embedding_bag_naive", "embedding_bag_reference"]
 
@@ -49,6 +51,7 @@ def embedding_bag(
     *,
     impl: str = "auto",
     backward: str = "sorted",
+    value_grad_sink=None,
 ) -> torch.Tensor:
     """Weighted sum of value rows per token, never materialising ``(T, L, d)``.
 
@@ -62,6 +65,9 @@ def embedding_bag(
             or "triton" (on CPU only under ``TRITON_INTERPRET=1``).
         backward: Triton value-gradient algorithm: "sorted" (deterministic segment sum) or
             "atomics" (fp32 atomic adds, not deterministic).
+        value_grad_sink: ``sink(indices, weights, grad_out)``, called in the backward instead of making a value
+            gradient (``values`` gets an empty row-sparse one): the fused optimizer update
+            (``memlayers.optim.FusedRowOptimizer``). None: the usual gradient.
 
     Returns:
         (T, d) in ``values.dtype``, accumulated in float32.
@@ -69,6 +75,11 @@ def embedding_bag(
     _check_inputs(values, indices, weights)
     if backward not in BACKWARDS:
         raise ValueError(f"embedding_bag: backward must be one of {BACKWARDS}, got {backward!r}")
+    if value_grad_sink is not None and torch.is_grad_enabled() and values.requires_grad:
+        return SinkBagFunction.apply(values, indices, weights, value_grad_sink, impl)
+    if not sparse_grad:  # dense gradients: the custom op torch.compile sees as one node
+        use_triton("embedding_bag", impl, values)  # an impl the inputs cannot take fails here, with its reason
+        return library.bag(values, indices, weights, impl, backward)
     if use_triton("embedding_bag", impl, values):
         from .triton_autograd import embedding_bag_triton  # imported lazily: CPU installs need no Triton
 

@@ -23,6 +23,41 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
+def adam_math(p, m, v, g, step_size, beta2, one_minus_beta1, one_minus_beta2, eps):
+    """One Adam step on fp32 tiles (``reference.row_adam_reference``'s math): the new (p, m, v)."""
+    # torch.lerp's two-sided formula (weight >= 0.5 keeps beta1 = 0 exact: m = g)
+    diff = g - m
+    m = tl.where(one_minus_beta1 < 0.5, m + one_minus_beta1 * diff, g - diff * (1.0 - one_minus_beta1))
+    v = v * beta2 + one_minus_beta2 * g * g
+    return p - step_size * tl.div_rn(m, tl.sqrt_rn(v) + eps), m, v
+
+
+@triton.jit
+def adagrad_math(s, row_mean_sq, lr, eps):
+    """Row-wise Adagrad's accumulator step in fp32 (``reference.row_adagrad_reference``'s math): (R,) old
+    accumulators and the rows' mean g**2 over all d columns -> (new accumulators, the rows' step size
+    scale: p -= scale * g)."""
+    s = s + row_mean_sq
+    return s, lr / (tl.sqrt_rn(s) + eps)
+
+
+@triton.jit
+def stochastic_round_bf16(x, seed, counters):
+    """fp32 tile x (R, C) -> fp32 values exactly representable in bf16, rounded stochastically.
+
+    16 uniform random bits are added below bf16's mantissa, then the low 16 bits are dropped, so x goes
+    to its bf16 neighbour away from zero with probability equal to the dropped fraction of an ulp, else
+    to the one towards zero (unbiased); NaN stays NaN. counters (R, C // 8), unique per 8 elements: one
+    Philox call gives 4 x 32 random bits, the bits of 8 consecutive elements.
+    """
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    words = tl.interleave(tl.interleave(r0, r1), tl.interleave(r2, r3)).to(tl.uint32, bitcast=True)
+    noise = tl.interleave(words & 0xFFFF, words >> 16)
+    bits = (x.to(tl.uint32, bitcast=True) + noise) & 0xFFFF0000
+    return tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # noqa: PLR0124 (x != x: NaN)
+
+
+@triton.jit
 def _row_tile(rows_ptr, grads_ptr, U, D, stride_g, BLOCK_U: tl.constexpr, BLOCK_D: tl.constexpr):
     """This program's tile of entries x columns: row ids (BLOCK_U,) int64, column offsets (BLOCK_D,),
     the in-bounds mask and the fp32 gradient tile (BLOCK_U, BLOCK_D)."""
@@ -63,11 +98,7 @@ def _row_adam_kernel(
     m = tl.load(m_ptrs, mask=mask, other=0).to(tl.float32)
     v = tl.load(v_ptrs, mask=mask, other=0).to(tl.float32)
     p = tl.load(p_ptrs, mask=mask, other=0).to(tl.float32)
-    # torch.lerp's two-sided formula (weight >= 0.5 keeps beta1 = 0 exact: m = g)
-    diff = g - m
-    m = tl.where(one_minus_beta1 < 0.5, m + one_minus_beta1 * diff, g - diff * (1.0 - one_minus_beta1))
-    v = v * beta2 + one_minus_beta2 * g * g
-    p = p - step_size * tl.div_rn(m, tl.sqrt_rn(v) + eps)
+    p, m, v = adam_math(p, m, v, g, step_size, beta2, one_minus_beta1, one_minus_beta2, eps)
     tl.store(m_ptrs, m.to(exp_avg_ptr.dtype.element_ty), mask=mask)
     tl.store(v_ptrs, v.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
     tl.store(p_ptrs, p.to(param_ptr.dtype.element_ty), mask=mask)
@@ -150,9 +181,9 @@ def _row_adagrad_kernel(
         mask = mask_u[:, None] & (offs_d < D)[None, :]
         g = tl.load(grads_ptr + offs_u[:, None] * stride_g + offs_d[None, :], mask=mask, other=0).to(tl.float32)
         sq += g * g
-    s = tl.load(sum_sq_ptr + r, mask=mask_u, other=0).to(tl.float32) + tl.sum(sq, axis=1) / D
+    s = tl.load(sum_sq_ptr + r, mask=mask_u, other=0).to(tl.float32)
+    s, scale = adagrad_math(s, tl.sum(sq, axis=1) / D, lr, eps)
     tl.store(sum_sq_ptr + r, s.to(sum_sq_ptr.dtype.element_ty), mask=mask_u)
-    scale = lr / (tl.sqrt_rn(s) + eps)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask = mask_u[:, None] & (offs_d < D)[None, :]

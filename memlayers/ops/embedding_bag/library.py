@@ -1,0 +1,73 @@
+"""The bag as ``torch.library`` custom ops, ``memlayers::bag`` and ``memlayers::bag_backward``, for dense
+value gradients: ``torch.compile`` sees each as one node with known output shapes (``fullgraph=True``, CUDA
+graphs), while each runs the Triton kernels or the reference inside, as ``embedding_bag`` dispatches.
+
+Row-sparse value gradients and the fused update (gradients of data-dependent size, or none) keep their
+``autograd.Function`` path: ``torch.compile`` breaks the graph there.
+"""
+
+import torch
+from torch import Tensor
+
+from ..dispatch import use_triton
+from .reference import bag_forward, value_row_grads, weight_grad
+
+
+@torch.library.custom_op("memlayers::bag", mutates_args=())
+def bag(values: Tensor, indices: Tensor, weights: Tensor, impl: str, algorithm: str) -> Tensor:
+    """values (N, d), indices (T, L), weights (T, L) -> (T, d) in values.dtype."""
+    if use_triton("embedding_bag", impl, values):
+        from .triton_forward import bag_forward_triton
+
+        return bag_forward_triton(values, indices, weights)
+    return bag_forward(values, indices.long(), weights)
+
+
+@bag.register_fake
+def _(values, indices, weights, impl, algorithm):
+    return values.new_empty(indices.shape[0], values.shape[1])
+
+
+@torch.library.custom_op("memlayers::bag_backward", mutates_args=())
+def bag_backward(
+    values: Tensor, indices: Tensor, weights: Tensor, grad_out: Tensor, impl: str, algorithm: str,
+    need_values: bool, need_weights: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Dense gradients: (dV (N, d) in values.dtype or (0,), dw (T, L) in weights.dtype or (0,) when not needed)."""
+    none = values.new_empty(0)
+    if use_triton("embedding_bag", impl, values):
+        from .triton_backward import bag_backward_triton
+
+        dv, dw = bag_backward_triton(values, indices, weights, grad_out, algorithm, False, need_values, need_weights)
+        return (none if dv is None else dv), (none if dw is None else dw)
+    indices = indices.long()
+    dv = dw = none
+    if need_weights:
+        dw = weight_grad(values, indices, grad_out).to(weights.dtype) if indices.numel() else torch.zeros_like(weights)
+    if need_values:
+        dv = torch.zeros_like(values)
+        if indices.numel():
+            rows, row_grads = value_row_grads(indices, weights, grad_out)
+            dv.index_copy_(0, rows, row_grads.to(values.dtype))
+    return dv, dw
+
+
+@bag_backward.register_fake
+def _(values, indices, weights, grad_out, impl, algorithm, need_values, need_weights):
+    none = values.new_empty(0)
+    return (torch.empty_like(values) if need_values else none), (torch.empty_like(weights) if need_weights else none)
+
+
+def _setup(ctx, inputs, output):
+    values, indices, weights, ctx.impl, ctx.algorithm = inputs
+    ctx.save_for_backward(values, indices, weights)
+
+
+def _backward(ctx, grad_out):
+    values, indices, weights = ctx.saved_tensors
+    need_values, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    dv, dw = bag_backward(values, indices, weights, grad_out, ctx.impl, ctx.algorithm, need_values, need_weights)
+    return (dv if need_values else None), None, (dw if need_weights else None), None, None
+
+
+bag.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,58 @@
+"""``gather_dot`` as ``torch.library`` custom ops (``memlayers::gather_dot`` and its backward) for a dense
+table gradient: one node each to ``torch.compile``, running the Triton kernel or the reference inside.
+A row-sparse table gradient keeps the ``autograd.Function`` path (``reference.GatherDotFunction``)."""
+
+import torch
+from torch import Tensor
+
+from ..dispatch import use_triton
+from ..embedding_bag import embedding_bag
+from .reference import accumulation_dtype, gather_dot_forward, table_grad
+
+
+@torch.library.custom_op("memlayers::gather_dot", mutates_args=())
+def gather_dot_op(table: Tensor, ids: Tensor, x: Tensor, impl: str) -> Tensor:
+    """table (N, d), ids (T, L), x (T, d) -> (T, L) in the accumulation dtype."""
+    if use_triton("gather_dot", impl, table):
+        from .triton_kernel import gather_dot_triton
+
+        return gather_dot_triton(table, ids, x)
+    return gather_dot_forward(table, ids.long(), x)
+
+
+@gather_dot_op.register_fake
+def _(table, ids, x, impl):
+    return x.new_empty(ids.shape, dtype=accumulation_dtype(table.dtype, x.dtype))
+
+
+@torch.library.custom_op("memlayers::gather_dot_backward", mutates_args=())
+def gather_dot_backward(
+    table: Tensor, ids: Tensor, x: Tensor, grad_out: Tensor, impl: str, need_table: bool, need_x: bool
+) -> tuple[Tensor, Tensor]:
+    """(grad_table (N, d) in table.dtype or (0,), grad_x (T, d) in x.dtype or (0,) when not needed)."""
+    none = x.new_empty(0)
+    bag_impl = "triton" if use_triton("gather_dot", impl, table) else "reference"
+    grad_x = embedding_bag(table, ids, grad_out, impl=bag_impl).to(x.dtype) if need_x else none
+    grad_table = table_grad(ids.long(), grad_out, x, table.shape[0], False).to(table.dtype) if need_table else none
+    return grad_table, grad_x
+
+
+@gather_dot_backward.register_fake
+def _(table, ids, x, grad_out, impl, need_table, need_x):
+    none = x.new_empty(0)
+    return (torch.empty_like(table) if need_table else none), (torch.empty_like(x) if need_x else none)
+
+
+def _setup(ctx, inputs, output):
+    table, ids, x, ctx.impl = inputs
+    ctx.save_for_backward(table, ids, x)
+
+
+def _backward(ctx, grad_out):
+    table, ids, x = ctx.saved_tensors
+    need_table, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    grad_table, grad_x = gather_dot_backward(table, ids, x, grad_out, ctx.impl, need_table, need_x)
+    return (grad_table if need_table else None), None, (grad_x if need_x else None), None
+
+
+gather_dot_op.register_autograd(_backward, setup_context=_setup)
