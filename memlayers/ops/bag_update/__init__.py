@@ -15,13 +15,12 @@ import numbers
 import torch
 
 from ..dispatch import IMPLS, use_triton
+from ..row_update import triton_problem
 from .reference import bag_update_reference
 
 __all__ = ["RULES", "bag_update", "bag_update_reference"]
 
 RULES = {"adam": ("exp_avg", "exp_avg_sq"), "adagrad": ("sum_sq",), "sgd": ()}
-# = triton_kernel.SUPPORTED_DTYPES, not imported from there: CPU installs need no Triton
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_scalar(name: str, value, device: torch.device, kinds: str) -> None:
@@ -95,19 +94,6 @@ def _check_inputs(param, state, ids, weights, src_rows, src, rule, lr, step, bet
             _check_scalar("seed", seed, param.device, "int")
 
 
-def _triton_problem(param, state, src) -> str | None:
-    """Why the kernel cannot take these tensors, or None."""
-    for name, t in (("param", param), *state.items(), ("src", src)):
-        if t.dtype not in _TRITON_DTYPES:
-            return f"{name} has dtype {t.dtype}; the kernel takes float32, bfloat16 and float16"
-    for name, t in (("param", param), *state.items()):
-        if t.dim() == 2 and t.shape[1] > 1 and t.stride(1) != 1:
-            return f"{name} has column stride {t.stride(1)}; the kernel updates in place and needs unit column stride"
-        if t.dim() == 1 and t.shape[0] > 1 and t.stride(0) != 1:
-            return f"{name} has stride {t.stride(0)}; the kernel updates in place and needs a contiguous accumulator"
-    return None
-
-
 @torch.no_grad()
 def bag_update(
     param: torch.Tensor,
@@ -165,7 +151,7 @@ def bag_update(
     if stochastic_rounding and seed is None:
         seed = int(torch.randint(0, 2**62, ()))
     args = {"lr": lr, "step": step, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_grad_out": weight_grad_out}
-    if use_triton("bag_update", impl, param, _triton_problem(param, state, src)):
+    if use_triton("bag_update", impl, param, triton_problem(param, state, {"src": src})):
         from .triton_kernel import bag_update_triton  # imported lazily: CPU installs need no Triton
 
         return bag_update_triton(param, state, ids, weights, src_rows, src, rule, seed=seed if stochastic_rounding

@@ -58,9 +58,10 @@ def _check_inputs(op: str, param, rows, grads, state: dict, lr: float) -> None:
         raise ValueError(f"{op}: need lr >= 0, got {lr}")
 
 
-def _triton_problem(param, grads, state: dict) -> str | None:
-    """Why the kernels cannot take these tensors, or None."""
-    for name, t in (("param", param), *state.items(), ("grads", grads)):
+def triton_problem(param, state: dict, reads: dict) -> str | None:
+    """Why the in-place row-update kernels (these and ``bag_update``'s) cannot take these tensors, or None.
+    ``param`` and ``state`` are updated in place; ``reads`` ({name: tensor}) are only read."""
+    for name, t in (("param", param), *state.items(), *reads.items()):
         if t.dtype not in _TRITON_DTYPES:
             return f"{name} has dtype {t.dtype}; the kernel takes float32, bfloat16 and float16"
     for name, t in (("param", param), *state.items()):
@@ -76,7 +77,7 @@ def _use_kernel(op: str, impl: str, param, rows, grads, state: dict, lr: float) 
     if impl not in IMPLS:  # checked before the inputs: a typo should not read as a shape error
         raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
     _check_inputs(op, param, rows, grads, state, lr)
-    return use_triton(op, impl, param, _triton_problem(param, grads, state))
+    return use_triton(op, impl, param, triton_problem(param, state, {"grads": grads}))
 
 
 @torch.no_grad()
