@@ -1,9 +1,11 @@
-"""CPU benchmark of one memory layer: time and peak memory of forward+backward and of the optimizer step.
+"""CPU benchmarks: one memory layer (time and peak memory), and training steps of the comparison's arms.
 
-    python benchmarks/layer_cpu.py            # or ./dev bench; prints a markdown table (~3-4 min on 2 cores)
+    python benchmarks/layer_cpu.py            # or ./dev bench; the layer table (~3-4 min on 2 cores)
     python benchmarks/layer_cpu.py --n-keys 256 --repeats 3
+    python benchmarks/layer_cpu.py --steps    # a training step of each arm of `memlayers compare` (~1-2 min)
+    python benchmarks/layer_cpu.py --steps --arms dense,memory_plus --repeats 20 --profile memory_plus
 
-Setting: dim 256, 2048 tokens, 4 heads x top-32 (128 value rows per token), N = n_keys^2 slots.
+Layer table. Setting: dim 256, 2048 tokens, 4 heads x top-32 (128 value rows per token), N = n_keys^2 slots.
 Rows, for each N:
   * SwiGLU FFN of the same dim (hidden 8/3*dim rounded to a multiple of 64), what the memory sits beside;
   * the bag alone on uniform random indices (T, 128) and softmax weights, fwd+bwd w.r.t. values
@@ -23,6 +25,15 @@ resets the kernel's RSS high-water mark (``echo 5 > /proc/self/clear_refs``), ru
 fwd+bwd(+step) and reads the peak with ``getrusage(RUSAGE_SELF).ru_maxrss``. The difference is
 the peak *extra* memory of one iteration (activations, gradients, temporaries); parameters and
 optimizer state exist before it and are not counted. Linux only.
+
+Training steps (``--steps``): the arms of a compare preset (``--preset``, default "cpu") built as
+``memlayers compare`` builds them (the preset's data, models and optimizers, its batch size and sequence
+length), and one step taken as the trainer takes it: forward, backward, gradient clipping, optimizer step,
+``zero_grad(set_to_none=True)``. The arms take turns (each repeat times one step of every arm, so a shared
+machine's load falls on them alike), after 3 warm-up steps each; the table gives the minimum and the
+median over ``--repeats``, and two ratios to the dense arm: of the minimums, and the median over repeats
+of the ratio within a repeat (steadier when the load changes). ``--profile ARM`` adds torch.profiler's
+table of that arm's ops over 5 more steps (self CPU time, summed over the 5).
 """
 
 import argparse
@@ -160,6 +171,82 @@ def run_worker(name: str, n_keys: int, measure: str, repeats: int, threads: int)
     return json.loads(out.splitlines()[-1])
 
 
+def train_step_fn(cfg, dataset):
+    """One arm (a ``RunConfig``) as the trainer builds it -> (step(i): one training step on batch i, parameters)."""
+    from memlayers.model import Transformer  # here: only --steps needs the training extras
+    from memlayers.optim import VALUE_LR_RATIOS, build_optimizer, clip_grad_norms
+
+    t = cfg.train
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = dataset.vocab_size
+    torch.manual_seed(t.seed)
+    model = Transformer(cfg.model).train()
+    optimizer = build_optimizer(
+        model,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        betas=(t.beta1, t.beta2),
+        value_lr_ratio=VALUE_LR_RATIOS[t.value_optimizer] if t.value_lr_ratio is None else t.value_lr_ratio,
+        value_optimizer=t.value_optimizer,
+    )
+
+    def step(i: int) -> None:
+        x, y = dataset.train_batch(i, t.batch_size * t.grad_accum, t.seq_len)  # (A*B, T) each
+        for xs, ys in zip(x.split(t.batch_size), y.split(t.batch_size)):
+            out = model(xs, ys)
+            (out.loss.float() / t.grad_accum + out.aux_loss.float() / t.grad_accum).backward()
+        clip_grad_norms(model, t.clip, t.value_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def train_steps(preset: str, arms: list[str] | None, repeats: int, profile_arm: str | None) -> None:
+    """Print the table of training-step times of a compare preset's arms (see the module docstring)."""
+    from memlayers.compare.presets import get_preset
+    from memlayers.compare.runner import arm_configs
+    from memlayers.data import build_dataset
+
+    configs = arm_configs(get_preset(preset), arms=arms)
+    if profile_arm is not None and profile_arm not in configs:
+        raise ValueError(f"--profile {profile_arm!r} is not among the arms timed: {list(configs)}")
+    dataset = build_dataset(next(iter(configs.values())).data)  # one preset: the same data for every arm
+    steps, params = {}, {}
+    for arm, cfg in configs.items():
+        steps[arm], params[arm] = train_step_fn(cfg, dataset)
+        for i in range(3):  # warm-up: lazy initialisation, optimizer state
+            steps[arm](i)
+    times = {arm: [] for arm in configs}
+    for r in range(repeats):
+        for arm, step in steps.items():
+            start = time.perf_counter()
+            step(3 + r)
+            times[arm].append(time.perf_counter() - start)
+    t = next(iter(configs.values())).train
+    print(
+        f"# preset {preset!r}: one training step = {t.batch_size * t.grad_accum} x {t.seq_len} tokens; "
+        f"{torch.get_num_threads()} torch threads; min and median of {repeats} steps after 3 warm-up steps"
+    )
+    print()
+    print("| arm | params | step ms (min) | step ms (median) | x dense (min / min) | x dense (median of pairs) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    dense = times.get("dense")
+    for arm, ts in times.items():
+        ratios = "– | –"
+        if dense:
+            ratios = f"{min(ts) / min(dense):.2f} | {statistics.median(a / b for a, b in zip(ts, dense)):.2f}"
+        print(f"| {arm} | {params[arm]:,} | {1e3 * min(ts):.1f} | {1e3 * statistics.median(ts):.1f} | {ratios} |")
+    if profile_arm is not None:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i in range(5):
+                steps[profile_arm](3 + repeats + i)
+        print(f"\n# {profile_arm}: torch.profiler over 5 steps, by self CPU time\n")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+
+
 def cpu_model() -> str:
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -173,11 +260,20 @@ def main() -> None:
     parser.add_argument("--n-keys", type=int, nargs="+", default=[256, 512], help="sub-keys per half (N = n^2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed iterations per configuration (median)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
+    parser.add_argument("--steps", action="store_true", help="time training steps of a compare preset's arms")
+    parser.add_argument("--preset", default="cpu", help="with --steps: the compare preset")
+    parser.add_argument("--arms", help="with --steps: comma-separated arms (default: all of the preset's)")
+    parser.add_argument("--profile", metavar="ARM", help="with --steps: also profile this arm's steps")
     parser.add_argument("--worker", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--measure", choices=("time", "memory"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.n_keys[0], args.measure, args.repeats, args.threads)))
+        return
+    if args.steps:
+        torch.set_num_threads(args.threads)
+        print(f"# {os.cpu_count()} CPUs ({cpu_model()}), torch {torch.__version__}, memlayers {memlayers.__version__}")
+        train_steps(args.preset, args.arms.split(",") if args.arms else None, args.repeats, args.profile)
         return
 
     start = time.perf_counter()

@@ -140,3 +140,65 @@ def test_out_of_range_index_raises():
     v, i, w = _inputs(10, 4, 3, 2, torch.float32)
     with pytest.raises((IndexError, RuntimeError)):
         embedding_bag(v, i + 10, w)
+
+
+@pytest.mark.parametrize("N,d,T,L", SIZES)
+def test_dense_value_grad_is_the_row_grads_scattered(N, d, T, L):
+    """``value_grad`` (one bag per table row) equals ``value_row_grads`` scattered into zeros, bit for bit,
+    and takes int32 indices alike; rows come sorted and unique."""
+    from memlayers.ops.embedding_bag.reference import value_grad, value_row_grads
+
+    _, indices, weights = _inputs(N, d, T, L, torch.float32)
+    grad_out = torch.randn(T, d)
+    rows, row_grads = value_row_grads(indices, weights.detach(), grad_out)
+    assert torch.equal(rows, indices.unique())
+    dense = torch.zeros(N, d).index_copy_(0, rows, row_grads)
+    assert torch.equal(value_grad(indices, weights.detach(), grad_out, N), dense)
+    assert torch.equal(value_grad(indices.int(), weights.detach(), grad_out, N), dense)
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_value_grad_is_deterministic(sparse_grad):
+    """Heavy collisions (4,096 entries on 7 rows): the same bits on 1 and 2 threads and run to run; a sparse
+    gradient is coalesced (sorted unique rows)."""
+    values, indices, weights = _inputs(7, 33, 256, 16, torch.float32)
+    grad_out = torch.randn(256, 33)
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 2):
+            torch.set_num_threads(n)
+            grads.append(torch.autograd.grad(embedding_bag(values, indices, weights, sparse_grad), values, grad_out)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(g.to_dense(), grads[0].to_dense()) for g in grads[1:])
+    if sparse_grad:
+        assert grads[0].is_coalesced() and torch.equal(grads[0]._indices()[0], torch.arange(7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_weight_grad_matches_naive(dtype, monkeypatch):
+    """fp32/fp64 tables (torch's per-entry dot products) and 16-bit ones (chunks of gathered rows, here 3
+    tokens per chunk: the last one short) against the float64 gather; int32 indices alike."""
+    from memlayers.ops.embedding_bag import reference
+
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 3 * 5 * 19)
+    values = torch.randn(41, 19).to(dtype)
+    indices = torch.randint(0, 41, (11, 5))
+    grad_out = torch.randn(11, 19)
+    dw = reference.weight_grad(values, indices, grad_out)
+    expected = torch.einsum("tld,td->tl", values.double()[indices], grad_out.double())
+    assert dw.dtype == torch.promote_types(dtype, torch.float32)
+    assert rel_err(dw, expected) < TOL[dw.dtype]
+    assert torch.equal(reference.weight_grad(values, indices.int(), grad_out), dw)
+
+
+@pytest.mark.parametrize("bad", [-1, 10])
+def test_weight_grad_rejects_out_of_range_indices(bad):
+    """torch's per-entry kernel reads wherever an index points: the reference checks first."""
+    from memlayers.ops.embedding_bag.reference import weight_grad
+
+    indices = torch.zeros(3, 2, dtype=torch.long)
+    indices[1, 1] = bad
+    with pytest.raises(IndexError, match=r"indices must be in \[0, 10\)"):
+        weight_grad(torch.randn(10, 4), indices, torch.randn(3, 4))

@@ -89,12 +89,15 @@ def test_int32_ids_match_int64():
     assert torch.equal(gather_dot(table, ids.int(), x), gather_dot(table, ids, x))
 
 
-def test_chunked_forward_matches_one_chunk(monkeypatch):
-    """Chunks of 2 tokens (11 tokens: the last chunk is short) give the same values as one chunk."""
-    table, ids, x = _inputs(30, 6, 11, 4, torch.float32)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunked_forward_matches_one_chunk(dtype, monkeypatch):
+    """A 16-bit table is gathered over chunks of tokens: chunks of 2 tokens (11 tokens: the last chunk is short)
+    give the same values as one chunk, and the float32 table's per-entry dot products agree with them."""
+    table, ids, x = _inputs(30, 6, 11, 4, dtype)
     whole = gather_dot(table, ids, x)
     monkeypatch.setattr(bag_reference, "_CHUNK_ELEMENTS", 2 * 4 * 6)  # the chunking lives in the bag's weight grad
     assert torch.equal(gather_dot(table, ids, x), whole)
+    assert rel_err(gather_dot(table.float(), ids, x.float()), whole) < 1e-6
 
 
 @pytest.mark.parametrize("T,L", [(0, 4), (3, 0), (0, 0)])

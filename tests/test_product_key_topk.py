@@ -122,3 +122,47 @@ def test_too_many_subkeys_for_32_bit_flat_ids():
     q1, q2, k1, k2 = _random(2, 1, 65536 + 1, 1)
     with pytest.raises(ValueError, match="flat ids i\\*n \\+ j must fit in 32 bits"):
         product_key_topk(q1, q2, k1, k2, 4)
+
+
+def _top_k_of_keys(scores, k, tie=None):
+    """The selection ``_top_k`` must make: topk of every score's (score, tie) key."""
+    from memlayers.ops.product_key_topk.reference import _order_keys
+
+    if tie is None:
+        tie = torch.arange(scores.shape[-1]).expand(scores.shape)
+    return torch.topk(_order_keys(scores, tie), k, dim=-1).indices
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_tie", [False, True])
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 5), (9, 1), (12, 4), (40, 3), (64, 16)])
+def test_top_k_equals_topk_of_keys(n, k, with_tie, dtype):
+    """Rows with ties at, across and above the k-th value, NaNs of both signs, infinities, signed zeros,
+    continuous values; k = n and k = 1; ties broken by position or by given ids (up to 2**32 - 1)."""
+    from memlayers.ops.product_key_topk.reference import _top_k
+
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), -float("nan"), 1.0, -1.0, 2.0])
+    scores = torch.cat(
+        [special[torch.randint(0, len(special), (40, n))], torch.randint(-2, 3, (40, n)).float(), torch.randn(40, n)]
+    ).to(dtype)
+    tie = 2**32 - 1 - 7919 * torch.rand(len(scores), n).argsort(dim=-1) if with_tie else None  # distinct, large
+    assert torch.equal(_top_k(scores, k, tie), _top_k_of_keys(scores, k, tie))
+
+
+def test_top_k_keys_only_the_rows_with_ties(monkeypatch):
+    """Rows whose k best scores are distinct and above the rest take no keys; a row of equal scores and a row
+    with a NaN are redone on keys, and come out as the keys order them."""
+    from memlayers.ops.product_key_topk import reference
+
+    scores = torch.randn(30, 40)
+    tied = scores.clone()
+    tied[4] = 1.0
+    tied[9, 17] = float("nan")
+    expected, expected_tied = _top_k_of_keys(scores, 6), _top_k_of_keys(tied, 6)
+    keyed = []
+    order_keys = reference._order_keys
+    monkeypatch.setattr(reference, "_order_keys", lambda s, t: keyed.append(len(s)) or order_keys(s, t))
+    assert torch.equal(reference._top_k(scores, 6), expected)
+    assert keyed == []
+    assert torch.equal(reference._top_k(tied, 6), expected_tied)
+    assert keyed == [2]  # the two rows, redone

@@ -90,7 +90,8 @@ class MemoryLayer(nn.Module):
 
     def aux_loss(self) -> torch.Tensor | None:
         """The sum of the parts' weighted auxiliary losses (e.g. UltraMem's Tucker core penalty), or None."""
-        losses = [loss for part in self.parts() if (loss := part.aux_loss()) is not None]
+        losses = [part.aux_loss() for part in self.parts()]  # (no walrus in a comprehension: dynamo cannot trace it)
+        losses = [loss for loss in losses if loss is not None]
         return sum(losses[1:], losses[0]) if losses else None
 
     def _check_input(self, x: torch.Tensor, mask: torch.Tensor | None, token_ids: torch.Tensor | None) -> None:

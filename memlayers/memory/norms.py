@@ -1,6 +1,7 @@
 """Query normalisations for retrieval, including a BatchNorm that respects padding."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 QUERY_NORMS = ("none", "layernorm", "rmsnorm", "batchnorm")
@@ -12,7 +13,7 @@ class MaskedBatchNorm(nn.Module):
     Training: normalise with the mean/variance of the real tokens (``mask`` True) and update the
     running statistics from them; an empty or fully padded batch leaves them unchanged.
     Eval: normalise with the running statistics, so a token's output never depends on its batch.
-    Runs without host syncs. Statistics are computed in float32 (float64 for float64 input) and the
+    Runs without host syncs. Without a mask, in the accumulation dtype, it is ``F.batch_norm``. Statistics are computed in float32 (float64 for float64 input) and the
     running statistics stored in their own dtype, so the module trains after ``.to(torch.bfloat16)``.
 
     x (T, C), mask (T,) bool or None -> (T, C)
@@ -29,6 +30,11 @@ class MaskedBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         acc = torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 (fp64 for fp64 input)
+        if mask is None and x.dtype == acc == self.running_mean.dtype and (x.shape[0] > 1 or not self.training):
+            # no padding: torch's fused batch norm is this function (up to rounding), several times faster on CPU
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, self.training, self.momentum, self.eps
+            )
         if not self.training or x.shape[0] == 0:
             mean, var = self.running_mean.to(acc), self.running_var.to(acc)
         else:

@@ -218,12 +218,10 @@ class TuckerProductKeys(Addressing):
         q = self.query(x).view(T, self.heads, self.query_ranks, 2, half)  # the projection may run in bf16
         q = self.query_dropout(self.query_norm(q)).to(dtype)  # (autocast runs LayerNorm in fp32)
         keys = self.key_norm(self.keys).to(dtype)  # (H, 2, r, n, half)
-        with full_precision(x.device):
+        with full_precision(x.device):  # one einsum per side: slices of a joint one cost a zero-filled gradient each
             if self.query_per_rank:
-                s = torch.einsum("thasd,hsaid->tshai", q, keys)
-            else:
-                s = torch.einsum("thsd,hsaid->tshai", q[:, :, 0], keys)
-        return s[:, 0], s[:, 1]
+                return tuple(torch.einsum("thad,haid->thai", q[:, :, :, s], keys[:, s]) for s in (0, 1))
+            return tuple(torch.einsum("thd,haid->thai", q[:, :, 0, s], keys[:, s]) for s in (0, 1))
 
     @torch.no_grad()
     def select(self, s_row: torch.Tensor, s_col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,7 +264,8 @@ class TuckerProductKeys(Addressing):
             i, j = self.select(s_row.detach(), s_col.detach())  # (T, H, k) each
             sr = s_row.gather(3, i.unsqueeze(2).expand(T, H, r, k))  # (T, H, r, k), with gradient
             sc = s_col.gather(3, j.unsqueeze(2).expand(T, H, r, k))
-            scores = torch.einsum("thak,chab,thbk->thck", sr, self.cores.to(sr.dtype), sc)  # (T, H, C, k)
+            row_core = torch.einsum("thak,chab->thcbk", sr, self.cores.to(sr.dtype))  # (T, H, C, r, k)
+            scores = (row_core * sc.unsqueeze(2)).sum(3)  # (T, H, C, k)
             weights = apply_score_fn(scores, self.score_fn).transpose(-1, -2)  # (T, H, k, C)
         return i * self.n_keys + j, weights.squeeze(-1) if self.num_cores == 1 else weights
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import use_triton
-from .reference import bag_forward, value_row_grads, weight_grad
+from .reference import bag_forward, value_grad, weight_grad
 
 
 @torch.library.custom_op("memlayers::bag", mutates_args=())
@@ -45,10 +45,7 @@ def bag_backward(
     if need_weights:
         dw = weight_grad(values, indices, grad_out).to(weights.dtype) if indices.numel() else torch.zeros_like(weights)
     if need_values:
-        dv = torch.zeros_like(values)
-        if indices.numel():
-            rows, row_grads = value_row_grads(indices, weights, grad_out)
-            dv.index_copy_(0, rows, row_grads.to(values.dtype))
+        dv = value_grad(indices, weights, grad_out, values.shape[0]).to(values.dtype)
     return dv, dw
 
 

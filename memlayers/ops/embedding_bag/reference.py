@@ -6,11 +6,14 @@ Forward is ``F.embedding_bag``. Backward is written here because torch's per-sam
 backward is missing for bf16 on CUDA, because we want row-sparse value gradients, and because
 neither gradient should ever hold a ``(T, L, d)`` tensor:
 
-* value gradient, the reverse-index ("CSR transpose") form: sort the T*L entries by row, and
-  the gradient of each touched row is itself an embedding bag over ``grad_out``:
+* value gradient, the reverse-index ("CSR transpose") form: sort the T*L entries by row (a stable
+  sort: each row sums its entries in token order, so the result is deterministic), and the gradient
+  of each touched row is itself an embedding bag over ``grad_out``:
   ``dV[r] = sum_{(t,l): indices[t,l]=r} weights[t,l] * grad_out[t]``;
-* weight gradient ``dw[t, l] = <grad_out[t], values[indices[t, l]]>``, computed over chunks of
-  tokens so the gathered rows never exceed ``_CHUNK_ELEMENTS``.
+* weight gradient ``dw[t, l] = <grad_out[t], values[indices[t, l]]>``: one dot product per entry by
+  torch's own embedding-bag per-sample-weights backward when the table is in the accumulation dtype
+  (float32/float64); a 16-bit table is gathered over chunks of tokens, converted to float32, so the
+  gathered rows never exceed ``_CHUNK_ELEMENTS``.
 
 All accumulation is in float32 (float64 inputs stay float64). This is the function the GPU
 kernels are checked against: keep it simple and obviously right.
@@ -19,7 +22,7 @@ kernels are checked against: keep it simple and obviously right.
 import torch
 import torch.nn.functional as F
 
-_CHUNK_ELEMENTS = 1 << 22  # gathered elements per chunk in the weight gradient (16 MiB in fp32)
+_CHUNK_ELEMENTS = 1 << 22  # gathered elements per chunk in a 16-bit table's weight gradient (16 MiB in fp32)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -34,27 +37,40 @@ def bag_forward(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tens
     return F.embedding_bag(indices, values, per_sample_weights=weights.to(values.dtype), mode="sum")
 
 
+def _entries_by_row(indices: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, num_rows: int | None = None):
+    """The T*L entries sorted by row, stably (each row sums its entries in token order: deterministic).
+
+    Returns their rows (T*L,) ascending (int32 when ``num_rows``, the table's, fits: it sorts ~2x faster on
+    CPU), tokens (T*L,), weights (T*L,) and grad_out (T, d), these two in the accumulation dtype.
+    """
+    acc = _accumulation_dtype(grad_out.dtype)
+    rows = indices.reshape(-1)
+    if num_rows is not None and num_rows <= torch.iinfo(torch.int32).max:
+        rows = rows.int()
+    sorted_rows, order = torch.sort(rows, stable=True)
+    tokens = torch.div(order, indices.shape[1], rounding_mode="floor")
+    return sorted_rows, tokens, weights.reshape(-1).index_select(0, order).to(acc), grad_out.to(acc)
+
+
 def value_row_grads(indices: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor):
     """Gradient of the touched value rows only.
 
     indices (T, L), weights (T, L), grad_out (T, d) -> rows (U,) sorted unique row ids,
     row_grads (U, d) in the accumulation dtype.
     """
-    acc = _accumulation_dtype(grad_out.dtype)
-    L = indices.shape[1]
-    flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    rows, counts = torch.unique_consecutive(flat[order], return_counts=True)
-    offsets = torch.cumsum(counts, 0) - counts  # start of each row's entries in `order`
-    token_of_entry = torch.div(order, L, rounding_mode="floor")
-    row_grads = F.embedding_bag(
-        token_of_entry,
-        grad_out.to(acc),
-        offsets,
-        per_sample_weights=weights.reshape(-1)[order].to(acc),
-        mode="sum",
-    )
-    return rows, row_grads
+    sorted_rows, tokens, w, g = _entries_by_row(indices, weights, grad_out)
+    rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts  # of each row's entries
+    return rows, F.embedding_bag(tokens, g, starts, per_sample_weights=w, mode="sum")
+
+
+def value_grad(indices: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The whole value gradient: indices (T, L), weights (T, L), grad_out (T, d) -> (num_rows, d) in the
+    accumulation dtype, ``value_row_grads`` scattered into zeros; made as one bag per table row (untouched
+    rows are empty bags), without the zero fill and the copy."""
+    sorted_rows, tokens, w, g = _entries_by_row(indices, weights, grad_out, num_rows)
+    starts = torch.searchsorted(sorted_rows, torch.arange(num_rows, dtype=sorted_rows.dtype, device=sorted_rows.device))
+    return F.embedding_bag(tokens, g, starts, per_sample_weights=w, mode="sum")
 
 
 def weight_grad(values: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
@@ -63,10 +79,22 @@ def weight_grad(values: torch.Tensor, indices: torch.Tensor, grad_out: torch.Ten
     acc = torch.promote_types(torch.promote_types(values.dtype, grad_out.dtype), torch.float32)
     T, L = indices.shape
     d = values.shape[1]
+    if values.dtype == acc and T * L > 0:  # one dot product per entry, nothing gathered
+        flat = indices.reshape(-1).long()
+        lo, hi = torch.aminmax(flat)
+        if lo < 0 or hi >= values.shape[0]:  # torch's kernel does not check: it would read outside the table
+            raise IndexError(f"weight_grad: indices must be in [0, {values.shape[0]}), got [{lo}, {hi}]")
+        bag_of_entry = torch.div(torch.arange(T * L, device=flat.device), L, rounding_mode="floor")
+        bag_starts = torch.arange(0, T * L, L, device=flat.device)
+        dw = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            grad_out.to(acc), values, flat, bag_starts, bag_of_entry, mode=0
+        )  # mode 0: sum
+        return dw.view(T, L)
     out = torch.empty(T, L, dtype=acc, device=values.device)
     step = max(1, _CHUNK_ELEMENTS // max(1, L * d))
     for start in range(0, T, step):
-        rows = values[indices[start : start + step]].to(acc)  # (chunk, L, d)
+        ids = indices[start : start + step]
+        rows = values.index_select(0, ids.reshape(-1)).view(*ids.shape, d).to(acc)  # (chunk, L, d)
         g = grad_out[start : start + step].to(acc).unsqueeze(-1)  # (chunk, d, 1)
         out[start : start + step] = torch.bmm(rows, g).squeeze(-1)
     return out
@@ -89,19 +117,19 @@ class EmbeddingBagFunction(torch.autograd.Function):
                 grad_weights = torch.zeros_like(weights)
             else:
                 grad_weights = weight_grad(values, indices, grad_out).to(weights.dtype)
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.sparse_grad:
             if empty:
-                rows = indices.new_zeros(0)
-                row_grads = values.new_zeros(0, values.shape[1])
+                rows, row_grads = indices.new_zeros(0), values.new_zeros(0, values.shape[1])
             else:
                 rows, row_grads = value_row_grads(indices, weights, grad_out)
-            row_grads = row_grads.to(values.dtype)
-            if ctx.sparse_grad:
-                grad_values = torch.sparse_coo_tensor(
-                    rows.unsqueeze(0), row_grads, values.shape, is_coalesced=True, check_invariants=False
-                )
+            grad_values = torch.sparse_coo_tensor(
+                rows.unsqueeze(0), row_grads.to(values.dtype), values.shape, is_coalesced=True, check_invariants=False
+            )
+        elif ctx.needs_input_grad[0]:
+            if empty:
+                grad_values = torch.zeros_like(values)
             else:
-                grad_values = values.new_zeros(values.shape).index_copy_(0, rows, row_grads)
+                grad_values = value_grad(indices, weights, grad_out, values.shape[0]).to(values.dtype)
         return grad_values, None, grad_weights, None
 
 

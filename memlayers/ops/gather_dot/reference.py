@@ -2,12 +2,13 @@
 
     out[t, l] = table[ids[t, l]] · x[t]
 
-The forward is the embedding bag's weight gradient (``embedding_bag.reference.weight_grad``), which
-gathers rows over chunks of tokens (never the whole ``(T, L, d)``). The gradients never gather either:
+The forward is the embedding bag's weight gradient (``embedding_bag.reference.weight_grad``): one dot
+product per (token, id), never the whole ``(T, L, d)`` gather. The gradients never gather either:
 
 * ``grad_x[t] = sum_l grad_out[t, l] * table[ids[t, l]]`` is a weighted embedding bag over ``table``;
 * ``grad_table[r] = sum_{(t, l): ids[t, l] = r} grad_out[t, l] * x[t]`` is the bag's value gradient
-  with ``grad_out`` as the weights and ``x`` as the bag's output gradient (touched rows only, sorted).
+  with ``grad_out`` as the weights and ``x`` as the bag's output gradient (touched rows only, sorted, or
+  the whole table).
 
 Accumulation is in float32, float64 if either input is float64. The function the Triton kernel is
 checked against: keep it simple and obviously right.
@@ -16,7 +17,7 @@ checked against: keep it simple and obviously right.
 import torch
 
 from ..embedding_bag import embedding_bag
-from ..embedding_bag.reference import value_row_grads, weight_grad
+from ..embedding_bag.reference import value_grad, value_row_grads, weight_grad
 
 
 def accumulation_dtype(table_dtype: torch.dtype, x_dtype: torch.dtype) -> torch.dtype:
@@ -26,7 +27,7 @@ def accumulation_dtype(table_dtype: torch.dtype, x_dtype: torch.dtype) -> torch.
 
 def gather_dot_forward(table: torch.Tensor, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """table (N, d), ids (T, L) int64, x (T, d) -> (T, L) in the accumulation dtype: the bag's weight
-    gradient, which is this function (chunked over tokens)."""
+    gradient, which is this function."""
     return weight_grad(table, ids, x)
 
 
@@ -35,13 +36,11 @@ def table_grad(ids: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor, num_r
     dense ``(num_rows, d)``; in the accumulation dtype of x. ids (T, L) int64, grad_out (T, L), x (T, d)."""
     d = x.shape[1]
     acc = torch.promote_types(x.dtype, torch.float32)
+    if not sparse:
+        return x.new_zeros(num_rows, d, dtype=acc) if ids.numel() == 0 else value_grad(ids, grad_out, x, num_rows)
     if ids.numel() == 0:
-        rows, row_grads = ids.new_zeros(0), x.new_zeros(0, d, dtype=acc)
-    else:
-        rows, row_grads = value_row_grads(ids, grad_out, x)
-    if sparse:
-        return rows, row_grads
-    return row_grads.new_zeros(num_rows, d).index_copy_(0, rows, row_grads)
+        return ids.new_zeros(0), x.new_zeros(0, d, dtype=acc)
+    return value_row_grads(ids, grad_out, x)
 
 
 class GatherDotFunction(torch.autograd.Function):

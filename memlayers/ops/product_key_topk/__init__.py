@@ -7,6 +7,7 @@ everything else to the plain-PyTorch reference; both return the same indices and
 import torch
 
 from ..dispatch import use_triton
+from . import library
 from .reference import product_key_topk as product_key_topk_reference
 
 __all__ = ["product_key_topk", "product_key_topk_reference", "triton_unsupported"]
@@ -66,4 +67,4 @@ def product_key_topk(
         from .triton_select import product_key_topk_triton  # imported lazily: CPU installs need no Triton
 
         return product_key_topk_triton(q1, q2, keys1, keys2, k)
-    return product_key_topk_reference(q1, q2, keys1, keys2, k)
+    return product_key_topk_reference(q1, q2, keys1, keys2, k, select=library.select)

@@ -7,27 +7,30 @@ run two GEMMs with them per half (2 T H n h multiply-adds each). Here, per half:
     dq1[t, h] = sum_r g[t, h, r] K1[h, i[t, h, r]]          (a weighted bag of k gathered rows)
     dK1[h, i] = sum over (t, r) with i[t, h, r] = i of g[t, h, r] q1[t, h]   (its transpose)
 
-both from one ``F.embedding_bag`` over the H*n rows of K1 (its forward is dq1, its weight gradient
-for the upstream gradient q1 is dK1): T H k h multiply-adds each, no (T, H, n) or (T, H, k, h) tensor.
-Plain torch, so CPU and CUDA alike.
+both an embedding bag over the H*n rows of K1 (dq1 its forward, dK1 its value gradient for the upstream
+gradient q1): T H k h multiply-adds each, no (T, H, n) or (T, H, k, h) tensor. The bag's custom ops, so
+``torch.compile`` traces the backward too and CUDA runs the bag's Triton kernels.
 """
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from ..embedding_bag import library as bag
 
 
 def _half_grads(ids, keys, g, q, need_q: bool, need_keys: bool):
     """dq (T, H, h) and dK (H, n, h) of one half: ids (T, H, k) sub-key ids, keys (H, n, h), g (T, H, k),
-    q (T, H, h); None where not needed."""
+    q (T, H, h); None where not needed. The bag's custom ops (Triton on CUDA), in the keys' dtype."""
     T, H, k = ids.shape
     n, h = keys.shape[1:]
     bags = (ids + torch.arange(H, device=ids.device)[:, None] * n).view(T * H, k)  # rows of keys.view(H * n, h)
-    table = keys.detach().reshape(H * n, h).requires_grad_(need_keys)
-    with torch.enable_grad():
-        dq = F.embedding_bag(bags, table, per_sample_weights=g.reshape(T * H, k), mode="sum")
-    dkeys = torch.autograd.grad(dq, table, q.reshape(T * H, h))[0].view(H, n, h) if need_keys else None
-    return (dq.detach().view(T, H, h) if need_q else None), dkeys
+    table, weights = keys.detach().reshape(H * n, h), g.reshape(T * H, k).to(keys.dtype)
+    dq = bag.bag(table, bags, weights, "auto", "sorted").view(T, H, h).to(q.dtype) if need_q else None
+    if not need_keys:
+        return dq, None
+    grad_out = q.reshape(T * H, h).to(keys.dtype)
+    dkeys = bag.bag_backward(table, bags, weights, grad_out, "auto", "sorted", True, False)[0]
+    return dq, dkeys.view(H, n, h)
 
 
 class _SelectedScores(torch.autograd.Function):

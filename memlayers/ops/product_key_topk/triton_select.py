@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_unsupported
+from . import library, triton_unsupported
 from .backward import selected_scores
 from .reference import grid_candidates
 from .reference import product_key_topk as product_key_topk_reference
@@ -487,6 +487,9 @@ def product_key_topk_triton(
         s2 = torch.einsum("thd,hnd->thn", q2, keys2)
     if s1.dtype not in (torch.float32, torch.bfloat16):
         return product_key_topk_reference(q1, q2, keys1, keys2, k)  # (scores again: rare dtypes only)
-    indices = product_key_select_triton(s1, s2, k, config)
+    if config is None:  # the default configuration, as the custom op torch.compile sees as one node
+        indices = library.select(s1, s2, k, use_kernel=True)
+    else:
+        indices = product_key_select_triton(s1, s2, k, config)
     i = torch.div(indices, n, rounding_mode="floor")
     return selected_scores(q1, q2, keys1, keys2, s1, s2, i, indices - i * n), indices
