@@ -37,7 +37,7 @@ def tables(text: str) -> dict[str, list[list[str]]]:
             title = prev
             out[title] = []
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if not set("".join(cells)) <= {"-"}:
+        if not set("".join(cells)) <= {"-", ":"}:  # not the separator row
             out[title].append(cells)
     return out
 
@@ -243,3 +243,16 @@ def test_gpu_checks_sections(tmp_path):
     assert "benchmarks/kernels.py --select-budget 30 --sweep" in out
     assert "benchmarks/layer_gpu.py --sections train" in out
     assert not list(tmp_path.iterdir())  # a dry run writes no logs
+
+
+def test_layer_cpu_steps_prints_every_arm():
+    """``layer_cpu.py --steps`` (the CPU training-step table of RESULTS.md): one row per arm asked for, the
+    dense arm at 1.00x."""
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "layer_cpu.py"), "--steps", "--arms", "dense,memory", "--repeats", "1",
+         "--threads", "1"],
+        capture_output=True, text=True, timeout=600, check=True,
+    ).stdout  # fmt: skip
+    header, rows = one_table(out, "")
+    assert header[0] == "arm" and set(rows) == {"dense", "memory"}
+    assert rows["dense"][-1] == "1.00" and float(rows["memory"][-1]) > 0

@@ -230,8 +230,9 @@ class TuckerProductKeys(Addressing):
         T, H, r, n = s_row.shape
         m = self.prefilter
         u, v = self.u.to(s_row.dtype), self.v.to(s_row.dtype)
-        a = torch.einsum("thai,ha->thi", s_row, u)  # (T, H, n) filter scores
-        b = torch.einsum("thaj,ha->thj", s_col, v)
+        # (T, H, n) filter scores, a sum over the (few) ranks: an einsum makes a (T*H*n, r) x (r, 1) matmul
+        a = sum(s_row[:, :, c] * u[:, c, None] for c in range(r))
+        b = sum(s_col[:, :, c] * v[:, c, None] for c in range(r))
         core = self.cores.sum(0).to(s_row.dtype)  # (H, r, r)
         grids, rows, cols = [], [], []
         for largest in (True, False) if m < n else (True,):
