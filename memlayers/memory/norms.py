@@ -13,8 +13,9 @@ class MaskedBatchNorm(nn.Module):
     Training: normalise with the mean/variance of the real tokens (``mask`` True) and update the
     running statistics from them; an empty or fully padded batch leaves them unchanged.
     Eval: normalise with the running statistics, so a token's output never depends on its batch.
-    Runs without host syncs. Without a mask, in the accumulation dtype, it is ``F.batch_norm``. Statistics are computed in float32 (float64 for float64 input) and the
+    Runs without host syncs. Statistics are computed in float32 (float64 for float64 input) and the
     running statistics stored in their own dtype, so the module trains after ``.to(torch.bfloat16)``.
+    Without a mask, on input in the accumulation dtype, it is ``F.batch_norm``.
 
     x (T, C), mask (T,) bool or None -> (T, C)
     """

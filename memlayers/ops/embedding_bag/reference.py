@@ -126,10 +126,7 @@ class EmbeddingBagFunction(torch.autograd.Function):
                 rows.unsqueeze(0), row_grads.to(values.dtype), values.shape, is_coalesced=True, check_invariants=False
             )
         elif ctx.needs_input_grad[0]:
-            if empty:
-                grad_values = torch.zeros_like(values)
-            else:
-                grad_values = value_grad(indices, weights, grad_out, values.shape[0]).to(values.dtype)
+            grad_values = value_grad(indices, weights, grad_out, values.shape[0]).to(values.dtype)
         return grad_values, None, grad_weights, None
 
 

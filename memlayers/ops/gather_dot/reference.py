@@ -37,7 +37,7 @@ def table_grad(ids: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor, num_r
     d = x.shape[1]
     acc = torch.promote_types(x.dtype, torch.float32)
     if not sparse:
-        return x.new_zeros(num_rows, d, dtype=acc) if ids.numel() == 0 else value_grad(ids, grad_out, x, num_rows)
+        return value_grad(ids, grad_out, x, num_rows)
     if ids.numel() == 0:
         return ids.new_zeros(0), x.new_zeros(0, d, dtype=acc)
     return value_row_grads(ids, grad_out, x)
