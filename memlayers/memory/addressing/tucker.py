@@ -231,8 +231,8 @@ class TuckerProductKeys(Addressing):
         m = self.prefilter
         u, v = self.u.to(s_row.dtype), self.v.to(s_row.dtype)
         # (T, H, n) filter scores, a sum over the (few) ranks: an einsum makes a (T*H*n, r) x (r, 1) matmul
-        a = sum(s_row[:, :, c] * u[:, c, None] for c in range(r))
-        b = sum(s_col[:, :, c] * v[:, c, None] for c in range(r))
+        a = sum((s_row[:, :, c] * u[:, c, None] for c in range(1, r)), s_row[:, :, 0] * u[:, 0, None])
+        b = sum((s_col[:, :, c] * v[:, c, None] for c in range(1, r)), s_col[:, :, 0] * v[:, 0, None])
         core = self.cores.sum(0).to(s_row.dtype)  # (H, r, r)
         grids, rows, cols = [], [], []
         for largest in (True, False) if m < n else (True,):

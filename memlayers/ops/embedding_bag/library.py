@@ -43,7 +43,7 @@ def bag_backward(
     indices = indices.long()
     dv = dw = none
     if need_weights:
-        dw = weight_grad(values, indices, grad_out).to(weights.dtype) if indices.numel() else torch.zeros_like(weights)
+        dw = weight_grad(values, indices, grad_out).to(weights.dtype)
     if need_values:
         dv = value_grad(indices, weights, grad_out, values.shape[0]).to(values.dtype)
     return dv, dw
@@ -52,7 +52,10 @@ def bag_backward(
 @bag_backward.register_fake
 def _(values, indices, weights, grad_out, impl, algorithm, need_values, need_weights):
     none = values.new_empty(0)
-    return (torch.empty_like(values) if need_values else none), (torch.empty_like(weights) if need_weights else none)
+    # contiguous, as the real outputs are (empty_like would keep a permuted input's strides)
+    return (values.new_empty(values.shape) if need_values else none), (
+        weights.new_empty(weights.shape) if need_weights else none
+    )
 
 
 def _setup(ctx, inputs, output):

@@ -34,12 +34,10 @@ def gather_dot_forward(table: torch.Tensor, ids: torch.Tensor, x: torch.Tensor) 
 def table_grad(ids: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor, num_rows: int, sparse: bool):
     """Gradient of ``table``: ``(rows (U,) sorted unique int64, row_grads (U, d))`` if ``sparse``, else
     dense ``(num_rows, d)``; in the accumulation dtype of x. ids (T, L) int64, grad_out (T, L), x (T, d)."""
-    d = x.shape[1]
-    acc = torch.promote_types(x.dtype, torch.float32)
     if not sparse:
         return value_grad(ids, grad_out, x, num_rows)
     if ids.numel() == 0:
-        return ids.new_zeros(0), x.new_zeros(0, d, dtype=acc)
+        return ids.new_zeros(0), x.new_zeros(0, x.shape[1], dtype=torch.promote_types(x.dtype, torch.float32))
     return value_row_grads(ids, grad_out, x)
 
 

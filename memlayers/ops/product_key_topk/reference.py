@@ -20,8 +20,9 @@ import torch
 
 def _order_keys(scores: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:
     """int64 keys that sort like (score descending, tie ascending): ``(order-preserving score bits) << 32 |
-    (2**32 - 1 - tie)``. -0.0 and +0.0 tie; NaNs rank by their bits (above +inf if positive, below -inf if
-    negative). scores float32 or narrower, tie int64 in [0, 2**32), broadcastable to scores."""
+    (2**32 - 1 - tie)``. -0.0 and +0.0 tie; NaNs rank by their float32 bits (above +inf if positive, below
+    -inf if negative; a float16 NaN's sign is what torch's conversion leaves of it, which can depend on the
+    tensor's size). scores float32 or narrower, tie int64 in [0, 2**32), broadcastable to scores."""
     bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0: they tie
     bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # int order == float order
     return (bits << 32) | (0xFFFFFFFF - tie)
@@ -39,7 +40,8 @@ def _top_k_values(scores: torch.Tensor, k: int, tie: torch.Tensor | None = None)
     float32 (and narrower) scores are ranked as by ``_order_keys``: torch's float ``topk`` finds the
     largest values in order but breaks ties arbitrarily, so a row where that matters (a tie among the k
     kept or with the best one left out, or a NaN) is redone with ``topk`` of its keys. On CPU that is
-    2-3x faster than keys for every score or a stable sort (8,192 rows of 128, k = 16).
+    2-3x faster than keys for every score or a stable sort (8,192 rows of 128, k = 16); other devices take
+    keys for every score (the check would sync with the host).
     float64: stable sorts.
     """
     n = scores.shape[-1]
@@ -51,6 +53,11 @@ def _top_k_values(scores: torch.Tensor, k: int, tie: torch.Tensor | None = None)
             best = torch.sort(scores.gather(-1, by_tie), dim=-1, descending=True, stable=True).indices[..., :k]
             pos = by_tie.gather(-1, best)
         return pos, scores.gather(-1, pos)
+    if tie is None:
+        tie = torch.arange(n, device=scores.device).expand(scores.shape)
+    if scores.device.type != "cpu":  # keys for every score: the shortcut below reads a flag on the host
+        pos = torch.topk(_order_keys(scores, tie), k, dim=-1).indices
+        return pos, scores.gather(-1, pos)
     values, pos = torch.topk(scores, min(k + 1, n), dim=-1)
     # exact when these k (+ 1) values strictly decrease: no tie among the kept or with the best left out, no
     # NaN (it ranks first in topk and compares false; topk drops its sign and payload): else the row is redone
@@ -58,8 +65,6 @@ def _top_k_values(scores: torch.Tensor, k: int, tie: torch.Tensor | None = None)
     values, pos = values[..., :k], pos[..., :k]
     if redo.any():  # rare with real-valued scores
         rows = scores[redo]
-        if tie is None:
-            tie = torch.arange(n, device=scores.device).expand(scores.shape)
         pos[redo] = torch.topk(_order_keys(rows, tie[redo]), k, dim=-1).indices
         values[redo] = rows.gather(-1, pos[redo])
     return pos, values

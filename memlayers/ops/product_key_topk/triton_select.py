@@ -486,7 +486,7 @@ def product_key_topk_triton(
         s1 = torch.einsum("thd,hnd->thn", q1, keys1)  # (T, H, n)
         s2 = torch.einsum("thd,hnd->thn", q2, keys2)
     if s1.dtype not in (torch.float32, torch.bfloat16):
-        return product_key_topk_reference(q1, q2, keys1, keys2, k)  # (scores again: rare dtypes only)
+        return product_key_topk_reference(q1, q2, keys1, keys2, k, select=library.select)  # (rare dtypes only)
     if config is None:  # the default configuration, as the custom op torch.compile sees as one node
         indices = library.select(s1, s2, k, use_kernel=True)
     else:
