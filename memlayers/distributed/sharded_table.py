@@ -1,0 +1,196 @@
+"""A value table sharded over a process group (a "memory group"), read by the group as the whole table:
+by columns (the paper's memory parallelism) or by rows (as torchrec and the 2026 n-gram-memory trainers).
+
+Per token and rank, with L = H*k entries of 8-byte ids and w-byte weights, rows of d values of v bytes and
+G ranks, the forward moves (and the backward as much again):
+
+* by columns: (G-1) * L * (8 + w) bytes of ids and weights (all-gathered) + (G-1)/G * d * v of output;
+* by rows: (G-1)/G * L * (16 + w) of ids, token positions and weights (routed to the rows' owners)
+  + (G-1) * d * v of partial outputs (one from every owner).
+
+Columns move less whenever L * (8 + w) < d * v (the paper's 128 entries of rows of 1,024 bf16 values:
+1,280 < 2,048 bytes, at every G); rows move less for many narrow reads. Both keep each rank's value
+gradient local and exact (its own columns, or rows, from every token of the group).
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..memory.parts import ValueStore
+from ..memory.stores import ValueTable
+from ..ops import embedding_bag
+from .collectives import all_gather_rows, all_to_all_rows
+
+
+class ShardedTable(ValueStore):
+    """What both shardings share: a ``ValueTable``'s sizes and options, the group, the local shard
+    ``weight`` (role "values"), the whole table's accounting. Collective: every rank of the group calls
+    forward, with the same number of tokens (checked), and runs the backward. Not yet: the fused update
+    (``set_value_grad_sink`` refuses), data parallelism across groups.
+    """
+
+    def __init__(self, table: ValueTable, group: dist.ProcessGroup | None, shard: torch.Tensor):
+        super().__init__()
+        self.group, self.world, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
+        self.num_values = self.num_slots = table.num_values
+        self.dim = self.out_dim = table.dim
+        self.sparse_grad, self.lr_decay, self.init_std = table.sparse_grad, table.lr_decay, table.init_std
+        self.weight = nn.Parameter(shard.detach().clone())
+
+    @classmethod
+    def _check(cls, table, group) -> tuple[int, int]:
+        name = cls.__name__
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                f"{name}: torch.distributed is not initialised; launch with torchrun and call "
+                "torch.distributed.init_process_group first"
+            )
+        if not isinstance(table, ValueTable):
+            raise TypeError(f"{name}: table must be a memlayers ValueTable, got {type(table).__name__}")
+        return dist.get_world_size(group), dist.get_rank(group)
+
+    def param_roles(self) -> dict[str, list[nn.Parameter]]:
+        return {"values": [self.weight]}
+
+    def read_params(self, reads: int) -> int:
+        return reads * self.dim
+
+    def read_flops(self, reads: int) -> int:
+        """The whole table's: the group shares the bag's work."""
+        return 2 * reads * self.dim
+
+    def _check_inputs(self, ids: torch.Tensor) -> None:
+        """Every rank learns every rank's token count and whether its ids are in range, and all raise
+        together (one rank raising alone would leave the others waiting in a collective)."""
+        bad = ((ids < 0) | (ids >= self.num_values)).any()
+        seen = all_gather_rows(torch.stack([torch.tensor(ids.shape[0], device=ids.device), bad.long()]), self.group)
+        counts, bad = seen[0::2].tolist(), seen[1::2].tolist()
+        if any(bad):
+            raise IndexError(
+                f"{type(self).__name__}: ids outside [0, {self.num_values}) on rank(s) "
+                f"{[r for r, b in enumerate(bad) if b]} of the memory group"
+            )
+        if len(set(counts)) > 1:
+            raise ValueError(
+                f"{type(self).__name__}: the ranks of the memory group read {counts} tokens in this call; "
+                "every rank must read the same number (the same batch size and sequence length)"
+            )
+
+
+class ColumnShardedTable(ShardedTable):
+    """Rank r of the G in ``group`` holds columns ``[r*d/G, (r+1)*d/G)`` of every row.
+
+    ``forward(ids (T, H, k), weights (T, H, k), x) -> (T, d)``, the table's: all-gather the group's ids and
+    weights ((G*T, H*k) each), bag the local columns for every token of the group ((G*T, d/G)), all-to-all
+    the slices back to their tokens' ranks. Backward: the same way back; each token's weight gradient is the
+    sum over ranks of their columns' (an all-to-all and a sum).
+
+    Args:
+        table: the whole table, the same on every rank (e.g. built from one seed); each rank keeps a copy of
+            its columns. Its ``sparse_grad``, ``lr_decay`` and ``init_std`` carry over.
+        group: the memory group (None: the default group).
+    """
+
+    def __init__(self, table: ValueTable, group: dist.ProcessGroup | None = None):
+        G, r = self._check(table, group)
+        if table.dim % G:
+            raise ValueError(
+                f"ColumnShardedTable: the table's width {table.dim} does not split into {G} equal column slices; "
+                f"use a memory group whose size divides {table.dim}"
+            )
+        width = table.dim // G
+        self.columns = (r * width, (r + 1) * width)
+        super().__init__(table, group, table.weight[:, r * width : (r + 1) * width])  # (N, d/G)
+
+    def forward(self, ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        T, G = ids.shape[0], self.world
+        self._check_inputs(ids)
+        all_ids = all_gather_rows(ids.flatten(1), self.group)  # (G*T, L)
+        all_weights = all_gather_rows(weights.flatten(1), self.group)
+        part = embedding_bag(self.weight, all_ids, all_weights, sparse_grad=self.sparse_grad)  # (G*T, d/G)
+        mine = all_to_all_rows(part, self.group)  # (G*T, d/G): block i holds rank i's columns of our tokens
+        return mine.view(G, T, -1).transpose(0, 1).reshape(T, self.dim)
+
+    @torch.no_grad()
+    def full_weight(self) -> torch.Tensor:
+        """The whole (N, d) table, gathered from the group (collective)."""
+        return all_gather_rows(self.weight.detach().t(), self.group).t()  # (d, N) in rank order, transposed
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_values={self.num_values}, dim={self.dim}, columns={self.columns[0]}:{self.columns[1]} "
+            f"(rank {self.rank} of {self.world}), sparse_grad={self.sparse_grad}"
+        )
+
+
+class RowShardedTable(ShardedTable):
+    """Rank r of the G in ``group`` holds rows ``[r*R, (r+1)*R)`` (R = ceil(N/G); the last rank's block may
+    be shorter).
+
+    ``forward(ids (T, H, k), weights (T, H, k), x) -> (T, d)``, the table's: each entry (id, weight, token)
+    is sent to the rank owning its row (an all-to-all of the counts, then of the entries), each owner bags
+    its rows into one partial output per token of the group ((G*T, d)), the partials go back to their
+    tokens' ranks and are summed in rank order. Backward: the same way back. Two host syncs per call (the
+    counts), as torchrec's row-wise sharding has.
+
+    Args: as ``ColumnShardedTable``'s.
+    """
+
+    def __init__(self, table: ValueTable, group: dist.ProcessGroup | None = None):
+        G, r = self._check(table, group)
+        R = math.ceil(table.num_values / G)
+        if (G - 1) * R >= table.num_values:
+            raise ValueError(
+                f"RowShardedTable: {table.num_values} rows in blocks of {R} leave a rank of the {G} without rows; "
+                "use a smaller memory group"
+            )
+        self.block = R
+        self.rows = (min(r * R, table.num_values), min((r + 1) * R, table.num_values))
+        super().__init__(table, group, table.weight[slice(*self.rows)])  # (rows, d)
+
+    def forward(self, ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        T, G, L = ids.shape[0], self.world, ids[0].numel()
+        self._check_inputs(ids)
+        ids, weights = ids.reshape(-1), weights.reshape(-1)  # (T*L,)
+        owner = torch.div(ids, self.block, rounding_mode="floor")
+        order = torch.sort(owner, stable=True).indices  # entries by owner, each owner's in token order
+        send = torch.bincount(owner, minlength=G)
+        recv = all_to_all_rows(send, self.group, [1] * G, [1] * G)
+        send, recv = send.tolist(), recv.tolist()
+        local = all_to_all_rows((ids - owner * self.block)[order], self.group, send, recv)  # (E,) rows here
+        token = all_to_all_rows(torch.div(order, L, rounding_mode="floor"), self.group, send, recv)
+        w = all_to_all_rows(weights[order], self.group, send, recv)  # (E,), differentiable
+        if local.numel() == 0:  # no entry reads our rows: zero partials (kept in the graph: the backward is collective)
+            part = self.weight.new_zeros(G * T, self.dim) + 0 * w.sum().to(self.weight.dtype)
+        else:
+            # Bag b = s*T + t holds what rank s sent for its token t, each entry at its place in the bag.
+            source = torch.arange(G, device=ids.device).repeat_interleave(torch.tensor(recv, device=ids.device))
+            bag = source * T + token  # (E,) ascending: sources in rank order, each one's entries in token order
+            first = torch.searchsorted(bag, bag, side="left")  # each entry's bag's first entry
+            slot = torch.arange(bag.numel(), device=ids.device) - first
+            width = int(slot.max()) + 1
+            # empty places read, at weight 0, a row their bag reads anyway (or, in an empty bag, the first entry's
+            # row): no row is touched that no entry reads, so row-sparse gradients and optimizers see the same rows
+            bag_ids = local[:1].repeat(G * T, width)
+            bag_ids[bag] = local[first].unsqueeze(1)
+            bag_ids.view(-1)[bag * width + slot] = local
+            bag_w = w.new_zeros(G * T * width).index_put((bag * width + slot,), w).view(G * T, width)
+            part = embedding_bag(self.weight, bag_ids, bag_w, sparse_grad=self.sparse_grad)
+            # (G*T, d): block s holds our rows' part of rank s's tokens
+        return all_to_all_rows(part, self.group).view(G, T, self.dim).sum(0)
+
+    @torch.no_grad()
+    def full_weight(self) -> torch.Tensor:
+        """The whole (N, d) table, gathered from the group (collective)."""
+        padded = self.weight.new_zeros(self.block, self.dim)
+        padded[: self.weight.shape[0]] = self.weight
+        return all_gather_rows(padded, self.group)[: self.num_values]
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_values={self.num_values}, dim={self.dim}, rows={self.rows[0]}:{self.rows[1]} "
+            f"(rank {self.rank} of {self.world}), sparse_grad={self.sparse_grad}"
+        )

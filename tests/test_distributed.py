@@ -1,0 +1,138 @@
+"""Sharded value tables on torch.distributed (gloo, CPU): 2 and 4 processes against one process computing
+the same thing, and the example under torchrun. Every process builds the same table and every rank's inputs from seeds, so each can run
+the single-process reference itself."""
+
+import copy
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from memlayers import ValueTable
+from memlayers.distributed import ColumnShardedTable, RowShardedTable
+
+N, D, T, H, K = 37, 12, 5, 2, 3
+SCHEMES = {"columns": ColumnShardedTable, "rows": RowShardedTable}
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sharded_values.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(world: int, fn, *args) -> None:
+    """fn(rank, world, *args) in ``world`` gloo processes; a failure in any of them fails the test."""
+    mp.spawn(_worker, args=(world, free_port(), fn, args), nprocs=world, join=True)
+
+
+def _worker(rank, world, port, fn, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def rank_inputs(r: int, tokens: int = T, rows: int = N):
+    """Rank r's ids (tokens, H, K) in [0, rows), weights (tokens, H, K) and output gradient (tokens, D)."""
+    g = torch.Generator().manual_seed(100 + r)
+    ids = torch.randint(0, rows, (tokens, H, K), generator=g)
+    ids[0, 0, :2] = 7  # the same row twice in a token, and in every rank's first token
+    return ids, torch.randn(tokens, H, K, generator=g), torch.randn(tokens, D, generator=g)
+
+
+def rel_err(a, b) -> float:
+    a, b = (x.to_dense() if x.is_sparse else x for x in (a, b))
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _sharded_matches_one_process(rank, world, scheme, sparse_grad, rows):
+    torch.manual_seed(0)
+    table = ValueTable(N, D, sparse_grad=sparse_grad)
+    # one process, every rank's tokens
+    ref = copy.deepcopy(table)
+    inputs = [rank_inputs(r, rows=rows) for r in range(world)]
+    ref_weights = [w.clone().requires_grad_() for _, w, _ in inputs]
+    ref_outs = [ref(ids, w) for (ids, _, _), w in zip(inputs, ref_weights)]
+    sum((out * g).sum() for out, (_, _, g) in zip(ref_outs, inputs)).backward()
+    # this rank's tokens, through the sharded store
+    store = SCHEMES[scheme](table)
+    ids, weights, grad_out = inputs[rank]
+    weights = weights.clone().requires_grad_()
+    out = store(ids, weights)
+    (out * grad_out).sum().backward()
+    assert rel_err(out, ref_outs[rank]) < 1e-6
+    assert rel_err(weights.grad, ref_weights[rank].grad) < 1e-6
+    assert torch.equal(store.full_weight(), table.weight)
+    mine = (slice(None), slice(*store.columns)) if scheme == "columns" else slice(*store.rows)
+    expected = ref.weight.grad.to_dense()[mine]
+    if store.weight.grad is None:  # rows: no token read ours
+        assert scheme == "rows" and not expected.any()
+        return
+    assert rel_err(store.weight.grad, expected) < 1e-6 if expected.any() else not store.weight.grad.to_dense().any()
+    assert store.weight.grad.is_sparse == sparse_grad
+    if sparse_grad:  # the rows touched are the rows read, no more (the row-wise bags' padding touches none)
+        touched = set(store.weight.grad.coalesce().indices()[0].tolist())
+        read = {int(i) - (store.rows[0] if scheme == "rows" else 0) for i, _, _ in inputs for i in i.flatten()}
+        assert touched == ({i for i in read if 0 <= i < store.weight.shape[0]} if scheme == "rows" else read)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("sparse_grad", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_sharded_table_matches_one_process(scheme, world, sparse_grad):
+    run(world, _sharded_matches_one_process, scheme, sparse_grad, N)
+
+
+def test_row_sharded_table_with_a_rank_nobody_reads():
+    """Every id in the first rank's rows: the other rank bags nothing, and the collectives still match."""
+    run(2, _sharded_matches_one_process, "rows", True, 10)
+
+
+def _sharded_refuses(rank, world, scheme):
+    cls = SCHEMES[scheme]
+    if scheme == "columns":
+        with pytest.raises(ValueError, match="does not split into 2 equal column slices"):
+            cls(ValueTable(N, 5))
+    else:
+        with pytest.raises(ValueError, match="leave a rank of the 2 without rows"):
+            cls(ValueTable(1, D))
+    store = cls(ValueTable(N, D))
+    ids, weights, _ = rank_inputs(rank, tokens=T + rank)
+    with pytest.raises(ValueError, match=r"read \[5, 6\] tokens in this call; every rank must read the same"):
+        store(ids, weights)
+    ids, weights, _ = rank_inputs(rank)
+    ids[0, 0, 0] = N if rank == 1 else 0  # out of range on rank 1 only: every rank raises
+    with pytest.raises(IndexError, match=r"ids outside \[0, 37\) on rank\(s\) \[1\]"):
+        store(ids, weights)
+    with pytest.raises(ValueError, match="fused_values=False"):
+        store.set_value_grad_sink(store.weight, object())
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_sharded_table_refuses_what_it_cannot_do(scheme):
+    run(2, _sharded_refuses, scheme)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_sharded_table_needs_torch_distributed(scheme):
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised; launch with torchrun"):
+        SCHEMES[scheme](ValueTable(N, D))
+
+
+@pytest.mark.parametrize("sharding", ["column", "row"])
+def test_the_example_runs_under_torchrun(sharding):
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(EXAMPLE), sharding],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("output matches the whole table: True") == 2, done.stdout
