@@ -14,7 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from memlayers import ValueTable
-from memlayers.distributed import ColumnShardedTable, RowShardedTable
+from memlayers.distributed import ColumnShardedTable, RowShardedTable, shard_values
+from memlayers.model import MemorySpec, ModelConfig, Transformer
 
 N, D, T, H, K = 37, 12, 5, 2, 3
 SCHEMES = {"columns": ColumnShardedTable, "rows": RowShardedTable}
@@ -126,6 +127,57 @@ def test_sharded_table_refuses_what_it_cannot_do(scheme):
 def test_sharded_table_needs_torch_distributed(scheme):
     with pytest.raises(RuntimeError, match="torch.distributed is not initialised; launch with torchrun"):
         SCHEMES[scheme](ValueTable(N, D))
+
+
+def _model_matches_one_process(rank, world, sharding, sparse):
+    """A model with a Memory+ pool read by two layers and a layer with its own table: outputs, losses, every
+    dense gradient (this rank's tokens) and every value gradient (all ranks' tokens) as in one process."""
+    options = {"n_keys": 8, "heads": 2, "topk": 4, "sparse_values": sparse}
+    cfg = ModelConfig(
+        vocab_size=50, dim=32, n_layers=4, n_heads=2, max_seq_len=16,
+        memories=[MemorySpec("1,3", pool="values", options=options), MemorySpec("2", preset="memory", options=options)],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    ref = copy.deepcopy(model)
+    batches = [torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(r)) for r in range(world)]
+    ref_grads, ref_logits = [], []
+    for tokens in batches:
+        ref.zero_grad(set_to_none=True)
+        out = ref(tokens[:, :-1], tokens[:, 1:])
+        out.loss.backward()
+        ref_logits.append(out.logits.detach())
+        ref_grads.append({n: p.grad.to_dense() for n, p in ref.named_parameters() if p.grad is not None})
+    shard_values(model, sharding)
+    assert model.pools["values"] is model.blocks[1].memory.store is model.blocks[3].memory.store  # still shared
+    tokens = batches[rank]
+    out = model(tokens[:, :-1], tokens[:, 1:])
+    out.loss.backward()
+    assert rel_err(out.logits, ref_logits[rank]) < 1e-5
+    sharded = {id(m.weight): m for m in model.modules() if isinstance(m, (ColumnShardedTable, RowShardedTable))}
+    assert len(sharded) == 2
+    for name, p in model.named_parameters():
+        if id(p) in sharded:  # a shard: every rank's tokens, its columns or rows
+            store = sharded[id(p)]
+            whole = sum(g[name] for g in ref_grads)
+            expected = whole[:, slice(*store.columns)] if sharding == "column" else whole[slice(*store.rows)]
+        else:  # dense: this rank's tokens (no data parallelism yet)
+            expected = ref_grads[rank].get(name)
+        if expected is None or not expected.any():
+            assert p.grad is None or not p.grad.to_dense().any(), name
+        else:
+            assert rel_err(p.grad, expected) < 1e-5, name
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("sharding", ["column", "row"])
+def test_sharded_model_matches_one_process(sharding, sparse):
+    run(2, _model_matches_one_process, sharding, sparse)
+
+
+def test_shard_values_refuses():
+    with pytest.raises(ValueError, match="sharding must be one of"):
+        shard_values(ValueTable(N, D), "diagonal")
 
 
 @pytest.mark.parametrize("sharding", ["column", "row"])

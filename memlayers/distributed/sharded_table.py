@@ -194,3 +194,6 @@ class RowShardedTable(ShardedTable):
             f"num_values={self.num_values}, dim={self.dim}, rows={self.rows[0]}:{self.rows[1]} "
             f"(rank {self.rank} of {self.world}), sparse_grad={self.sparse_grad}"
         )
+
+
+SHARDINGS = {"column": ColumnShardedTable, "row": RowShardedTable}
