@@ -39,3 +39,26 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.fl
 
 # Tests parametrised over DEVICES also run on CUDA when a GPU is present (CI: CPU only).
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def poison_allocations(monkeypatch, int_fill: int | None = 7) -> None:
+    """Every buffer allocated with torch.empty/empty_like starts as NaN (floats) or ``int_fill`` (ints; 7 is a
+    row id, so that an unwritten key is read as one; None: ints left as allocated)."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.is_floating_point():
+            return t.fill_(float("nan"))
+        return t if int_fill is None else t.fill_(int_fill)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+@pytest.fixture
+def chunk(monkeypatch):
+    """chunk(c): the sorted-segment kernel's programs (``ops.bag_update``, also the bag's sorted backward) take
+    c sorted entries each (rows cut by chunk borders; any c >= 4)."""
+    from memlayers.ops.bag_update import triton_kernel  # lazily: Triton is imported after TRITON_INTERPRET is set
+
+    return lambda c: monkeypatch.setattr(triton_kernel, "chunk_size", lambda n: c)

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import TOL, rel_err
+from conftest import TOL, poison_allocations, rel_err
 from conftest import TRITON_DEVICE as DEVICE
 from test_bag_update import (
     HYPER,
@@ -29,21 +29,8 @@ from memlayers.ops.bag_update import bag_update, triton_kernel
 
 @pytest.fixture(autouse=True)
 def poisoned_allocations(monkeypatch):
-    """Every buffer the wrappers allocate with empty/empty_like starts as NaN (floats) or 7 (ints: a row id,
-    so that an unwritten key would be read as one)."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan") if t.is_floating_point() else 7)
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
-
-
-@pytest.fixture
-def chunk(monkeypatch):
-    """chunk(c): the kernel's programs take c sorted positions each (any c >= 4)."""
-    return lambda c: monkeypatch.setattr(triton_kernel, "chunk_size", lambda n: c)
+    """Buffers the wrappers allocate with empty/empty_like start as NaN (floats) or 7 (ints)."""
+    poison_allocations(monkeypatch)
 
 
 def both(inputs, rule, **kw):

@@ -11,6 +11,7 @@ import importlib
 
 import pytest
 import torch
+from conftest import rel_err
 
 import memlayers
 from memlayers import MemoryLayer
@@ -25,10 +26,6 @@ TINY = {
     "ultramem_v2": {"n_keys": 8, "topk": 4},
     "engram": {"hash_heads": 2, "d_ngram": 8, "table_size": 7},
 }
-
-
-def rel_err(a, b) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def run_both(module, inputs):

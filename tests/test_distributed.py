@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import rel_err
 
 from memlayers import ValueTable
 from memlayers.distributed import ColumnShardedTable, RowShardedTable, shard_values
@@ -48,11 +49,6 @@ def rank_inputs(r: int, tokens: int = T, rows: int = N):
     ids = torch.randint(0, rows, (tokens, H, K), generator=g)
     ids[0, 0, :2] = 7  # the same row twice in a token, and in every rank's first token
     return ids, torch.randn(tokens, H, K, generator=g), torch.randn(tokens, D, generator=g)
-
-
-def rel_err(a, b) -> float:
-    a, b = (x.to_dense() if x.is_sparse else x for x in (a, b))
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def _sharded_matches_one_process(rank, world, scheme, sparse_grad, rows):

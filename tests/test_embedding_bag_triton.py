@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import TOL, rel_err
+from conftest import TOL, poison_allocations, rel_err
 from conftest import TRITON_DEVICE as DEVICE
 
 from memlayers.ops.bag_update import triton_kernel
@@ -23,21 +23,8 @@ from memlayers.ops.embedding_bag.triton_forward import bag_forward_triton
 
 @pytest.fixture(autouse=True)
 def poisoned_allocations(monkeypatch):
-    """Every buffer the kernels' wrappers allocate with empty/empty_like starts as NaN (floats) or 7 (ints: a
-    row id, so that an unwritten key would be read as one)."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan") if t.is_floating_point() else 7)
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
-
-
-@pytest.fixture
-def chunk(monkeypatch):
-    """chunk(c): the sorted backward's programs take c sorted entries each (rows cut by chunk borders)."""
-    return lambda c: monkeypatch.setattr(triton_kernel, "chunk_size", lambda n: c)
+    """Buffers the wrappers allocate with empty/empty_like start as NaN (floats) or 7 (ints)."""
+    poison_allocations(monkeypatch)
 
 
 def make(N, T, L, d, dtype, index_dtype=torch.int64, seed=0):

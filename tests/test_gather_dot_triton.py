@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import TOL, rel_err
+from conftest import TOL, poison_allocations, rel_err
 from conftest import TRITON_DEVICE as DEVICE
 
 from memlayers.ops.gather_dot import gather_dot, gather_dot_reference
@@ -19,14 +19,8 @@ from memlayers.ops.gather_dot.triton_kernel import gather_dot_triton
 
 @pytest.fixture(autouse=True)
 def poisoned_allocations(monkeypatch):
-    """Every float buffer the wrappers allocate with empty/empty_like starts as NaN."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+    """Buffers the wrappers allocate with empty/empty_like start as NaN (floats)."""
+    poison_allocations(monkeypatch, int_fill=None)
 
 
 def make(N, T, L, d, dtype, index_dtype=torch.int64, seed=0):
