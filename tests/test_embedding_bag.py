@@ -202,3 +202,80 @@ def test_weight_grad_rejects_out_of_range_indices(bad):
     indices[1, 1] = bad
     with pytest.raises(IndexError, match=r"indices must be in \[0, 10\)"):
         weight_grad(torch.randn(10, 4), indices, torch.randn(3, 4))
+
+
+def _keyed_oracle(values, indices, weights, bags, num_bags, grad_out):
+    """Keyed bags by scatter-adding every gathered row in float64: forward and gradients."""
+    v = values.detach().double().requires_grad_()
+    w = weights.detach().double().requires_grad_()
+    rows = (w.unsqueeze(-1) * v[indices]).reshape(-1, v.shape[1])
+    out = torch.zeros(num_bags, v.shape[1], dtype=torch.float64).index_add(0, bags.reshape(-1).long(), rows)
+    out.backward(grad_out.double())
+    return out, v.grad, w.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("sparse_grad", [False, True])
+@pytest.mark.parametrize("N,d,T,L", SIZES)
+def test_keyed_bags_match_scatter(N, d, T, L, dtype, sparse_grad):
+    """Entries land in the output rows ``bags`` names (several per token, rows left empty, collisions), in any
+    order; int32 bags alike."""
+    values, indices, weights = _inputs(N, d, T, L, dtype)
+    num_bags = 2 * T + 3  # some rows get nothing
+    bags = torch.randint(0, num_bags, (T, L))
+    out = embedding_bag(values, indices, weights, sparse_grad, bags=bags, num_bags=num_bags)
+    grad_out = torch.randn(num_bags, d, dtype=dtype)
+    out.backward(grad_out)
+    want, dv, dw = _keyed_oracle(values, indices, weights, bags, num_bags, grad_out)
+    assert out.shape == (num_bags, d) and out.dtype == dtype
+    assert values.grad.is_sparse == sparse_grad
+    for got, ref in ((out, want), (values.grad.to_dense(), dv), (weights.grad, dw)):
+        assert rel_err(got, ref) < TOL[dtype]
+    assert torch.equal(embedding_bag(values, indices, weights, bags=bags.int(), num_bags=num_bags), out)
+
+
+def test_keyed_bags_of_one_bag_per_token_are_the_plain_bag():
+    values, indices, weights = _inputs(50, 9, 7, 4, torch.float32)
+    bags = torch.arange(7).unsqueeze(1).expand(7, 4)
+    plain = embedding_bag(values, indices, weights)
+    keyed = embedding_bag(values, indices, weights, bags=bags, num_bags=7)
+    assert rel_err(keyed, plain) < 1e-6
+    g = torch.randn(7, 9)
+    for a, b in zip(torch.autograd.grad(keyed, (values, weights), g), torch.autograd.grad(plain, (values, weights), g)):
+        assert rel_err(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_keyed_bags_empty(sparse_grad):
+    values, indices, weights = _inputs(10, 6, 0, 4, torch.float32)
+    out = embedding_bag(values, indices, weights, sparse_grad, bags=indices.clone(), num_bags=3)
+    assert out.shape == (3, 6) and torch.all(out == 0)
+    out.sum().backward()
+    assert torch.all(values.grad.to_dense() == 0) and weights.grad.shape == (0, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(bags=torch.zeros(3, 1, dtype=torch.long), num_bags=2), "bags shape"),
+        (dict(bags=torch.zeros(3, 2), num_bags=2), "bags must be int64 or int32"),
+        (dict(bags=torch.zeros(3, 2, dtype=torch.long)), "need num_bags"),
+        (dict(bags=torch.zeros(3, 2, dtype=torch.long), num_bags=-1), "need num_bags"),
+        (dict(num_bags=2), "pass bags too"),
+        (dict(bags=torch.zeros(3, 2, dtype=torch.long), num_bags=2, impl="triton"), "have no Triton kernel|needs CUDA"),
+        (dict(bags=torch.zeros(3, 2, dtype=torch.long), num_bags=2, value_grad_sink=print), "no value_grad_sink"),
+    ],
+)
+def test_keyed_bags_bad_inputs(kwargs, match):
+    v, i, w = _inputs(10, 4, 3, 2, torch.float32)
+    with pytest.raises((ValueError, TypeError), match=match):
+        embedding_bag(v, i, w, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [-1, 5])
+def test_keyed_bags_out_of_range(bad):
+    v, i, w = _inputs(10, 4, 3, 2, torch.float32)
+    bags = torch.zeros(3, 2, dtype=torch.long)
+    bags[2, 1] = bad
+    with pytest.raises(IndexError, match=r"bags must be in \[0, 5\)"):
+        embedding_bag(v, i, w, bags=bags, num_bags=5)

@@ -166,3 +166,24 @@ def test_wrong_core_count():
 def test_bad_arguments(kwargs, word):
     with pytest.raises(ValueError, match=word):
         ImplicitValueExpansion(**(dict(num_values=4, value_dim=4, expansion=2, out_dim=3) | kwargs))
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True])
+@pytest.mark.parametrize("C", [1, 2])
+def test_expanded_bags_match_keyed_bags(C, sparse_grad, monkeypatch):
+    """The two poolings compute one function: keyed bags (each row read once, the reference's) and one
+    fixed-length bag per (token, block) with the other blocks' entries at weight 0 (the Triton kernels')."""
+    from memlayers.memory.stores import ive
+
+    store, ids, weights = make(N=5, d=8, E=4, out=3, C=C, T=9, H=2, k=3)
+    store.sparse_grad = sparse_grad
+    ids = collide(store, ids)
+    results = []
+    for expanded in (False, True):
+        monkeypatch.setattr(ive, "use_triton", lambda *args, expanded=expanded: expanded)
+        w = weights.clone().requires_grad_()
+        out = store(ids, w)
+        grads = torch.autograd.grad(out, (store.weight, store.proj, w), torch.ones_like(out))
+        results.append((out, *[g.to_dense() for g in grads]))
+    for a, b in zip(*results):
+        assert rel_err(a, b) < TOL[torch.float64]

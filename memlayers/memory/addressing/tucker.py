@@ -16,8 +16,10 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ...ops.dispatch import full_precision
+from ...ops.gather_dot.library import gather_dot_backward
 from ..parts import Addressing
 from .product_keys import SCORE_FNS, apply_score_fn, score_fn_flops
 
@@ -41,6 +43,45 @@ def singular_values_2x2(m: torch.Tensor) -> torch.Tensor:
     p = ((a + d).square() + (c - b).square() + 1e-12).sqrt()
     q = ((a - d).square() + (b + c).square() + 1e-12).sqrt()
     return torch.stack(((p + q) / 2, (p - q).abs() / 2), dim=-1)
+
+
+def filter_scores(q: torch.Tensor, keys: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One side's rank-1 filter scores ``Σ_a u[h, a] S[t, h, a, i]``: q (T, H, Q, d), keys (H, r, n, d), u (H, r)
+    -> (T, H, n), with u folded into the keys (one query) or the queries (one per rank): one matmul."""
+    if q.shape[2] == 1:
+        return torch.einsum("thd,hid->thi", q[:, :, 0], torch.einsum("ha,haid->hid", u, keys))
+    return torch.einsum("thad,haid->thi", q * u[:, :, None], keys)
+
+
+def gather_sides(s: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """s (T, H, r, n), i (T, H, m) -> (T, H, r, m): every rank's scores at the chosen sub-keys."""
+    return s.gather(3, i.unsqueeze(2).expand(-1, -1, s.shape[2], -1))
+
+
+class SelectedScores(torch.autograd.Function):
+    """One side's scores at the chosen sub-keys, ``S[t, h, a, i[t, h, k]]`` (T, H, r, k), read from the scores
+    S (T, H, r, n) already computed for the selection (the very floats it ranked), differentiable in the
+    queries q (T, H, Q, d) and keys (H, r, n, d): the backward is ``gather_dot``'s (a bag over the chosen keys
+    and its value gradient), touching the chosen keys only, with no (T, H, r, n) score gradient."""
+
+    @staticmethod
+    def forward(ctx, s, q, keys, i):
+        T, H, Q = q.shape[:3]
+        r, n, k = keys.shape[1], keys.shape[2], i.shape[2]
+        ids = torch.arange(H * r, device=i.device).view(1, H, r, 1) * n + i.unsqueeze(2)  # rows of keys (H*r*n, d)
+        ctx.save_for_backward(q, keys, ids.view(T * H * Q, r // Q * k))
+        return gather_sides(s, i)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        q, keys, ids = ctx.saved_tensors
+        H, r, n, d = keys.shape
+        need_q, need_keys = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        dkeys, dq = gather_dot_backward(
+            keys.reshape(H * r * n, d), ids, q.reshape(-1, d), g.reshape(ids.shape), "auto", need_keys, need_q
+        )
+        return None, dq.view(q.shape) if need_q else None, dkeys.view(keys.shape) if need_keys else None, None
 
 
 class TuckerProductKeys(Addressing):
@@ -211,62 +252,66 @@ class TuckerProductKeys(Addressing):
         flops += 2 * h * k * C * (r * r + r)
         return flops + score_fn_flops(self.score_fn, h * k * C)
 
-    def side_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (T, dim) -> S_row, S_col (T, H, r, n) each, float32 (float64 for a float64 x; also under autocast)."""
+    def queries_and_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, dim) -> the normalised queries (T, H, Q, 2, key_dim/2) (Q = rank with ``query_per_rank``, else 1)
+        and keys (H, 2, r, n, key_dim/2), float32 (float64 for a float64 x; also under autocast)."""
         T, half = x.shape[0], self.key_dim // 2
         dtype = torch.promote_types(x.dtype, torch.float32)
         q = self.query(x).view(T, self.heads, self.query_ranks, 2, half)  # the projection may run in bf16
         q = self.query_dropout(self.query_norm(q)).to(dtype)  # (autocast runs LayerNorm in fp32)
-        keys = self.key_norm(self.keys).to(dtype)  # (H, 2, r, n, half)
-        with full_precision(x.device):  # one einsum per side: slices of a joint one cost a zero-filled gradient each
-            if self.query_per_rank:
+        return q, self.key_norm(self.keys).to(dtype)
+
+    @staticmethod
+    def scores(q: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (T, H, Q, 2, d), keys (H, 2, r, n, d) -> S_row, S_col (T, H, r, n) each."""
+        with full_precision(q.device):  # one einsum per side: slices of a joint one cost a zero-filled gradient each
+            if q.shape[2] > 1:
                 return tuple(torch.einsum("thad,haid->thai", q[:, :, :, s], keys[:, s]) for s in (0, 1))
             return tuple(torch.einsum("thd,haid->thai", q[:, :, 0, s], keys[:, s]) for s in (0, 1))
 
+    def side_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, dim) -> S_row, S_col (T, H, r, n) each, float32 (float64 for a float64 x; also under autocast)."""
+        return self.scores(*self.queries_and_keys(x))
+
     @torch.no_grad()
-    def select(self, s_row: torch.Tensor, s_col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """S_row, S_col (T, H, r, n) -> the rows and columns (T, H, k) int64 of each head's k best candidates
-        under ``C_sum``, best first."""
-        T, H, r, n = s_row.shape
-        m = self.prefilter
-        u, v = self.u.to(s_row.dtype), self.v.to(s_row.dtype)
-        # (T, H, n) filter scores, a sum over the (few) ranks: an einsum makes a (T*H*n, r) x (r, 1) matmul
-        a = sum((s_row[:, :, c] * u[:, c, None] for c in range(1, r)), s_row[:, :, 0] * u[:, 0, None])
-        b = sum((s_col[:, :, c] * v[:, c, None] for c in range(1, r)), s_col[:, :, 0] * v[:, 0, None])
-        core = self.cores.sum(0).to(s_row.dtype)  # (H, r, r)
-        grids, rows, cols = [], [], []
-        for largest in (True, False) if m < n else (True,):
-            i = a.topk(m, dim=-1, largest=largest).indices  # (T, H, m)
-            j = b.topk(m, dim=-1, largest=largest).indices
-            sr = s_row.gather(3, i.unsqueeze(2).expand(T, H, r, m))  # (T, H, r, m)
-            sc = s_col.gather(3, j.unsqueeze(2).expand(T, H, r, m))
-            grid = torch.einsum("thbi,thbj->thij", torch.einsum("thai,hab->thbi", sr, core), sc)  # (T, H, m, m)
-            if not largest:  # a cell whose row and column are both in the top block is there already
-                top_i = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, rows[0], True)
-                top_j = torch.zeros_like(b, dtype=torch.bool).scatter_(-1, cols[0], True)
-                seen = top_i.gather(-1, i).unsqueeze(-1) & top_j.gather(-1, j).unsqueeze(-2)
-                grid = grid.masked_fill(seen, float("-inf"))
-            grids.append(grid.flatten(2))
-            rows.append(i)
-            cols.append(j)
-        best = torch.cat(grids, -1).topk(self.topk, dim=-1).indices  # (T, H, k) in [0, blocks*m*m)
+    def select(self, s_row: torch.Tensor, s_col: torch.Tensor, q: torch.Tensor, keys: torch.Tensor):
+        """S_row, S_col (T, H, r, n), q (T, H, Q, 2, d) and keys (H, 2, r, n, d) (``queries_and_keys``) -> the
+        rows and columns (T, H, k) int64 of each head's k best candidates under ``C_sum``, best first."""
+        n, m = self.n_keys, self.prefilter
+        with full_precision(q.device):
+            a = filter_scores(q[:, :, :, 0], keys[:, 0], self.u.to(q.dtype))  # (T, H, n)
+            b = filter_scores(q[:, :, :, 1], keys[:, 1], self.v.to(q.dtype))
+            blocks = (True, False) if m < n else (True,)  # top x top, and bottom x bottom
+            i = torch.cat([a.topk(m, dim=-1, largest=largest).indices for largest in blocks], -1)  # (T, H, B*m)
+            j = torch.cat([b.topk(m, dim=-1, largest=largest).indices for largest in blocks], -1)
+            sr = gather_sides(s_row, i).unflatten(-1, (len(blocks), m))  # (T, H, r, B, m)
+            sc = gather_sides(s_col, j).unflatten(-1, (len(blocks), m))
+            core = self.cores.sum(0).to(sr.dtype)[..., None, None]  # (H, r, r, 1, 1)
+            row_core = (sr.unsqueeze(3) * core).sum(2)  # (T, H, r, B, m); a matmul of inner size r is slower
+            grid = torch.einsum("thbBi,thbBj->thBij", row_core, sc)  # (T, H, B, m, m)
+        if len(blocks) == 2:  # a cell whose row and column are both in the top block is there already
+            top_i = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, i[..., :m], True)
+            top_j = torch.zeros_like(b, dtype=torch.bool).scatter_(-1, j[..., :m], True)
+            seen = top_i.gather(-1, i[..., m:]).unsqueeze(-1) & top_j.gather(-1, j[..., m:]).unsqueeze(-2)
+            grid[:, :, 1].masked_fill_(seen, float("-inf"))
+        best = grid.flatten(2).topk(self.topk, dim=-1).indices  # (T, H, k) in [0, B*m*m)
         block, cell = best // (m * m), best % (m * m)
-        at_i, at_j = block * m + cell // m, block * m + cell % m
-        return torch.cat(rows, -1).gather(-1, at_i), torch.cat(cols, -1).gather(-1, at_j)
+        return i.gather(-1, block * m + cell // m), j.gather(-1, block * m + cell % m)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, token_ids=None, state=None):
         """x (T, dim) -> ids (T, H, k) int64, weights (T, H, k) (cores == 1) or (T, H, k, C)."""
         if self.training:
             self.refresh_filter()
-        s_row, s_col = self.side_scores(x)  # (T, H, r, n) each
-        T, H, r, _ = s_row.shape
-        k = self.topk
+        q, keys = self.queries_and_keys(x)
+        with torch.no_grad():
+            s_row, s_col = self.scores(q, keys)  # (T, H, r, n) each
+        i, j = self.select(s_row, s_col, q, keys)  # (T, H, k) each
         with full_precision(x.device):
-            i, j = self.select(s_row.detach(), s_col.detach())  # (T, H, k) each
-            sr = s_row.gather(3, i.unsqueeze(2).expand(T, H, r, k))  # (T, H, r, k), with gradient
-            sc = s_col.gather(3, j.unsqueeze(2).expand(T, H, r, k))
-            row_core = torch.einsum("thak,chab->thcbk", sr, self.cores.to(sr.dtype))  # (T, H, C, r, k)
-            scores = (row_core * sc.unsqueeze(2)).sum(3)  # (T, H, C, k)
+            sr = SelectedScores.apply(s_row, q[:, :, :, 0], keys[:, 0], i)  # (T, H, r, k), with gradient
+            sc = SelectedScores.apply(s_col, q[:, :, :, 1], keys[:, 1], j)
+            pair = sr.unsqueeze(3) * sc.unsqueeze(2)  # (T, H, r, r, k): sr[a] * sc[b]
+            cores = self.cores.to(sr.dtype).transpose(0, 1)[None, ..., None]  # (1, H, C, r, r, 1)
+            scores = (pair.unsqueeze(2) * cores).sum((3, 4))  # (T, H, C, k); matmuls of inner size r² are slower
             weights = apply_score_fn(scores, self.score_fn).transpose(-1, -2)  # (T, H, k, C)
         return i * self.n_keys + j, weights.squeeze(-1) if self.num_cores == 1 else weights
 

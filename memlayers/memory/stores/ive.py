@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ...ops import embedding_bag
+from ...ops.dispatch import use_triton
 from ..parts import ValueStore
 
 
@@ -49,9 +50,10 @@ class ImplicitValueExpansion(ValueStore):
     lucidrains copy scatters them and keeps one). With C cores (C | d_v) column slice c of each physical
     row is weighted by ``weights[..., c]``, before the projection (bags over the table seen as ``RowSlices``).
 
-    Each (token, block) bag holds all the token's H·k entries, those of other blocks at weight 0, so the
-    bag reads E·H·k rows per token (H·k of them useful) and the rows a step touches are exactly those the
-    token reads; a fused kernel scattering into E accumulators would read each row once.
+    Where the bag runs on the reference (CPU), the pooling is one *keyed* bag: each of a token's H·k entries
+    is read once and added into its (token, block) output row. Where it runs on the Triton kernels (CUDA),
+    which take fixed-length bags only, each (token, block) bag holds all the token's H·k entries, those of
+    other blocks at weight 0: E·H·k rows read per token (H·k of them useful; a keyed Triton bag is to do).
 
     Init: V ~ N(0, init_std) (None: d_v^-1/2; the UltraMem kind passes the paper's sqrt(E / (2·k·H·L)));
     W_p ~ N(0, (E·d_v)^-1/2), the fan-in of the official code's single projection of the E concatenated
@@ -136,13 +138,21 @@ class ImplicitValueExpansion(ValueStore):
             raise ValueError(f"ImplicitValueExpansion: got {C} weights per slot, the store has cores={self.cores}")
         s = self.perm[ids.reshape(T, L)]  # (T, L) shuffled ids
         block, row = s // N, s % N
-        w = weights.reshape(T, L, C).transpose(1, 2)  # (T, C, L)
-        in_block = block.unsqueeze(1) == torch.arange(E, device=ids.device).view(1, E, 1)  # (T, E, L)
-        bag_w = w.unsqueeze(1) * in_block.unsqueeze(2).to(w.dtype)  # (T, E, C, L): bag (t, p, c)
-        bag_rows = row.view(T, 1, 1, L) * C + torch.arange(C, device=ids.device).view(1, 1, C, 1)  # slice c of row r
-        bag_rows = bag_rows.expand(T, E, C, L)
-        table = self.weight if C == 1 else RowSlices.apply(self.weight, C)  # (N*C, d/C)
-        out = embedding_bag(table, bag_rows.reshape(-1, L), bag_w.reshape(-1, L), sparse_grad=self.sparse_grad)
+        table = self.weight if C == 1 else RowSlices.apply(self.weight, C)  # (N*C, d/C): row r*C + c is slice c
+        cores = torch.arange(C, device=ids.device)
+        if use_triton("embedding_bag", "auto", table):  # the Triton bag: one bag per (token, block, core)
+            w = weights.reshape(T, L, C).transpose(1, 2)  # (T, C, L)
+            in_block = block.unsqueeze(1) == torch.arange(E, device=ids.device).view(1, E, 1)  # (T, E, L)
+            bag_w = w.unsqueeze(1) * in_block.unsqueeze(2).to(w.dtype)  # (T, E, C, L): bag (t, p, c)
+            bag_rows = (row.view(T, 1, 1, L) * C + cores.view(1, 1, C, 1)).expand(T, E, C, L)
+            out = embedding_bag(table, bag_rows.reshape(-1, L), bag_w.reshape(-1, L), sparse_grad=self.sparse_grad)
+        else:  # keyed bags: each entry read once, added into its (token, block, core) row
+            rows = (row.unsqueeze(-1) * C + cores).view(T, L * C)  # (T, L*C)
+            t = torch.arange(T, device=ids.device).view(T, 1, 1)
+            bags = ((t * E + block.unsqueeze(-1)) * C + cores).view(T, L * C)
+            out = embedding_bag(
+                table, rows, weights.reshape(T, L * C), sparse_grad=self.sparse_grad, bags=bags, num_bags=T * E * C
+            )
         return out.view(T, E, d)
 
     def forward(self, ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,6 +15,23 @@ from .sink import SinkBagFunction
 __all__ = ["embedding_bag", "embedding_bag_naive", "embedding_bag_reference"]
 
 
+def _check_bags(indices: torch.Tensor, bags: torch.Tensor | None, num_bags: int | None) -> None:
+    if bags is None:
+        if num_bags is not None:
+            raise ValueError("embedding_bag: num_bags is for keyed bags; pass bags too, or leave num_bags None")
+        return
+    if bags.shape != indices.shape:
+        raise ValueError(
+            f"embedding_bag: bags shape {tuple(bags.shape)} must equal indices shape {tuple(indices.shape)}"
+        )
+    if bags.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"embedding_bag: bags must be int64 or int32, got {bags.dtype}")
+    if bags.device != indices.device:
+        raise ValueError(f"embedding_bag: bags must be on the indices' device {indices.device}, got {bags.device}")
+    if not isinstance(num_bags, int) or num_bags < 0:
+        raise ValueError(f"embedding_bag: keyed bags need num_bags, an int >= 0 (the output rows), got {num_bags!r}")
+
+
 def _check_inputs(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> None:
     if values.dim() != 2:
         raise ValueError(f"embedding_bag: values must be a 2-D (N, d) table, got shape {tuple(values.shape)}")
@@ -52,6 +69,8 @@ def embedding_bag(
     impl: str = "auto",
     backward: str = "sorted",
     value_grad_sink=None,
+    bags: torch.Tensor | None = None,
+    num_bags: int | None = None,
 ) -> torch.Tensor:
     """Weighted sum of value rows per token, never materialising ``(T, L, d)``.
 
@@ -68,20 +87,26 @@ def embedding_bag(
         value_grad_sink: ``sink(indices, weights, grad_out)``, called in the backward instead of making a value
             gradient (``values`` gets an empty row-sparse one): the fused optimizer update
             (``memlayers.optim.FusedRowOptimizer``). None: the usual gradient.
+        bags, num_bags: *keyed* bags: entry (t, l) is added into output row ``bags[t, l]`` (T, L) int64/int32
+            in [0, num_bags) instead of row t (several output rows per token, each row read once; e.g. the
+            implicit value expansion's per-block sums). The reference only (also on CUDA); no value_grad_sink.
 
     Returns:
-        (T, d) in ``values.dtype``, accumulated in float32.
+        (T, d) in ``values.dtype`` ((num_bags, d) keyed), accumulated in float32.
     """
     _check_inputs(values, indices, weights)
+    _check_bags(indices, bags, num_bags)
     if backward not in BACKWARDS:
         raise ValueError(f"embedding_bag: backward must be one of {BACKWARDS}, got {backward!r}")
     if value_grad_sink is not None and torch.is_grad_enabled() and values.requires_grad:
+        if bags is not None:
+            raise ValueError("embedding_bag: keyed bags take no value_grad_sink (no fused update); leave it None")
         return SinkBagFunction.apply(values, indices, weights, value_grad_sink, impl)
+    triton = use_triton("embedding_bag", impl, values, None if bags is None else library.KEYED_BAGS_ON_TRITON)
     if not sparse_grad:  # dense gradients: the custom op torch.compile sees as one node
-        use_triton("embedding_bag", impl, values)  # an impl the inputs cannot take fails here, with its reason
-        return library.bag(values, indices, weights, impl, backward)
-    if use_triton("embedding_bag", impl, values):
+        return library.bag(values, indices, weights, impl, backward, bags, num_bags or 0)
+    if triton:
         from .triton_autograd import embedding_bag_triton  # imported lazily: CPU installs need no Triton
 
         return embedding_bag_triton(values, indices, weights, sparse_grad, backward)
-    return embedding_bag_reference(values, indices.long(), weights, sparse_grad)
+    return embedding_bag_reference(values, indices.long(), weights, sparse_grad, bags, num_bags or 0)

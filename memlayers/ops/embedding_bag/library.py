@@ -12,30 +12,39 @@ from torch import Tensor
 from ..dispatch import use_triton
 from .reference import bag_forward, value_grad, weight_grad
 
+KEYED_BAGS_ON_TRITON = "keyed bags (bags=...) have no Triton kernel"
+
+
+def _triton(impl: str, values: Tensor, bags: Tensor | None) -> bool:
+    return use_triton("embedding_bag", impl, values, None if bags is None else KEYED_BAGS_ON_TRITON)
+
 
 @torch.library.custom_op("memlayers::bag", mutates_args=())
-def bag(values: Tensor, indices: Tensor, weights: Tensor, impl: str, algorithm: str) -> Tensor:
-    """values (N, d), indices (T, L), weights (T, L) -> (T, d) in values.dtype."""
-    if use_triton("embedding_bag", impl, values):
+def bag(
+    values: Tensor, indices: Tensor, weights: Tensor, impl: str, algorithm: str, bags: Tensor | None = None,
+    num_bags: int = 0,
+) -> Tensor:  # fmt: skip
+    """values (N, d), indices (T, L), weights (T, L) -> (T, d) in values.dtype ((num_bags, d) keyed by bags)."""
+    if _triton(impl, values, bags):
         from .triton_forward import bag_forward_triton
 
         return bag_forward_triton(values, indices, weights)
-    return bag_forward(values, indices.long(), weights)
+    return bag_forward(values, indices.long(), weights, bags, num_bags)
 
 
 @bag.register_fake
-def _(values, indices, weights, impl, algorithm):
-    return values.new_empty(indices.shape[0], values.shape[1])
+def _(values, indices, weights, impl, algorithm, bags=None, num_bags=0):
+    return values.new_empty(indices.shape[0] if bags is None else num_bags, values.shape[1])
 
 
 @torch.library.custom_op("memlayers::bag_backward", mutates_args=())
 def bag_backward(
     values: Tensor, indices: Tensor, weights: Tensor, grad_out: Tensor, impl: str, algorithm: str,
-    need_values: bool, need_weights: bool,
+    need_values: bool, need_weights: bool, bags: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Dense gradients: (dV (N, d) in values.dtype or (0,), dw (T, L) in weights.dtype or (0,) when not needed)."""
     none = values.new_empty(0)
-    if use_triton("embedding_bag", impl, values):
+    if _triton(impl, values, bags):
         from .triton_backward import bag_backward_triton
 
         dv, dw = bag_backward_triton(values, indices, weights, grad_out, algorithm, False, need_values, need_weights)
@@ -43,14 +52,14 @@ def bag_backward(
     indices = indices.long()
     dv = dw = none
     if need_weights:
-        dw = weight_grad(values, indices, grad_out).to(weights.dtype)
+        dw = weight_grad(values, indices, grad_out, bags).to(weights.dtype)
     if need_values:
-        dv = value_grad(indices, weights, grad_out, values.shape[0]).to(values.dtype)
+        dv = value_grad(indices, weights, grad_out, values.shape[0], bags).to(values.dtype)
     return dv, dw
 
 
 @bag_backward.register_fake
-def _(values, indices, weights, grad_out, impl, algorithm, need_values, need_weights):
+def _(values, indices, weights, grad_out, impl, algorithm, need_values, need_weights, bags=None):
     none = values.new_empty(0)
     # contiguous, as the real outputs are (empty_like would keep a permuted input's strides)
     return (values.new_empty(values.shape) if need_values else none), (
@@ -59,15 +68,15 @@ def _(values, indices, weights, grad_out, impl, algorithm, need_values, need_wei
 
 
 def _setup(ctx, inputs, output):
-    values, indices, weights, ctx.impl, ctx.algorithm = inputs
-    ctx.save_for_backward(values, indices, weights)
+    values, indices, weights, ctx.impl, ctx.algorithm, bags, _ = inputs
+    ctx.save_for_backward(values, indices, weights, bags)
 
 
 def _backward(ctx, grad_out):
-    values, indices, weights = ctx.saved_tensors
+    values, indices, weights, bags = ctx.saved_tensors
     need_values, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    dv, dw = bag_backward(values, indices, weights, grad_out, ctx.impl, ctx.algorithm, need_values, need_weights)
-    return (dv if need_values else None), None, (dw if need_weights else None), None, None
+    dv, dw = bag_backward(values, indices, weights, grad_out, ctx.impl, ctx.algorithm, need_values, need_weights, bags)
+    return (dv if need_values else None), None, (dw if need_weights else None), None, None, None, None
 
 
 bag.register_autograd(_backward, setup_context=_setup)
