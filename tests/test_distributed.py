@@ -179,8 +179,74 @@ def test_shard_values_refuses():
 @pytest.mark.parametrize("sharding", ["column", "row"])
 def test_the_example_runs_under_torchrun(sharding):
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(EXAMPLE), sharding],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(EXAMPLE), sharding],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("output matches the whole table: True") == 2, done.stdout
+
+
+def _parallel_matches_one_process(rank, world, memory, sharding, sparse):
+    """``parallelize``: FSDP2 data parallelism over every rank, value tables sharded over memory groups (or
+    not), a replicated store (PEER's experts) and batch-norm statistics over every rank's tokens. The global
+    loss, each rank's logits, every gradient (the dense ones assembled from FSDP2's shards, the value
+    shards' own) and the clipping norms equal one process's on the whole batch."""
+    from memlayers.distributed import parallelize
+    from memlayers.optim import clip_grad_norms
+    from memlayers.optim.groups import value_parameters
+
+    options = {"n_keys": 8, "heads": 2, "topk": 4, "sparse_values": sparse, "query_norm": "batchnorm"}
+    cfg = ModelConfig(
+        vocab_size=50, dim=32, n_layers=4, n_heads=2, max_seq_len=16,
+        memories=[
+            MemorySpec("1,3", pool="values", options=options),
+            MemorySpec("2", preset="peer", options={"n_keys": 6, "heads": 2, "topk": 3, "sparse_values": sparse}),
+        ],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    ref = copy.deepcopy(model)
+    tokens = torch.randint(0, 50, (2 * world, 9), generator=torch.Generator().manual_seed(1))
+    x, y = tokens[:, :-1], tokens[:, 1:].clone()
+    y[0, :3] = -100  # padding: the ranks hold different numbers of targets
+    out = ref(x, y)
+    out.loss.backward()
+    ref_grads = {n: p.grad.to_dense() for n, p in ref.named_parameters() if p.grad is not None}
+    ref_norms = clip_grad_norms(ref, None, None)
+
+    plan = parallelize(model, memory, sharding)
+    rows = plan.batch_rows(x.shape[0])
+    mine = model(x[rows], y[rows])
+    share = (y[rows] != -100).sum() / (y != -100).sum()  # this rank's part of the global mean
+    (mine.loss * share).backward()
+    plan.reduce_value_grads()
+    loss = (mine.loss * share).detach()
+    dist.all_reduce(loss)
+    assert rel_err(loss, out.loss) < 1e-5
+    assert rel_err(mine.logits, out.logits[rows]) < 1e-5
+    shards = {id(m.weight): m for m in model.modules() if isinstance(m, (ColumnShardedTable, RowShardedTable))}
+    values = {id(p) for p in value_parameters(model)}
+    assert len(shards) == (memory > 1)  # the Memory+ pool; PEER's experts stay whole
+    for name, p in model.named_parameters():
+        expected = ref_grads.get(name)
+        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        if id(p) in shards:
+            store = shards[id(p)]
+            expected = expected[:, slice(*store.columns)] if sharding == "column" else expected[slice(*store.rows)]
+        if expected is None or not expected.any():
+            assert grad is None or not grad.to_dense().any(), name
+        else:
+            assert grad.is_sparse == (sparse and id(p) in values), name
+            # (a query bias under batch norm has a gradient of 0 up to rounding: compare those absolutely)
+            assert rel_err(grad.to_dense(), expected) < 1e-5 or expected.abs().max() < 1e-8, name
+    norms = clip_grad_norms(model, None, None, norm_fn=plan.grad_norm)
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(norms, ref_norms))
+
+
+@pytest.mark.parametrize(
+    "world, memory, sharding, sparse",
+    [(2, 1, "column", False), (2, 2, "column", True), (4, 2, "row", False), (4, 2, "column", True)],
+    ids=["data-parallel", "memory-parallel-sparse", "both-rows", "both-columns-sparse"],
+)
+def test_parallelized_model_matches_one_process(world, memory, sharding, sparse):
+    run(world, _parallel_matches_one_process, memory, sharding, sparse)

@@ -1,12 +1,22 @@
-"""Many processes on torch.distributed: value tables sharded over a memory group, by columns or by rows,
-and placed in a model by ``shard_values`` (work in progress, issue 12: FSDP2 data parallelism, DCP
-checkpoints and the trainer's ``parallel`` section are next)."""
+"""Many processes on torch.distributed: ``parallelize`` lays a model out over torchrun's processes (FSDP2 for
+the dense parameters, value tables sharded over memory groups by columns or rows, ``shard_values``), and
+its ``Parallel`` plan reduces the value gradients and gathers a run's state into one process's layout."""
 
-from .collectives import all_gather_rows, all_to_all_rows
-from .parallelize import shard_values
+from .collectives import all_gather_rows, all_reduce_sum, all_to_all_rows
+from .parallelize import parallelize, shard_values
+from .plan import OneProcess, Parallel
 from .sharded_table import SHARDINGS, ColumnShardedTable, RowShardedTable, ShardedTable
 
 __all__ = [
-    "SHARDINGS", "ColumnShardedTable", "RowShardedTable", "ShardedTable", "all_gather_rows", "all_to_all_rows",
+    "SHARDINGS",
+    "ColumnShardedTable",
+    "OneProcess",
+    "Parallel",
+    "RowShardedTable",
+    "ShardedTable",
+    "all_gather_rows",
+    "all_reduce_sum",
+    "all_to_all_rows",
+    "parallelize",
     "shard_values",
-]  # fmt: skip
+]

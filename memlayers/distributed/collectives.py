@@ -38,6 +38,25 @@ class _AllToAllRows(torch.autograd.Function):
         return _AllToAllRows.apply(grad, ctx.group, ctx.recv_counts, ctx.send_counts), None, None, None
 
 
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # every rank's output is the sum: each input's gradient is the sum of theirs
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
+def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
+    """The sum over the ranks of ``group`` of ``x`` (any shape), differentiable (the gradient of each rank's
+    ``x`` is the sum over ranks of their output gradients)."""
+    return _AllReduceSum.apply(x, group)
+
+
 def all_gather_rows(x: torch.Tensor, group=None) -> torch.Tensor:
     """x (T, ...) on each of the G ranks -> (G*T, ...): every rank's rows, in rank order. Gradient: each
     rank's x gets the sum over ranks of the gradient of its rows."""

@@ -1,9 +1,15 @@
-"""The parallelize step for the values: shard a model's value tables over a memory group, in place."""
+"""The parallelize steps: shard a model's value tables over memory groups (``shard_values``), and train the
+model on many processes (``parallelize``): FSDP2 for the dense parameters, the value stores sharded or
+replicated beside it, batch-norm statistics over every rank's tokens."""
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..memory.norms import MaskedBatchNorm
 from ..memory.stores import ValueTable
+from ..optim.groups import value_parameters
+from .plan import Parallel
 from .sharded_table import SHARDINGS
 
 
@@ -36,3 +42,50 @@ def shard_values(model: nn.Module, sharding: str = "column", group: dist.Process
     if not shards:
         raise ValueError(f"shard_values: {type(model).__name__} has no ValueTable to shard")
     return model
+
+
+def parallelize(model: nn.Module, memory: int = 1, sharding: str = "column", mixed_precision: bool = False) -> Parallel:
+    """Lay ``model`` out over every rank of the default process group, in place (torchtitan's parallelize step).
+
+    ``memory`` (M): the size of each memory group, over which value tables are sharded by ``sharding``
+    ("column" or "row"; M = 1: no sharding). The world size must be a multiple of M. Then FSDP2
+    (``fully_shard``) on every block and on the model, for all parameters but the value stores' (left to
+    ``Parallel.reduce_value_grads``), summing gradients; with ``mixed_precision`` (CUDA) bf16 parameters in
+    the forward and fp32 gradient reduction. Batch norms of queries gather their statistics over every
+    rank's tokens. Every rank builds the same model from the same seed and calls this; build the optimizer
+    after it. Returns the ``Parallel`` plan.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "parallelize: torch.distributed is not initialised; launch with torchrun and call "
+            "torch.distributed.init_process_group first"
+        )
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if memory < 1 or world % memory:
+        raise ValueError(
+            f"parallelize: {world} processes do not split into memory groups of {memory}; use a memory group size "
+            f"(parallel.memory) that divides the number of processes"
+        )
+    if sharding not in SHARDINGS:
+        raise ValueError(f"parallelize: sharding must be one of {tuple(SHARDINGS)}, got {sharding!r}")
+    device = next(model.parameters()).device
+    replica_group = memory_group = None
+    world_mesh = init_device_mesh(device.type, (world,))
+    if memory > 1:
+        mesh = init_device_mesh(device.type, (world // memory, memory), mesh_dim_names=("replica", "memory"))
+        replica_group, memory_group = mesh.get_group("replica"), mesh.get_group("memory")
+        shard_values(model, sharding, memory_group)
+    for norm in model.modules():
+        if isinstance(norm, MaskedBatchNorm):
+            norm.sync_group = dist.group.WORLD
+    ignored = set(value_parameters(model))
+    policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if mixed_precision else MixedPrecisionPolicy()
+    blocks = getattr(model, "blocks", [])
+    for module in [*blocks, model]:
+        fully_shard(module, mesh=world_mesh, mp_policy=policy, ignored_params=ignored)
+        module.set_gradient_divide_factor(1.0)  # the losses are pre-weighted: sum, do not average
+        module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+    return Parallel(model, world, rank, memory, sharding if memory > 1 else None, replica_group, memory_group)

@@ -55,6 +55,21 @@ class ShardedTable(ValueStore):
     def param_roles(self) -> dict[str, list[nn.Parameter]]:
         return {"values": [self.weight]}
 
+    def part(self, whole: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a tensor laid out like the table: the table itself or its optimizer state ((N, d)
+        tensors, and per-row (N,) ones for row shards)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def gather(self, part: torch.Tensor) -> torch.Tensor:
+        """The whole tensor from every rank's ``part`` (the inverse of ``part``; collective)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def full_weight(self) -> torch.Tensor:
+        """The whole (N, d) table, gathered from the group (collective)."""
+        return self.gather(self.weight.detach())
+
     def read_params(self, reads: int) -> int:
         return reads * self.dim
 
@@ -114,10 +129,17 @@ class ColumnShardedTable(ShardedTable):
         mine = all_to_all_rows(part, self.group)  # (G*T, d/G): block i holds rank i's columns of our tokens
         return mine.view(G, T, -1).transpose(0, 1).reshape(T, self.dim)
 
+    def part(self, whole: torch.Tensor) -> torch.Tensor:
+        if whole.dim() < 2:
+            raise ValueError(
+                "ColumnShardedTable: a per-row tensor (e.g. row-wise Adagrad's state) has no column slices; shard "
+                "by rows for such an optimizer"
+            )
+        return whole[:, slice(*self.columns)]
+
     @torch.no_grad()
-    def full_weight(self) -> torch.Tensor:
-        """The whole (N, d) table, gathered from the group (collective)."""
-        return all_gather_rows(self.weight.detach().t(), self.group).t()  # (d, N) in rank order, transposed
+    def gather(self, part: torch.Tensor) -> torch.Tensor:
+        return all_gather_rows(part.transpose(0, 1), self.group).transpose(0, 1)  # (d, N) in rank order, back
 
     def extra_repr(self) -> str:
         return (
@@ -182,11 +204,13 @@ class RowShardedTable(ShardedTable):
             # (G*T, d): block s holds our rows' part of rank s's tokens
         return all_to_all_rows(part, self.group).view(G, T, self.dim).sum(0)
 
+    def part(self, whole: torch.Tensor) -> torch.Tensor:
+        return whole[slice(*self.rows)]
+
     @torch.no_grad()
-    def full_weight(self) -> torch.Tensor:
-        """The whole (N, d) table, gathered from the group (collective)."""
-        padded = self.weight.new_zeros(self.block, self.dim)
-        padded[: self.weight.shape[0]] = self.weight
+    def gather(self, part: torch.Tensor) -> torch.Tensor:
+        padded = part.new_zeros(self.block, *part.shape[1:])  # the last block may be short
+        padded[: part.shape[0]] = part
         return all_gather_rows(padded, self.group)[: self.num_values]
 
     def extra_repr(self) -> str:

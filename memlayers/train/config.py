@@ -130,7 +130,11 @@ class TrainConfig:
         if self.value_optimizer not in VALUE_OPTIMIZERS:
             fail("value_optimizer", f"unknown {self.value_optimizer!r}", f"choose one of {VALUE_OPTIMIZERS}")
         if self.fused_values and self.value_optimizer == "adamw":
-            fail("fused_values", "needs a row-wise value optimizer", "set train.value_optimizer=sparse_adam (or sparse_adagrad, sparse_sgd)")
+            fail(
+                "fused_values",
+                "needs a row-wise value optimizer",
+                "set train.value_optimizer=sparse_adam (or sparse_adagrad, sparse_sgd)",
+            )
         if self.fused_values and self.value_clip is not None:
             fail(
                 "value_clip",
@@ -148,15 +152,51 @@ class TrainConfig:
         return self.batch_size * self.grad_accum * self.seq_len
 
 
+SHARDINGS = ("column", "row")
+
+
+@dataclass
+class ParallelConfig:
+    """How a run launched with ``torchrun`` spreads over its processes (see ``memlayers.distributed.parallelize``).
+
+    Every process reads ``train.batch_size / world size`` sequences of each micro-batch (``train.batch_size``
+    stays the global batch: the same config trains the same model on 1 or N processes), the dense parameters
+    are sharded over all processes (FSDP2), and value tables over memory groups of ``memory`` processes.
+
+    memory: processes per memory group (1: value tables whole on every process); must divide the world size.
+    sharding: "column" (each process holds d/M of every row) or "row" (N/M rows each) for the value tables.
+    """
+
+    memory: int = 1
+    sharding: str = "column"
+
+    def __post_init__(self):
+        if self.memory < 1:
+            raise ValueError(f"parallel.memory: must be >= 1, got {self.memory}; use 1 for whole tables")
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"parallel.sharding: unknown {self.sharding!r}; choose one of {SHARDINGS}")
+
+
 @dataclass
 class RunConfig:
-    """Everything a training run needs: ``model`` (ModelConfig), ``data`` (DataConfig), ``train`` (TrainConfig)."""
+    """Everything a training run needs: ``model`` (ModelConfig), ``data`` (DataConfig), ``train`` (TrainConfig),
+    ``parallel`` (ParallelConfig: only read under torchrun)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
+        if (
+            self.parallel.sharding == "column"
+            and self.parallel.memory > 1
+            and self.train.value_optimizer == "sparse_adagrad"
+        ):
+            raise ValueError(
+                "parallel.sharding=column cannot shard row-wise Adagrad's per-row state (train.value_optimizer="
+                "sparse_adagrad); use parallel.sharding=row, or another value optimizer"
+            )
         if self.train.fused_values:
             pass  # the fused update reads the tables through the bag's backward: sparse_values does not matter
         elif self.train.value_optimizer != "adamw":

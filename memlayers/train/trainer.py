@@ -37,6 +37,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .._extras import missing_extra
 
@@ -46,6 +47,8 @@ except ModuleNotFoundError as e:  # `pip install memlayers` is the layer library
     raise (missing_extra(e, "train") or e) from None
 
 from ..data import build_dataset
+from ..distributed.launch import agree, join
+from ..distributed.plan import OneProcess
 from ..memory.parts import MemoryPart
 from ..model import Transformer
 from ..optim import VALUE_LR_RATIOS, FusedRowOptimizer, build_optimizer, clip_grad_norms, lr_decay_scale, set_lr
@@ -69,8 +72,8 @@ from .lock import lock_run_dir
 from .plots import CURVES, write_curves
 
 CONFIG, METRICS, RESULT = "config.yaml", "metrics.jsonl", "result.json"
-# keys that may change between a run and its resume (they do not change what is computed)
-RUNTIME_KEYS = ("train.progress", "train.tensorboard", "train.threads")
+# keys that may change between a run and its resume (they do not change what is computed, up to rounding)
+RUNTIME_KEYS = ("train.progress", "train.tensorboard", "train.threads", "parallel.memory", "parallel.sharding")
 # the key that may grow between a run and its resume: the run is extended (see ``train``)
 EXTEND_KEY = "train.steps"
 FINAL_LOSS_LOGS = 5  # result["final_loss"]: mean of the last this-many logged losses
@@ -152,7 +155,7 @@ def train(
         )
     if t.tensorboard:
         _summary_writer_class()  # fail before touching anything when tensorboard is missing
-    device = resolve_device(t.device)
+    device, started = join(resolve_device(t.device), cfg.parallel.memory)  # torchrun's processes, if any
     dtype = resolve_dtype(t.dtype, device)
     probes = evaluate is None  # the default evaluator runs the dataset's recall probes
     if evaluate is None:
@@ -162,6 +165,10 @@ def train(
     if t.threads is not None:
         torch.set_num_threads(t.threads)
     try:
+        if dist.is_initialized() and (t.fused_values or t.compile):
+            raise ValueError(
+                "train.fused_values and train.compile do not run on many processes yet; set them false under torchrun"
+            )
         _seed_everything(t.seed)
         dataset = build_dataset(cfg.data)
         if cfg.model.vocab_size is None:
@@ -175,18 +182,31 @@ def train(
             cfg.train.value_lr_ratio = VALUE_LR_RATIOS[cfg.train.value_optimizer]
         _check_buildable(cfg, dataset, probes)  # before anything is written or archived
         init = _init_weights(cfg) if t.init_from and not out_dir.exists() else None  # a new run: check it first
-        _make_dir(out_dir)
-        with lock_run_dir(out_dir):
-            kind, saved = _prepare_out_dir(out_dir, cfg.to_dict(), force)
+        with contextlib.ExitStack() as held:
+            checkpoint = {}
+
+            def prepare():  # rank 0 alone decides, holding the directory's lock for the whole run
+                _make_dir(out_dir)
+                held.enter_context(lock_run_dir(out_dir))
+                kind, saved = _prepare_out_dir(out_dir, cfg.to_dict(), force)
+                if kind == "resume":  # read by every process from the file, not sent
+                    checkpoint["saved"], saved = saved, None
+                return kind, saved
+
+            kind, saved = agree(prepare)
             if kind == "finished":
                 return saved
+            if kind == "resume":
+                saved = checkpoint.get("saved") or read_checkpoint(out_dir / CHECKPOINT)
             if t.init_from and kind != "resume" and init is None:  # (a resumed run has its own weights)
                 init = _init_weights(cfg)
             if kind == "force":
-                _archive(out_dir)
+                agree(lambda: _archive(out_dir))
             return _Run(cfg, out_dir, dataset, device, dtype, evaluate, show, saved, init).run()
     finally:
         torch.set_num_threads(threads)
+        if started:
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,11 +425,18 @@ class _Run:
         t = self.t
         torch.manual_seed(t.seed)  # the model's init does not depend on what building the dataset drew
         self.model = Transformer(cfg.model).to(device)
-        if init is not None and ckpt is None:
-            self.model.load_state_dict(init)
+        weights = ckpt["model"] if ckpt is not None else init
+        if weights is not None:  # one process's weights, before the model is laid out over processes
+            self._checkpoint_fits(lambda: self.model.load_state_dict(weights))
         for part in self.model.modules():  # e.g. engram with canonical_ids folds tokens that read alike
             if isinstance(part, MemoryPart):
                 part.bind_tokenizer(dataset.tokenizer.decode)
+        self.plan = OneProcess()
+        if dist.is_initialized():
+            from ..distributed import parallelize
+
+            self.plan = parallelize(self.model, cfg.parallel.memory, cfg.parallel.sharding)
+        self.main = self.plan.is_main  # the process that writes the run's files
         self.optimizer = build_optimizer(
             self.model,
             lr=t.lr,
@@ -434,13 +461,16 @@ class _Run:
         self.has_aux = bool(getattr(cfg.model.moe, "layers", "")) or any(
             layer.aux_loss() is not None for _, layer in self.model.memory_layers()
         )  # MoE balancing or a memory's own auxiliary loss (UltraMem's core penalty)
+        if ckpt is not None:
+            self._load(ckpt)
+        self.metrics = self.tb = None
+        if not self.main:
+            return
         remove_stale_tmp(out_dir, (CHECKPOINT, RESULT, CONFIG, CURVES))
         save_config(cfg, out_dir / CONFIG)  # also restores a deleted one; an extension records its new steps
         metrics = out_dir / METRICS
-        if ckpt is None:
-            offset = 0
-        else:
-            self._load(ckpt)
+        offset = 0
+        if ckpt is not None:
             offset = ckpt["trainer"]["metrics_offset"]
             size = metrics.stat().st_size if metrics.exists() else 0
             if size < offset:
@@ -450,21 +480,23 @@ class _Run:
             with open(metrics, "ab") as f:  # drop what was logged after the checkpoint
                 f.truncate(offset)
             self.metrics = open(metrics, "ab")  # noqa: SIM115 (open for the whole run, closed in run())
-        self.tb = None
         if t.tensorboard:
             self.tb = _summary_writer_class()(str(out_dir / "tb"), purge_step=self.step + 1 if self.step else None)
 
     # ---- state
 
-    def _load(self, ckpt: dict) -> None:
+    def _checkpoint_fits(self, load) -> None:
         try:
-            self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            load()
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(
                 f"{self.out_dir / CHECKPOINT}: does not fit the model and optimizer of its own config "
                 f"({str(e).splitlines()[0]}); was it written by another memlayers version? Use another out_dir"
             ) from None
+
+    def _load(self, ckpt: dict) -> None:
+        """Everything but the model's weights (loaded before the model is laid out over processes)."""
+        self._checkpoint_fits(lambda: self.plan.load_optimizer_state(self.optimizer, ckpt["optimizer"]))
         load_usage_state(self.model, ckpt["usage"])
         set_rng_state(ckpt["rng"])
         tr = ckpt["trainer"]
@@ -483,6 +515,10 @@ class _Run:
         self.saved_step = self.step
 
     def _save(self, elapsed: float, train_time: float) -> None:
+        model_state, optimizer_state = self.plan.full_state(self.model, self.optimizer)  # collective
+        if not self.main:
+            self.saved_step = self.step
+            return
         with write_errors(self.metrics.name):
             self.metrics.flush()
             os.fsync(self.metrics.fileno())
@@ -492,8 +528,8 @@ class _Run:
                 "config": self.cfg.to_dict(),
                 "step": self.step,
                 "tokens": self.tokens,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optimizer_state,
                 "rng": rng_state(),
                 "usage": usage_state(self.model),
                 "trainer": {
@@ -537,27 +573,29 @@ class _Run:
         """One optimizer step on batch ``self.step`` (0-based index = steps done before it)."""
         t = self.t
         x, y = self.dataset.train_batch(self.step, t.batch_size * t.grad_accum, t.seq_len)  # (A*B, T) each
-        counts = (y != -100).sum(dim=1).view(t.grad_accum, t.batch_size).sum(dim=1).tolist()  # targets per micro
-        total = max(1, sum(counts))
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        x, y = x.view(t.grad_accum, t.batch_size, -1), y.view(t.grad_accum, t.batch_size, -1)
+        total = max(1, int((y != -100).sum()))  # the step's targets, over every process
+        mine = self.plan.batch_rows(t.batch_size)  # this process's rows of each micro-batch
+        x, y = x[:, mine].to(self.device, non_blocking=True), y[:, mine].to(self.device, non_blocking=True)
+        counts = (y != -100).sum(dim=(1, 2)).tolist()  # this process's targets per micro-batch
         step_loss = torch.zeros((), device=self.device)
         step_aux = torch.zeros((), device=self.device)
         for i in range(t.grad_accum):
-            xs, ys = x[i * t.batch_size : (i + 1) * t.batch_size], y[i * t.batch_size : (i + 1) * t.batch_size]
             with self._autocast():
-                out = forward(xs, ys)
+                out = forward(x[i], y[i])
             # each micro-batch's mean loss weighted by its share of the step's targets: the gradients sum to
-            # those of the mean over the whole step batch, whatever grad_accum is
+            # those of the mean over the whole step batch, whatever grad_accum and the number of processes
             weight = counts[i] / total
             lm = out.loss.float() * weight
-            aux = out.aux_loss.float() / t.grad_accum
+            aux = out.aux_loss.float() / (t.grad_accum * self.plan.world)
             # a fused value update collects the micro-batches' parts and applies them at the last backward
             last = i == t.grad_accum - 1
             with contextlib.nullcontext() if last or not t.fused_values else self.optimizer.accumulate():
                 (lm + aux).backward()
             step_loss += lm.detach()
             step_aux += aux.detach()
-        norms = clip_grad_norms(self.model, t.clip, t.value_clip)
+        self.plan.reduce_value_grads()
+        norms = clip_grad_norms(self.model, t.clip, t.value_clip, norm_fn=self.plan.grad_norm)
         if t.fused_values:  # the values got no gradients: their norm is that of what the fused update applied
             norms = (norms[0], self._fused_values().grad_norm())
         # no host sync: the first bad step is remembered on the device and checked before anything is logged
@@ -576,7 +614,7 @@ class _Run:
 
     def _check_finite(self) -> None:
         """Stop a diverged run (``NonFiniteError``) before it logs or saves anything non-finite."""
-        bad = int(self.first_bad)
+        bad = int(self.plan.max(self.first_bad))
         if not bad:
             return
         kept = "no checkpoint was written"
@@ -603,6 +641,8 @@ class _Run:
         return {str(k): float(v) for k, v in _to_builtin(out).items()}
 
     def _write(self, record: dict) -> None:
+        if not self.main:
+            return
         with write_errors(self.metrics.name):
             self.metrics.write((strict_json(record) + "\n").encode())
             self.metrics.flush()
@@ -621,7 +661,12 @@ class _Run:
         session_start = time.perf_counter()
         log_time, log_tokens = 0.0, 0  # training time and tokens since the last log
         bar = tqdm(
-            total=t.steps, initial=start_step, disable=not self.show, desc=self.out_dir.name, unit="step", leave=False
+            total=t.steps,
+            initial=start_step,
+            disable=not (self.show and self.main),
+            desc=self.out_dir.name,
+            unit="step",
+            leave=False,
         )
         try:
             while self.step < t.steps:
@@ -641,8 +686,8 @@ class _Run:
                     self._check_finite()  # nothing non-finite is logged, evaluated or saved
                 record = {}
                 if log:
-                    loss = (self.loss_sum / self.loss_count).item()  # syncs, so the timing below is honest
-                    aux = (self.aux_sum / self.loss_count).item()
+                    loss = (self.plan.sum(self.loss_sum) / self.loss_count).item()  # syncs: the timing is honest
+                    aux = (self.plan.sum(self.aux_sum) / self.loss_count).item()
                     dt = time.perf_counter() - tic
                     self.train_time += dt
                     log_time += dt
@@ -689,7 +734,8 @@ class _Run:
             ) from None
         finally:
             bar.close()
-            self.metrics.close()
+            if self.metrics is not None:
+                self.metrics.close()
             if self.tb is not None:
                 self.tb.close()
         return self._finish(self.elapsed + time.perf_counter() - session_start)
@@ -714,6 +760,8 @@ class _Run:
             "resumes": self.resumes,
             "steps_history": self.steps_history,
         }
+        if not self.main:
+            return result
         text = strict_json(result, indent=2)
         atomic_write(self.out_dir / RESULT, lambda f: f.write(text.encode()))
         try:

@@ -1,0 +1,210 @@
+"""How a training step spreads over processes: ``OneProcess`` (nothing to do) and ``Parallel`` (what
+``parallelize`` returns). The trainer asks its plan and never checks which one it has.
+
+Both save and load a run's state in one process's layout (``full_state``, ``load_optimizer_state``): a
+checkpoint written by N processes is the one a single process writes, so it resumes on any number of
+processes and loads in one (``memlayers eval``).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..optim.clip import grad_norm
+from ..optim.groups import value_parameters
+from ..optim.row_sparse import row_sparse_grad
+from .sharded_table import ShardedTable
+
+
+def _optimizer_parts(optimizer) -> list[torch.optim.Optimizer]:
+    return list(getattr(optimizer, "optimizers", [optimizer]))  # a CombinedOptimizer's parts, or itself
+
+
+def _map_optimizer_state(optimizer, state: dict, fn) -> dict:
+    """``state`` (``optimizer.state_dict()``'s layout) with every non-scalar state tensor t of parameter p
+    replaced by ``fn(p, t)``, in one fixed order (the same on every rank: ``fn`` may be collective)."""
+    parts = state["optimizers"] if hasattr(optimizer, "optimizers") else [state]
+    out = []
+    for opt, part in zip(_optimizer_parts(optimizer), parts, strict=True):
+        params = [p for group in opt.param_groups for p in group["params"]]
+        mapped = {
+            i: {k: fn(params[i], v) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in s.items()}
+            for i, s in sorted(part["state"].items())
+        }
+        out.append({**part, "state": mapped})
+    return {"optimizers": out} if hasattr(optimizer, "optimizers") else out[0]
+
+
+class OneProcess:
+    """The plan of a run in one process: every method is the identity or the single-process operation
+    (``Parallel`` has the same methods)."""
+
+    world, rank, is_main = 1, 0, True
+
+    def batch_rows(self, rows: int) -> slice:
+        return slice(None)
+
+    def reduce_value_grads(self) -> None:
+        pass
+
+    def grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
+        return grad_norm(params)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def full_state(self, model: nn.Module, optimizer) -> tuple[dict, dict]:
+        return model.state_dict(), optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer, state: dict) -> None:
+        optimizer.load_state_dict(state)
+
+
+@dataclass
+class Parallel:
+    """A model laid out over the ranks of the default process group by ``parallelize``.
+
+    Every rank reads its own tokens (``batch_rows``): the W ranks are data-parallel for the dense parameters
+    (FSDP2 over all of them). The ranks form W/M replica groups of M-rank memory groups, ranks
+    ``[j*M, (j+1)*M)`` for memory group j; value tables are sharded over each memory group (M > 1), the
+    other value stores replicated on every rank. The gradient of a shard holds its memory group's tokens and
+    ``reduce_value_grads`` sums it over the replicas of the shard; a replicated store's over every rank.
+
+    Losses: each rank's loss must be its share of the global one (its tokens' summed loss over the global
+    token count, as the trainer weights it), so that gradients add up: FSDP2 sums, it does not average.
+    """
+
+    model: nn.Module
+    world: int
+    rank: int
+    memory: int
+    sharding: str | None
+    replica_group: dist.ProcessGroup | None  # the ranks holding the same shards (None: M == 1)
+    memory_group: dist.ProcessGroup | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def batch_rows(self, rows: int) -> slice:
+        """The rows of a global batch of ``rows`` sequences that this rank reads."""
+        if rows % self.world:
+            raise ValueError(
+                f"a global batch of {rows} sequences does not split over {self.world} processes; use a batch size "
+                f"(train.batch_size) that {self.world} divides"
+            )
+        per = rows // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def _shards(self) -> dict[int, ShardedTable]:
+        return {id(m.weight): m for m in self.model.modules() if isinstance(m, ShardedTable)}
+
+    @torch.no_grad()
+    def reduce_value_grads(self) -> None:
+        """After the backward: sum every value gradient over the ranks that hold the same values (dense
+        gradients by an all-reduce, row-sparse ones by all-gathering their rows). A parameter some rank's
+        tokens read gets a gradient on every rank (zeros where none read it, as one process's table would).
+        Collective."""
+        shards = self._shards()
+        for p in value_parameters(self.model):
+            kind = torch.tensor([p.grad is not None, p.grad is not None and p.grad.is_sparse], device=p.device)
+            dist.all_reduce(kind, op=dist.ReduceOp.MAX)
+            if not kind[0]:
+                continue  # no rank read it
+            if p.grad is None and kind[1]:
+                empty = p.new_zeros(1, 0, dtype=torch.long)
+                p.grad = torch.sparse_coo_tensor(empty, p.new_zeros(0, *p.shape[1:]), p.shape, is_coalesced=True)
+            elif p.grad is None:
+                p.grad = torch.zeros_like(p)
+            group = self.replica_group if id(p) in shards else None
+            if group is not None and dist.get_world_size(group) == 1:
+                continue
+            if kind[1]:
+                p.grad = _all_reduce_rows(p, group)
+            else:
+                dist.all_reduce(p.grad, group=group)
+
+    @torch.no_grad()
+    def grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
+        """The global 2-norm of ``params``' gradients (``clip_grad_norms``' ``norm_fn``): FSDP2's shards summed
+        over every rank, value shards over their memory group, replicated gradients counted once."""
+        shards = self._shards()
+        device = next(self.model.parameters()).device
+        world_sq, memory_sq, local_sq = (torch.zeros((), device=device, dtype=torch.float64) for _ in range(3))
+        for p in params:
+            g = row_sparse_grad(p)[1] if p.grad.is_sparse else p.grad
+            if hasattr(g, "to_local"):  # an FSDP2 shard (DTensor)
+                world_sq += g.to_local().double().square().sum()
+            elif id(p) in shards:
+                memory_sq += g.double().square().sum()
+            else:
+                local_sq += g.double().square().sum()
+        dist.all_reduce(world_sq)
+        if self.memory_group is not None:
+            dist.all_reduce(memory_sq, group=self.memory_group)
+        return (world_sq + memory_sq + local_sq).sqrt().float()
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over every rank (collective)."""
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
+    @torch.no_grad()
+    def full_state(self, model: nn.Module, optimizer) -> tuple[dict, dict]:
+        """The model's and optimizer's state dicts as one process holding everything would have them: FSDP2
+        shards and value shards gathered (collective; every rank gets them)."""
+        shards = self._shards()
+        by_key = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, ShardedTable)}
+
+        def whole(p, t):
+            if hasattr(t, "full_tensor"):
+                return t.full_tensor()
+            return shards[id(p)].gather(t) if id(p) in shards else t
+
+        model_state = {}
+        for key, t in model.state_dict().items():
+            model_state[key] = by_key[key].gather(t) if key in by_key else whole(None, t)
+        return model_state, _map_optimizer_state(optimizer, optimizer.state_dict(), whole)
+
+    @torch.no_grad()
+    def load_optimizer_state(self, optimizer, state: dict) -> None:
+        """Load one process's optimizer state (``full_state``'s) into this layout: each rank keeps its parts."""
+        from torch.distributed.tensor import distribute_tensor
+
+        shards = self._shards()
+
+        def part(p, t):
+            if hasattr(p, "device_mesh"):  # an FSDP2 parameter: its shard of t
+                return distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
+            return shards[id(p)].part(t) if id(p) in shards else t
+
+        optimizer.load_state_dict(_map_optimizer_state(optimizer, state, part))
+
+
+def _all_reduce_rows(p: nn.Parameter, group) -> torch.Tensor:
+    """The sum over ``group`` of a row-sparse gradient, row-sparse and coalesced (rows all-gathered)."""
+    rows, values = row_sparse_grad(p)
+    G = dist.get_world_size(group)
+    counts = [torch.zeros((), dtype=torch.long, device=rows.device) for _ in range(G)]
+    dist.all_gather(counts, torch.tensor(rows.numel(), device=rows.device), group=group)
+    n = [int(c) for c in counts]
+    padded_rows, padded_values = rows.new_zeros(max(n)), values.new_zeros(max(n), *values.shape[1:])
+    padded_rows[: rows.numel()], padded_values[: rows.numel()] = rows, values
+    all_rows = [torch.empty_like(padded_rows) for _ in range(G)]
+    all_values = [torch.empty_like(padded_values) for _ in range(G)]
+    dist.all_gather(all_rows, padded_rows, group=group)
+    dist.all_gather(all_values, padded_values, group=group)
+    rows = torch.cat([r[:k] for r, k in zip(all_rows, n)])
+    values = torch.cat([v[:k] for v, k in zip(all_values, n)])
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), values, p.shape).coalesce()
