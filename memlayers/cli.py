@@ -160,6 +160,8 @@ def _train(args) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     result = train(cfg, args.out, progress=False if args.quiet else None, force=args.force)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the first process reports
+        return 0
     print(json.dumps({k: result[k] for k in ("steps", "tokens", "final_loss", "tokens_per_s", "wall_time")}, indent=2))
     print(f"final evaluation: {json.dumps(result['eval'], indent=2)}")
     return 0

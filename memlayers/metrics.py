@@ -10,6 +10,7 @@ syncs) turns them into floats. Definitions follow ``reference/sparse_update.md``
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 # ----------------------------------------------------------------------------------------------
@@ -146,6 +147,24 @@ class UsageTracker(nn.Module):
         state = {b: getattr(self, b).detach().cpu().clone() for b in self._STATE_BUFFERS}
         state["updates"] = int(self._step)
         return state
+
+    _SUMMED = ("counts", "mass", "subkey_counts", "_tokens", "_window_accesses")  # linear in the tokens seen
+
+    @torch.no_grad()
+    def all_reduce_(self, group=None) -> None:
+        """In place, what one tracker would have recorded from the tokens of every rank of ``group`` (collective):
+        the counts are linear in the tokens (sums of decayed counts), so they add up; ``last_seen`` is the
+        latest of the ranks'."""
+        for name in self._SUMMED:
+            dist.all_reduce(getattr(self, name), group=group)
+        dist.all_reduce(self.last_seen, op=dist.ReduceOp.MAX, group=group)
+
+    @torch.no_grad()
+    def clear_counts_(self) -> None:
+        """Zero what ``all_reduce_`` sums (the updates counter stays): on every rank but one, after loading an
+        all-reduced state, so that the ranks' sums stay the global counts."""
+        for name in self._SUMMED:
+            getattr(self, name).zero_()
 
     def load_tracker_state(self, state: dict) -> None:
         """Restore what ``tracker_state`` returned (onto this tracker's device), also from older versions

@@ -256,3 +256,23 @@ def test_layer_cpu_steps_prints_every_arm():
     header, rows = one_table(out, "")
     assert header[0] == "arm" and set(rows) == {"dense", "memory"}
     assert rows["dense"][-1] == "1.00" and float(rows["memory"][-1]) > 0
+
+
+def test_distributed_bytes_measured_equal_computed():
+    """``benchmarks/distributed.py``: the bytes each rank sends, counted at the collectives, are the README's
+    formulas (exactly for columns; rows route uniform ids, so within a few percent)."""
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "distributed.py"), "--groups", "2", "--rows", "1000", "--dim", "16",
+         "--tokens", "64", "--repeats", "1"],
+        capture_output=True, text=True, timeout=600, check=True,
+    ).stdout  # fmt: skip
+    lines = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| column") or line.startswith("| row")]
+    ratios = {cells[0].strip(): float(cells[4]) for cells in lines}
+    assert ratios["column"] == 1.0 and abs(ratios["row"] - 1) < 0.05, out
+
+
+def test_scale_on_paper_prints_every_configuration():
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "scale_on_paper.py")], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert out.count("## ") == 3 and out.count("| 512 |") >= 5  # three tables, to 512 GPUs

@@ -13,8 +13,10 @@ import pytest
 
 CONFIG = [
     "model.dim=32", "model.n_layers=3", "model.n_heads=2", "model.max_seq_len=64",
-    "model.memories=[{layers: '0,2', pool: values, options: {n_keys: 16, topk: 4, heads: 2, query_norm: batchnorm}},"
-    " {layers: '1', preset: peer, options: {n_keys: 6, topk: 3, heads: 2}}]",
+    (
+        "model.memories=[{layers: '0,2', pool: values, options: {n_keys: 16, topk: 4, heads: 2, query_norm: batchnorm}},"
+        " {layers: '1', preset: peer, options: {n_keys: 6, topk: 3, heads: 2}}]"
+    ),
     "data.facts.people=20", "data.facts.choices=10",
     "train.steps=8", "train.batch_size=4", "train.seq_len=16", "train.warmup=3", "train.log_every=1",
     "train.ckpt_every=3", "train.eval_every=0", "train.progress=false", "train.threads=1",
@@ -52,9 +54,9 @@ def assert_close(a: dict, b: dict, exact_until: int = 3):
     k-th and (k+1)-th slot can go the other way a few steps later (measured: 3e-4 at the second step after a
     resume, from value-state differences of 5e-9)."""
     assert a.keys() == b.keys()
-    for step in a:
+    for step, value in a.items():
         tol = 1e-5 if step <= exact_until else 2e-3
-        assert abs(a[step] - b[step]) <= tol * abs(b[step]), (step, a[step], b[step])
+        assert abs(value - b[step]) <= tol * abs(b[step]), (step, value, b[step])
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +77,12 @@ def test_torchrun_losses_equal_one_process(tmp_path, one_process, procs, layout)
     launch(tmp_path / "run", procs, *layout)
     for key in ("loss", "grad_norm", "value_grad_norm"):
         assert_close(logged(tmp_path / "run", key), logged(one_process, key))
+    final = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    expected = json.loads((one_process / "metrics.jsonl").read_text().splitlines()[-1])
+    evaluated = [k for k in expected if k.startswith("eval/")]
+    assert "eval/memory/0/tokens_seen" in evaluated  # the usage trackers count every rank's tokens
+    for key in evaluated:
+        assert abs(final[key] - expected[key]) <= 1e-3 * max(1.0, abs(expected[key])), key
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["steps"] == 8 and result["config"]["parallel"]["memory"] == (2 if layout else 1)
 
@@ -131,7 +139,9 @@ def test_a_killed_rank_is_restarted_and_resumes(tmp_path, one_process):
             time.sleep(0.05)
         else:
             pytest.fail("the run did not reach step 4 in 120 s")
-        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        workers = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=True
+        ).stdout.split()
         assert len(workers) == 2, workers
         os.kill(int(workers[-1]), signal.SIGKILL)
         assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]

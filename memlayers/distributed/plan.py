@@ -6,12 +6,14 @@ checkpoint written by N processes is the one a single process writes, so it resu
 processes and loads in one (``memlayers eval``).
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..metrics import UsageTracker
 from ..optim.clip import grad_norm
 from ..optim.groups import value_parameters
 from ..optim.row_sparse import row_sparse_grad
@@ -63,6 +65,13 @@ class OneProcess:
 
     def load_optimizer_state(self, optimizer, state: dict) -> None:
         optimizer.load_state_dict(state)
+
+    def global_usage(self, model: nn.Module):
+        """A context in which the model's usage trackers hold what every rank's tokens recorded."""
+        return contextlib.nullcontext()
+
+    def loaded_usage(self, model: nn.Module) -> None:
+        """Called after every rank loaded the same (global) usage state."""
 
 
 @dataclass
@@ -190,6 +199,29 @@ class Parallel:
             return shards[id(p)].part(t) if id(p) in shards else t
 
         optimizer.load_state_dict(_map_optimizer_state(optimizer, state, part))
+
+
+    @contextlib.contextmanager
+    def global_usage(self, model: nn.Module):
+        """The usage trackers summed over every rank for the time of the context (metrics, checkpoints), then
+        each rank's own counts again (collective)."""
+        trackers = [m for m in model.modules() if isinstance(m, UsageTracker)]
+        own = [{name: getattr(t, name).clone() for name in (*t._SUMMED, "last_seen")} for t in trackers]
+        for t in trackers:
+            t.all_reduce_()
+        try:
+            yield
+        finally:
+            for t, buffers in zip(trackers, own):
+                for name, value in buffers.items():
+                    getattr(t, name).copy_(value)
+
+    def loaded_usage(self, model: nn.Module) -> None:
+        """Rank 0 keeps the loaded global counts, the others start from zero: the sum stays the global count."""
+        if not self.is_main:
+            for t in model.modules():
+                if isinstance(t, UsageTracker):
+                    t.clear_counts_()
 
 
 def _all_reduce_rows(p: nn.Parameter, group) -> torch.Tensor:

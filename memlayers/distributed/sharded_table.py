@@ -2,15 +2,17 @@
 by columns (the paper's memory parallelism) or by rows (as torchrec and the 2026 n-gram-memory trainers).
 
 Per token and rank, with L = H*k entries of 8-byte ids and w-byte weights, rows of d values of v bytes and
-G ranks, the forward moves (and the backward as much again):
+G ranks, a training step sends (measured to match by ``benchmarks/distributed.py``):
 
-* by columns: (G-1) * L * (8 + w) bytes of ids and weights (all-gathered) + (G-1)/G * d * v of output;
-* by rows: (G-1)/G * L * (16 + w) of ids, token positions and weights (routed to the rows' owners)
-  + (G-1) * d * v of partial outputs (one from every owner).
+* by columns: forward (G-1) * L * (8 + w) of ids and weights (all-gathered) + (G-1)/G * d * v of output;
+  backward (G-1) * L * w of weight gradients + (G-1)/G * d * v of output gradient;
+* by rows: forward (G-1)/G * L * (16 + w) of ids, token positions and weights (routed to the rows' owners)
+  + (G-1) * d * v of partial outputs (one from every owner); backward (G-1)/G * L * w + (G-1) * d * v.
 
-Columns move less whenever L * (8 + w) < d * v (the paper's 128 entries of rows of 1,024 bf16 values:
-1,280 < 2,048 bytes, at every G); rows move less for many narrow reads. Both keep each rank's value
-gradient local and exact (its own columns, or rows, from every token of the group).
+Columns move less when L * (G(8 + 2w) - (16 + 2w)) < 2 * d * v * (G - 1); for large G, when
+L * (8 + 2w) < 2 * d * v (the paper's 128 entries per token of rows of 1,024 bf16 values: 1,536 < 4,096);
+rows move less for many narrow reads. Both keep each rank's value gradient local and exact (its own
+columns, or rows, from every token of the group).
 """
 
 import math

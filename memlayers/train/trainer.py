@@ -498,6 +498,7 @@ class _Run:
         """Everything but the model's weights (loaded before the model is laid out over processes)."""
         self._checkpoint_fits(lambda: self.plan.load_optimizer_state(self.optimizer, ckpt["optimizer"]))
         load_usage_state(self.model, ckpt["usage"])
+        self.plan.loaded_usage(self.model)
         set_rng_state(ckpt["rng"])
         tr = ckpt["trainer"]
         self.step, self.tokens = int(ckpt["step"]), int(ckpt["tokens"])
@@ -516,6 +517,8 @@ class _Run:
 
     def _save(self, elapsed: float, train_time: float) -> None:
         model_state, optimizer_state = self.plan.full_state(self.model, self.optimizer)  # collective
+        with self.plan.global_usage(self.model):
+            usage = usage_state(self.model)
         if not self.main:
             self.saved_step = self.step
             return
@@ -531,7 +534,7 @@ class _Run:
                 "model": model_state,
                 "optimizer": optimizer_state,
                 "rng": rng_state(),
-                "usage": usage_state(self.model),
+                "usage": usage,
                 "trainer": {
                     "metrics_offset": self.metrics.tell(),
                     "loss_sum": self.loss_sum.detach().cpu(),
@@ -631,7 +634,7 @@ class _Run:
         state = rng_state()
         self.model.eval()
         try:
-            with self._autocast():
+            with self._autocast(), self.plan.global_usage(self.model):
                 out = self.evaluate(
                     self.model, self.dataset, limit=limit, batch_size=self.t.batch_size, seq_len=self.t.seq_len
                 )
