@@ -201,6 +201,8 @@ def _parallel_matches_one_process(rank, world, memory, sharding, sparse):
         memories=[
             MemorySpec("1,3", pool="values", options=options),
             MemorySpec("2", preset="peer", options={"n_keys": 6, "heads": 2, "topk": 3, "sparse_values": sparse}),
+            MemorySpec("0", preset="engram", mode="beside",
+                        options={"hash_heads": 2, "d_ngram": 8, "table_size": 61, "sparse_values": sparse}),
         ],
     )  # fmt: skip
     torch.manual_seed(0)
@@ -226,7 +228,7 @@ def _parallel_matches_one_process(rank, world, memory, sharding, sparse):
     assert rel_err(mine.logits, out.logits[rows]) < 1e-5
     shards = {id(m.weight): m for m in model.modules() if isinstance(m, (ColumnShardedTable, RowShardedTable))}
     values = {id(p) for p in value_parameters(model)}
-    assert len(shards) == (memory > 1)  # the Memory+ pool; PEER's experts stay whole
+    assert len(shards) == (2 if memory > 1 else 0)  # the Memory+ pool, engram's table; PEER's experts stay whole
     for name, p in model.named_parameters():
         expected = ref_grads.get(name)
         grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad

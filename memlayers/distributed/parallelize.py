@@ -19,9 +19,10 @@ def shard_values(model: nn.Module, sharding: str = "column", group: dist.Process
     Owners (a module holding the table as a submodule, e.g. ``Transformer.pools``) and references (a layer or
     window reading a shared pool) get the same shard, so a pool shared by layers stays one shared shard.
     Every rank of ``group`` builds the same model (the same seed) and calls this; then each reads its own
-    tokens and runs its backward (the reads are collective, in the same order on every rank). Other stores
-    (PEER's experts, UltraMem's expansion, engram's tables) are left whole. Build the optimizer after this
-    (it must hold the shards' parameters). Returns ``model``.
+    tokens and runs its backward (the reads are collective, in the same order on every rank). Subclasses of
+    ``ValueTable`` (engram's ``ConcatTable``) are sharded too and keep their own read; other stores (PEER's
+    experts, UltraMem's expansion) are left whole. Build the optimizer after this (it must hold the shards'
+    parameters). Returns ``model``.
     """
     if sharding not in SHARDINGS:
         raise ValueError(f"shard_values: sharding must be one of {tuple(SHARDINGS)}, got {sharding!r}")

@@ -28,18 +28,26 @@ from .collectives import all_gather_rows, all_to_all_rows
 
 
 class ShardedTable(ValueStore):
-    """What both shardings share: a ``ValueTable``'s sizes and options, the group, the local shard
-    ``weight`` (role "values"), the whole table's accounting. Collective: every rank of the group calls
-    forward, with the same number of tokens (checked), and runs the backward. Not yet: the fused update
-    (``set_value_grad_sink`` refuses), data parallelism across groups.
+    """What both shardings share: the table's sizes and options, the group, the local shard ``weight`` (role
+    "values"). ``bag(ids (T, L), weights (T, L)) -> (T, d)`` is the collective bag of the subclasses; the
+    table's own ``forward`` and accounting run on it (a ``ValueTable`` sums its heads' rows, an engram
+    ``ConcatTable`` sets them side by side). Collective: every rank of the group calls forward, with the same
+    number of tokens (checked), and runs the backward. Not yet: the fused update (``set_value_grad_sink``
+    refuses).
     """
 
     def __init__(self, table: ValueTable, group: dist.ProcessGroup | None, shard: torch.Tensor):
         super().__init__()
         self.group, self.world, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
-        self.num_values = self.num_slots = table.num_values
-        self.dim = self.out_dim = table.dim
-        self.sparse_grad, self.lr_decay, self.init_std = table.sparse_grad, table.lr_decay, table.init_std
+        self.kind = type(table)  # whose forward, accounting and signature this shard keeps
+        for name, value in vars(table).items():  # sizes and options (num_values, dim, out_dim, heads, ...)
+            if (
+                not name.startswith("_")
+                and name != "training"
+                and isinstance(value, (int, float, str, tuple, type(None)))
+            ):
+                setattr(self, name, value)
+        self.value_grad_sink = None
         self.weight = nn.Parameter(shard.detach().clone())
 
     @classmethod
@@ -57,6 +65,22 @@ class ShardedTable(ValueStore):
     def param_roles(self) -> dict[str, list[nn.Parameter]]:
         return {"values": [self.weight]}
 
+    def forward(self, ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        return self.kind.forward(self, ids, weights, x)
+
+    def bag(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def read_params(self, reads: int) -> int:
+        return self.kind.read_params(self, reads)
+
+    def read_flops(self, reads: int) -> int:
+        """The whole table's: the group shares the bag's work."""
+        return self.kind.read_flops(self, reads)
+
+    def signature(self) -> dict:
+        return self.kind.signature(self)
+
     def part(self, whole: torch.Tensor) -> torch.Tensor:
         """This rank's part of a tensor laid out like the table: the table itself or its optimizer state ((N, d)
         tensors, and per-row (N,) ones for row shards)."""
@@ -71,13 +95,6 @@ class ShardedTable(ValueStore):
     def full_weight(self) -> torch.Tensor:
         """The whole (N, d) table, gathered from the group (collective)."""
         return self.gather(self.weight.detach())
-
-    def read_params(self, reads: int) -> int:
-        return reads * self.dim
-
-    def read_flops(self, reads: int) -> int:
-        """The whole table's: the group shares the bag's work."""
-        return 2 * reads * self.dim
 
     def _check_inputs(self, ids: torch.Tensor) -> None:
         """Every rank learns every rank's token count and whether its ids are in range, and all raise
@@ -100,7 +117,7 @@ class ShardedTable(ValueStore):
 class ColumnShardedTable(ShardedTable):
     """Rank r of the G in ``group`` holds columns ``[r*d/G, (r+1)*d/G)`` of every row.
 
-    ``forward(ids (T, H, k), weights (T, H, k), x) -> (T, d)``, the table's: all-gather the group's ids and
+    ``bag(ids (T, L), weights (T, L)) -> (T, d)``, the table's: all-gather the group's ids and
     weights ((G*T, H*k) each), bag the local columns for every token of the group ((G*T, d/G)), all-to-all
     the slices back to their tokens' ranks. Backward: the same way back; each token's weight gradient is the
     sum over ranks of their columns' (an all-to-all and a sum).
@@ -122,7 +139,7 @@ class ColumnShardedTable(ShardedTable):
         self.columns = (r * width, (r + 1) * width)
         super().__init__(table, group, table.weight[:, r * width : (r + 1) * width])  # (N, d/G)
 
-    def forward(self, ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+    def bag(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         T, G = ids.shape[0], self.world
         self._check_inputs(ids)
         all_ids = all_gather_rows(ids.flatten(1), self.group)  # (G*T, L)
@@ -154,7 +171,7 @@ class RowShardedTable(ShardedTable):
     """Rank r of the G in ``group`` holds rows ``[r*R, (r+1)*R)`` (R = ceil(N/G); the last rank's block may
     be shorter).
 
-    ``forward(ids (T, H, k), weights (T, H, k), x) -> (T, d)``, the table's: each entry (id, weight, token)
+    ``bag(ids (T, L), weights (T, L)) -> (T, d)``, the table's: each entry (id, weight, token)
     is sent to the rank owning its row (an all-to-all of the counts, then of the entries), each owner bags
     its rows into one partial output per token of the group ((G*T, d)), the partials go back to their
     tokens' ranks and are summed in rank order. Backward: the same way back. Two host syncs per call (the
@@ -175,7 +192,7 @@ class RowShardedTable(ShardedTable):
         self.rows = (min(r * R, table.num_values), min((r + 1) * R, table.num_values))
         super().__init__(table, group, table.weight[slice(*self.rows)])  # (rows, d)
 
-    def forward(self, ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+    def bag(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         T, G, L = ids.shape[0], self.world, ids[0].numel()
         self._check_inputs(ids)
         ids, weights = ids.reshape(-1), weights.reshape(-1)  # (T*L,)
