@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from conftest import rel_err
 
 from memlayers import ValueTable
-from memlayers.distributed import ColumnShardedTable, RowShardedTable, shard_values
+from memlayers.distributed import ColumnShardedTable, RowShardedTable, ShardedStore, shard_values
 from memlayers.model import MemorySpec, ModelConfig, Transformer
 
 N, D, T, H, K = 37, 12, 5, 2, 3
@@ -226,15 +226,15 @@ def _parallel_matches_one_process(rank, world, memory, sharding, sparse):
     dist.all_reduce(loss)
     assert rel_err(loss, out.loss) < 1e-5
     assert rel_err(mine.logits, out.logits[rows]) < 1e-5
-    shards = {id(m.weight): m for m in model.modules() if isinstance(m, (ColumnShardedTable, RowShardedTable))}
+    stores = [m for m in model.modules() if isinstance(m, ShardedStore)]
+    shards = {id(p): m for m in stores for p in m.parameters()}
     values = {id(p) for p in value_parameters(model)}
-    assert len(shards) == (2 if memory > 1 else 0)  # the Memory+ pool, engram's table; PEER's experts stay whole
+    assert len(stores) == (3 if memory > 1 else 0)  # the Memory+ pool, engram's table, PEER's experts (columns)
     for name, p in model.named_parameters():
         expected = ref_grads.get(name)
         grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-        if id(p) in shards:
-            store = shards[id(p)]
-            expected = expected[:, slice(*store.columns)] if sharding == "column" else expected[slice(*store.rows)]
+        if id(p) in shards and expected is not None:  # this rank's part of one process's gradient
+            expected = shards[id(p)].part(expected, p)
         if expected is None or not expected.any():
             assert grad is None or not grad.to_dense().any(), name
         else:

@@ -3,20 +3,24 @@ the dense parameters, value tables sharded over memory groups by columns or rows
 its ``Parallel`` plan reduces the value gradients and gathers a run's state into one process's layout."""
 
 from .collectives import all_gather_rows, all_reduce_sum, all_to_all_rows
-from .parallelize import parallelize, shard_values
+from .parallelize import parallelize, shard_values, sharders
 from .plan import OneProcess, Parallel
-from .sharded_table import SHARDINGS, ColumnShardedTable, RowShardedTable, ShardedTable
+from .sharded_peer import ColumnShardedPEER
+from .sharded_table import SHARDINGS, ColumnShardedTable, RowShardedTable, ShardedStore, ShardedTable
 
 __all__ = [
     "SHARDINGS",
+    "ColumnShardedPEER",
     "ColumnShardedTable",
     "OneProcess",
     "Parallel",
     "RowShardedTable",
+    "ShardedStore",
     "ShardedTable",
     "all_gather_rows",
     "all_reduce_sum",
     "all_to_all_rows",
     "parallelize",
     "shard_values",
+    "sharders",
 ]

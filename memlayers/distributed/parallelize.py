@@ -7,41 +7,54 @@ import torch.distributed as dist
 from torch import nn
 
 from ..memory.norms import MaskedBatchNorm
-from ..memory.stores import ValueTable
+from ..memory.stores import PEERExperts, ValueTable
 from ..optim.groups import value_parameters
 from .plan import Parallel
+from .sharded_peer import ColumnShardedPEER
 from .sharded_table import SHARDINGS
 
 
-def shard_values(model: nn.Module, sharding: str = "column", group: dist.ProcessGroup | None = None) -> nn.Module:
-    """Replace every ``ValueTable`` in ``model`` by its shard on this rank (``SHARDINGS[sharding]``), in place.
-
-    Owners (a module holding the table as a submodule, e.g. ``Transformer.pools``) and references (a layer or
-    window reading a shared pool) get the same shard, so a pool shared by layers stays one shared shard.
-    Every rank of ``group`` builds the same model (the same seed) and calls this; then each reads its own
-    tokens and runs its backward (the reads are collective, in the same order on every rank). Subclasses of
-    ``ValueTable`` (engram's ``ConcatTable``) are sharded too and keep their own read; other stores (PEER's
-    experts, UltraMem's expansion) are left whole. Build the optimizer after this (it must hold the shards'
-    parameters). Returns ``model``.
-    """
+def sharders(sharding: str) -> dict[type, type]:
+    """The store types ``shard_values`` shards, each with its sharded store (torchrec's sharder per module
+    type): ``ValueTable`` (and subclasses, e.g. engram's ``ConcatTable``) by ``sharding``, PEER's experts by
+    columns whatever ``sharding`` is (their dot products take every column of x: a row shard would need
+    each token's whole x at every owner)."""
     if sharding not in SHARDINGS:
         raise ValueError(f"shard_values: sharding must be one of {tuple(SHARDINGS)}, got {sharding!r}")
-    shards: dict[int, nn.Module] = {}  # id(table) -> its shard
+    return {ValueTable: SHARDINGS[sharding], PEERExperts: ColumnShardedPEER}
 
-    def shard(table: ValueTable) -> nn.Module:
-        if id(table) not in shards:
-            shards[id(table)] = SHARDINGS[sharding](table, group)
-        return shards[id(table)]
+
+def shard_values(model: nn.Module, sharding: str = "column", group: dist.ProcessGroup | None = None) -> nn.Module:
+    """Replace every value store of ``model`` that ``sharders`` knows (value tables, PEER's experts) by its
+    shard on this rank, in place.
+
+    Owners (a module holding the store as a submodule, e.g. ``Transformer.pools``) and references (a layer or
+    window reading a shared pool) get the same shard, so a pool shared by layers stays one shared shard.
+    Every rank of ``group`` builds the same model (the same seed) and calls this; then each reads its own
+    tokens and runs its backward (the reads are collective, in the same order on every rank). Other stores
+    (UltraMem's expansion) are left whole. Build the optimizer after this (it must hold the shards'
+    parameters). Returns ``model``.
+    """
+    kinds = sharders(sharding)
+    shards: dict[int, nn.Module] = {}  # id(store) -> its shard
+
+    def shard(store: nn.Module) -> nn.Module | None:
+        kind = next((k for k in kinds if isinstance(store, k)), None)
+        if kind is None:
+            return None
+        if id(store) not in shards:
+            shards[id(store)] = kinds[kind](store, group)
+        return shards[id(store)]
 
     for module in list(model.modules()):
         for name, child in list(module._modules.items()):
-            if isinstance(child, ValueTable):
-                module._modules[name] = shard(child)
+            if (sharded := shard(child)) is not None:
+                module._modules[name] = sharded
         for name, value in list(vars(module).items()):  # references held outside _modules
-            if isinstance(value, ValueTable):
-                module.__dict__[name] = shard(value)
+            if isinstance(value, nn.Module) and (sharded := shard(value)) is not None:
+                module.__dict__[name] = sharded
     if not shards:
-        raise ValueError(f"shard_values: {type(model).__name__} has no ValueTable to shard")
+        raise ValueError(f"shard_values: {type(model).__name__} has no value store to shard")
     return model
 
 

@@ -17,7 +17,7 @@ from ..metrics import UsageTracker
 from ..optim.clip import grad_norm
 from ..optim.groups import value_parameters
 from ..optim.row_sparse import row_sparse_grad
-from .sharded_table import ShardedTable
+from .sharded_table import ShardedStore
 
 
 def _optimizer_parts(optimizer) -> list[torch.optim.Optimizer]:
@@ -110,8 +110,10 @@ class Parallel:
         per = rows // self.world
         return slice(self.rank * per, (self.rank + 1) * per)
 
-    def _shards(self) -> dict[int, ShardedTable]:
-        return {id(m.weight): m for m in self.model.modules() if isinstance(m, ShardedTable)}
+    def _shards(self) -> dict[int, ShardedStore]:
+        """Every sharded parameter's store."""
+        stores = [m for m in self.model.modules() if isinstance(m, ShardedStore)]
+        return {id(p): m for m in stores for p in m.parameters()}
 
     @torch.no_grad()
     def reduce_value_grads(self) -> None:
@@ -174,16 +176,19 @@ class Parallel:
         """The model's and optimizer's state dicts as one process holding everything would have them: FSDP2
         shards and value shards gathered (collective; every rank gets them)."""
         shards = self._shards()
-        by_key = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, ShardedTable)}
+        by_key = {
+            f"{name}.{pname}": p
+            for name, m in model.named_modules()
+            if isinstance(m, ShardedStore)
+            for pname, p in m.named_parameters(recurse=False)
+        }
 
         def whole(p, t):
             if hasattr(t, "full_tensor"):
                 return t.full_tensor()
-            return shards[id(p)].gather(t) if id(p) in shards else t
+            return shards[id(p)].gather(t, p) if id(p) in shards else t
 
-        model_state = {}
-        for key, t in model.state_dict().items():
-            model_state[key] = by_key[key].gather(t) if key in by_key else whole(None, t)
+        model_state = {key: whole(by_key.get(key), t) for key, t in model.state_dict().items()}
         return model_state, _map_optimizer_state(optimizer, optimizer.state_dict(), whole)
 
     @torch.no_grad()
@@ -196,10 +201,9 @@ class Parallel:
         def part(p, t):
             if hasattr(p, "device_mesh"):  # an FSDP2 parameter: its shard of t
                 return distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
-            return shards[id(p)].part(t) if id(p) in shards else t
+            return shards[id(p)].part(t, p) if id(p) in shards else t
 
         optimizer.load_state_dict(_map_optimizer_state(optimizer, state, part))
-
 
     @contextlib.contextmanager
     def global_usage(self, model: nn.Module):

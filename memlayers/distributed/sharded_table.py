@@ -27,40 +27,80 @@ from ..ops import embedding_bag
 from .collectives import all_gather_rows, all_to_all_rows
 
 
-class ShardedTable(ValueStore):
-    """What both shardings share: the table's sizes and options, the group, the local shard ``weight`` (role
-    "values"). ``bag(ids (T, L), weights (T, L)) -> (T, d)`` is the collective bag of the subclasses; the
-    table's own ``forward`` and accounting run on it (a ``ValueTable`` sums its heads' rows, an engram
-    ``ConcatTable`` sets them side by side). Collective: every rank of the group calls forward, with the same
-    number of tokens (checked), and runs the backward. Not yet: the fused update (``set_value_grad_sink``
-    refuses).
+class ShardedStore(ValueStore):
+    """A value store whose parameters are split over the ranks of ``group`` (a memory group), read by the
+    group as the whole store: every rank calls forward with the same number of tokens (checked) and runs
+    the backward (both collective). ``part`` and ``gather`` map tensors laid out like a parameter (it, or its
+    optimizer state) to this rank's part and back: what checkpoints in one process's layout need.
     """
 
-    def __init__(self, table: ValueTable, group: dist.ProcessGroup | None, shard: torch.Tensor):
+    def __init__(self, group: dist.ProcessGroup | None):
         super().__init__()
         self.group, self.world, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
-        self.kind = type(table)  # whose forward, accounting and signature this shard keeps
-        for name, value in vars(table).items():  # sizes and options (num_values, dim, out_dim, heads, ...)
-            if (
-                not name.startswith("_")
-                and name != "training"
-                and isinstance(value, (int, float, str, tuple, type(None)))
-            ):
-                setattr(self, name, value)
-        self.value_grad_sink = None
-        self.weight = nn.Parameter(shard.detach().clone())
 
     @classmethod
-    def _check(cls, table, group) -> tuple[int, int]:
+    def _check(cls, store, group, kind=None) -> tuple[int, int]:
         name = cls.__name__
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
                 f"{name}: torch.distributed is not initialised; launch with torchrun and call "
                 "torch.distributed.init_process_group first"
             )
-        if not isinstance(table, ValueTable):
-            raise TypeError(f"{name}: table must be a memlayers ValueTable, got {type(table).__name__}")
+        kind = kind or ValueTable
+        if not isinstance(store, kind):
+            raise TypeError(f"{name}: table must be a memlayers {kind.__name__}, got {type(store).__name__}")
         return dist.get_world_size(group), dist.get_rank(group)
+
+    def _copy_options(self, store: ValueStore) -> None:
+        """The store's sizes and options (num_values, dim, out_dim, heads, activation, lr_decay, ...)."""
+        self.kind = type(store)  # whose forward, accounting and signature a shard may keep
+        for name, value in vars(store).items():
+            if (
+                not name.startswith("_")
+                and name != "training"
+                and isinstance(value, (int, float, str, tuple, type(None)))
+            ):
+                setattr(self, name, value)
+
+    def part(self, whole: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+        """This rank's part of a tensor laid out like ``param``'s whole (the parameter, or its optimizer state)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def gather(self, part: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+        """The whole tensor from every rank's ``part`` of it (the inverse of ``part``; collective)."""
+        raise NotImplementedError
+
+    def _check_inputs(self, ids: torch.Tensor) -> None:
+        """Every rank learns every rank's token count and whether its ids are in range, and all raise
+        together (one rank raising alone would leave the others waiting in a collective)."""
+        bad = ((ids < 0) | (ids >= self.num_slots)).any()
+        seen = all_gather_rows(torch.stack([torch.tensor(ids.shape[0], device=ids.device), bad.long()]), self.group)
+        counts, bad = seen[0::2].tolist(), seen[1::2].tolist()
+        if any(bad):
+            raise IndexError(
+                f"{type(self).__name__}: ids outside [0, {self.num_slots}) on rank(s) "
+                f"{[r for r, b in enumerate(bad) if b]} of the memory group"
+            )
+        if len(set(counts)) > 1:
+            raise ValueError(
+                f"{type(self).__name__}: the ranks of the memory group read {counts} tokens in this call; "
+                "every rank must read the same number (the same batch size and sequence length)"
+            )
+
+
+class ShardedTable(ShardedStore):
+    """What both shardings of a ``ValueTable`` share: the table's sizes and options, the local shard ``weight``
+    (role "values"). ``bag(ids (T, L), weights (T, L)) -> (T, d)`` is the collective bag of the subclasses;
+    the table's own ``forward`` and accounting run on it (a ``ValueTable`` sums its heads' rows, an engram
+    ``ConcatTable`` sets them side by side). Not yet: the fused update (``set_value_grad_sink`` refuses).
+    """
+
+    def __init__(self, table: ValueTable, group: dist.ProcessGroup | None, shard: torch.Tensor):
+        super().__init__(group)
+        self._copy_options(table)
+        self.value_grad_sink = None
+        self.weight = nn.Parameter(shard.detach().clone())
 
     def param_roles(self) -> dict[str, list[nn.Parameter]]:
         return {"values": [self.weight]}
@@ -81,37 +121,10 @@ class ShardedTable(ValueStore):
     def signature(self) -> dict:
         return self.kind.signature(self)
 
-    def part(self, whole: torch.Tensor) -> torch.Tensor:
-        """This rank's part of a tensor laid out like the table: the table itself or its optimizer state ((N, d)
-        tensors, and per-row (N,) ones for row shards)."""
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def gather(self, part: torch.Tensor) -> torch.Tensor:
-        """The whole tensor from every rank's ``part`` (the inverse of ``part``; collective)."""
-        raise NotImplementedError
-
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor:
         """The whole (N, d) table, gathered from the group (collective)."""
-        return self.gather(self.weight.detach())
-
-    def _check_inputs(self, ids: torch.Tensor) -> None:
-        """Every rank learns every rank's token count and whether its ids are in range, and all raise
-        together (one rank raising alone would leave the others waiting in a collective)."""
-        bad = ((ids < 0) | (ids >= self.num_values)).any()
-        seen = all_gather_rows(torch.stack([torch.tensor(ids.shape[0], device=ids.device), bad.long()]), self.group)
-        counts, bad = seen[0::2].tolist(), seen[1::2].tolist()
-        if any(bad):
-            raise IndexError(
-                f"{type(self).__name__}: ids outside [0, {self.num_values}) on rank(s) "
-                f"{[r for r, b in enumerate(bad) if b]} of the memory group"
-            )
-        if len(set(counts)) > 1:
-            raise ValueError(
-                f"{type(self).__name__}: the ranks of the memory group read {counts} tokens in this call; "
-                "every rank must read the same number (the same batch size and sequence length)"
-            )
+        return self.gather(self.weight.detach(), self.weight)
 
 
 class ColumnShardedTable(ShardedTable):
@@ -148,7 +161,7 @@ class ColumnShardedTable(ShardedTable):
         mine = all_to_all_rows(part, self.group)  # (G*T, d/G): block i holds rank i's columns of our tokens
         return mine.view(G, T, -1).transpose(0, 1).reshape(T, self.dim)
 
-    def part(self, whole: torch.Tensor) -> torch.Tensor:
+    def part(self, whole: torch.Tensor, param: nn.Parameter | None = None) -> torch.Tensor:
         if whole.dim() < 2:
             raise ValueError(
                 "ColumnShardedTable: a per-row tensor (e.g. row-wise Adagrad's state) has no column slices; shard "
@@ -157,7 +170,7 @@ class ColumnShardedTable(ShardedTable):
         return whole[:, slice(*self.columns)]
 
     @torch.no_grad()
-    def gather(self, part: torch.Tensor) -> torch.Tensor:
+    def gather(self, part: torch.Tensor, param: nn.Parameter | None = None) -> torch.Tensor:
         return all_gather_rows(part.transpose(0, 1), self.group).transpose(0, 1)  # (d, N) in rank order, back
 
     def extra_repr(self) -> str:
@@ -223,11 +236,11 @@ class RowShardedTable(ShardedTable):
             # (G*T, d): block s holds our rows' part of rank s's tokens
         return all_to_all_rows(part, self.group).view(G, T, self.dim).sum(0)
 
-    def part(self, whole: torch.Tensor) -> torch.Tensor:
+    def part(self, whole: torch.Tensor, param: nn.Parameter | None = None) -> torch.Tensor:
         return whole[slice(*self.rows)]
 
     @torch.no_grad()
-    def gather(self, part: torch.Tensor) -> torch.Tensor:
+    def gather(self, part: torch.Tensor, param: nn.Parameter | None = None) -> torch.Tensor:
         padded = part.new_zeros(self.block, *part.shape[1:])  # the last block may be short
         padded[: part.shape[0]] = part
         return all_gather_rows(padded, self.group)[: self.num_values]

@@ -1,0 +1,100 @@
+"""PEER's experts sharded by columns over a memory group: u's and v's columns split G ways."""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..memory.stores import PEERExperts
+from ..memory.stores.peer_experts import ACTIVATIONS
+from ..ops import embedding_bag
+from ..ops.gather_dot import gather_dot
+from .collectives import all_gather_rows, all_reduce_sum, all_to_all_rows
+from .sharded_table import ShardedStore
+
+
+class ColumnShardedPEER(ShardedStore):
+    """Rank r of the G in ``group`` holds columns ``[r*i/G, (r+1)*i/G)`` of every expert's u (i = in_dim) and
+    ``[r*o/G, (r+1)*o/G)`` of its v (o = out_dim).
+
+    ``forward(ids (T, H, k), weights (T, H, k), x (T, in_dim)) -> (T, out_dim)``, the whole store's: all-gather
+    the group's ids and weights and send each rank its column slice of every token's x (an all-to-all); each
+    rank takes the dots of its u columns with those slices ((G*T, H*k) partial pre-activations) and the group
+    sums them (an all-reduce), so every rank holds the whole pre-activations; each rank bags its v columns
+    with the gates ``weights * act(u·x)`` for every token of the group, and an all-to-all returns the slices
+    to their tokens' ranks. Backward: the same way back (autograd through the collectives). Per token and
+    rank the forward sends (G-1) * L * (8 + w) of ids and weights, (G-1)/G * i * x_bytes of inputs, the
+    all-reduce of G * L fp32 pre-activations (about 2 (G-1)/G * G * L * 4 with a ring) and (G-1)/G * o * v
+    of output.
+
+    Args:
+        store: the whole PEERExperts, the same on every rank (from one seed). group: the memory group.
+    """
+
+    def __init__(self, store: PEERExperts, group: dist.ProcessGroup | None = None):
+        G, r = self._check(store, group, PEERExperts)
+        for name, width in (("in_dim", store.in_dim), ("out_dim", store.out_dim)):
+            if width % G:
+                raise ValueError(
+                    f"ColumnShardedPEER: the experts' {name} {width} does not split into {G} equal column slices; "
+                    f"use a memory group whose size divides {width}"
+                )
+        super().__init__(group)
+        self._copy_options(store)
+        self.in_columns = (r * store.in_dim // G, (r + 1) * store.in_dim // G)
+        self.out_columns = (r * store.out_dim // G, (r + 1) * store.out_dim // G)
+        self.u = nn.Parameter(store.u.detach()[:, slice(*self.in_columns)].clone())
+        self.v = nn.Parameter(store.v.detach()[:, slice(*self.out_columns)].clone())
+
+    def param_roles(self) -> dict[str, list[nn.Parameter]]:
+        return {"values": [self.u, self.v]}
+
+    def read_params(self, reads: int) -> int:
+        return self.kind.read_params(self, reads)
+
+    def read_flops(self, reads: int) -> int:
+        """The whole store's: the group shares the work."""
+        return self.kind.read_flops(self, reads)
+
+    def signature(self) -> dict:
+        return self.kind.signature(self)
+
+    def _columns(self, param: nn.Parameter) -> slice:
+        return slice(*(self.in_columns if param is self.u else self.out_columns))
+
+    def part(self, whole: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+        if whole.dim() < 2:
+            raise ValueError(
+                "ColumnShardedPEER: a per-row tensor (e.g. row-wise Adagrad's state) has no column slices; use "
+                "another value optimizer"
+            )
+        return whole[:, self._columns(param)]
+
+    @torch.no_grad()
+    def gather(self, part: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+        return all_gather_rows(part.transpose(0, 1), self.group).transpose(0, 1)
+
+    def forward(self, ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if weights.shape != ids.shape:
+            raise ValueError(
+                f"ColumnShardedPEER: weights must have the ids' shape {tuple(ids.shape)} (one gate per expert), "
+                f"got {tuple(weights.shape)}"
+            )
+        T, G = ids.shape[0], self.world
+        self._check_inputs(ids)
+        all_ids = all_gather_rows(ids.flatten(1), self.group)  # (G*T, L)
+        all_weights = all_gather_rows(weights.flatten(1), self.group)
+        # every token's slice of x that our u columns dot with: column block j of our x goes to rank j
+        blocks = x.reshape(T, G, -1).transpose(0, 1).reshape(G * T, -1)  # (G*T, i/G), block j = columns of rank j
+        all_x = all_to_all_rows(blocks, self.group)  # (G*T, i/G): block s = rank s's tokens, our columns
+        h = all_reduce_sum(gather_dot(self.u, all_ids, all_x, self.sparse_grad), self.group)  # (G*T, L) whole
+        gates = all_weights * ACTIVATIONS[self.activation](h)
+        part = embedding_bag(self.v, all_ids, gates, sparse_grad=self.sparse_grad)  # (G*T, o/G)
+        mine = all_to_all_rows(part, self.group)  # block i: rank i's columns of our tokens
+        return mine.view(G, T, -1).transpose(0, 1).reshape(T, self.out_dim)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, in_dim={self.in_dim}, out_dim={self.out_dim}, u columns "
+            f"{self.in_columns[0]}:{self.in_columns[1]}, v columns {self.out_columns[0]}:{self.out_columns[1]} "
+            f"(rank {self.rank} of {self.world}), activation={self.activation!r}, sparse_grad={self.sparse_grad}"
+        )
