@@ -36,8 +36,8 @@ def launch(out, procs: int, *overrides, script=None, wait=True):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
         cmd += ["--max-restarts=1", *target, "train"]
     cmd += ["--out", str(out), *CONFIG, *overrides]
-    if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if not wait:  # in its own process group, so that a failed test can stop torchrun's workers too
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -146,7 +146,8 @@ def test_a_killed_rank_is_restarted_and_resumes(tmp_path, one_process):
         os.kill(int(workers[-1]), signal.SIGKILL)
         assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
     finally:
-        proc.kill()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         proc.stderr.close()
     result = json.loads((out / "result.json").read_text())
