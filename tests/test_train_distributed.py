@@ -155,3 +155,28 @@ def test_a_killed_rank_is_restarted_and_resumes(tmp_path, one_process):
     assert_close(logged(out), logged(one_process))
     steps = [json.loads(s)["step"] for s in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in s]
     assert steps == list(range(1, 9))
+
+
+def test_layouts_that_cannot_work_are_refused_with_one_line(tmp_path):
+    """Before anything is written: memory groups without torchrun, a group size that does not divide the
+    processes, a batch that does not split over them, row-wise Adagrad's per-row state by columns."""
+    from memlayers.train import load_config, train
+
+    with pytest.raises(
+        ValueError, match=r"parallel.memory=2 shards the value tables over 2 processes, but this is one"
+    ):
+        train(load_config(None, [*CONFIG, "parallel.memory=2"]), tmp_path / "one", evaluate=False)
+    assert not (tmp_path / "one").exists()
+    with pytest.raises(ValueError, match="cannot shard row-wise Adagrad's per-row state"):
+        load_config(None, [*CONFIG, *SPARSE, "train.value_optimizer=sparse_adagrad", "parallel.memory=2"])
+    for overrides, message in (
+        (["parallel.memory=4"], "parallel.memory=4 does not divide the 2 processes"),
+        (["train.batch_size=3"], "train.batch_size=3 (the global batch) does not split over 2 processes"),
+    ):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "memlayers"]
+        done = subprocess.run(
+            [*cmd, "train", "--out", str(tmp_path / "two"), *CONFIG, *overrides],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+        assert "memlayers train: error: " in done.stderr

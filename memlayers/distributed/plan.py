@@ -80,8 +80,8 @@ class Parallel:
 
     Every rank reads its own tokens (``batch_rows``): the W ranks are data-parallel for the dense parameters
     (FSDP2 over all of them). The ranks form W/M replica groups of M-rank memory groups, ranks
-    ``[j*M, (j+1)*M)`` for memory group j; value tables are sharded over each memory group (M > 1), the
-    other value stores replicated on every rank. The gradient of a shard holds its memory group's tokens and
+    ``[j*M, (j+1)*M)`` for memory group j; the value stores ``sharders`` knows are sharded over each memory
+    group (M > 1), the others replicated on every rank. The gradient of a shard holds its memory group's tokens and
     ``reduce_value_grads`` sums it over the replicas of the shard; a replicated store's over every rank.
 
     Losses: each rank's loss must be its share of the global one (its tokens' summed loss over the global

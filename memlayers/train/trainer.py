@@ -165,9 +165,15 @@ def train(
     if t.threads is not None:
         torch.set_num_threads(t.threads)
     try:
-        if dist.is_initialized() and (t.fused_values or t.compile):
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world > 1 and (t.fused_values or t.compile):
             raise ValueError(
                 "train.fused_values and train.compile do not run on many processes yet; set them false under torchrun"
+            )
+        if t.batch_size % world:
+            raise ValueError(
+                f"train.batch_size={t.batch_size} (the global batch) does not split over {world} processes; use a "
+                f"multiple of {world}"
             )
         _seed_everything(t.seed)
         dataset = build_dataset(cfg.data)
