@@ -85,6 +85,7 @@ def _worker(rank, G, port, args, results):
         dist.all_reduce(sent)
         if rank == 0:
             results[(sharding, G)] = (sent.item() / G, sorted(times)[len(times) // 2])
+    dist.barrier()  # every rank done before any tears its connections down (gloo may abort otherwise)
     dist.destroy_process_group()
 
 

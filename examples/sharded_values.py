@@ -31,6 +31,7 @@ def main(sharding: str = "column") -> None:
     whole = table(ids, weights.detach().requires_grad_())
     ok = torch.allclose(out, whole, rtol=1e-5, atol=1e-6)
     print(f"rank {rank}/{world}: {store.extra_repr()}; output matches the whole table: {ok}")
+    dist.barrier()  # every rank done before any tears its connections down (gloo may abort otherwise)
     dist.destroy_process_group()
     if not ok:
         sys.exit(1)

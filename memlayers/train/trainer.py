@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from collections import deque
@@ -212,6 +213,8 @@ def train(
     finally:
         torch.set_num_threads(threads)
         if started:
+            if sys.exc_info()[0] is None:  # every process done before any tears its connections down (gloo aborts)
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -441,7 +444,8 @@ class _Run:
         if dist.is_initialized():
             from ..distributed import parallelize
 
-            self.plan = parallelize(self.model, cfg.parallel.memory, cfg.parallel.sharding)
+            bf16 = device.type == "cuda" and dtype == torch.bfloat16  # FSDP2's bf16 parameters beside autocast
+            self.plan = parallelize(self.model, cfg.parallel.memory, cfg.parallel.sharding, mixed_precision=bf16)
         self.main = self.plan.is_main  # the process that writes the run's files
         self.optimizer = build_optimizer(
             self.model,
