@@ -1,9 +1,9 @@
 """Training runs: configs (YAML + overrides), the loop, atomic checkpoints and exact resume.
 
-from memlayers.train import load_config, train, load_checkpoint
-cfg = load_config("run.yaml", ["train.steps=500", "model.dim=256"])
-result = train(cfg, "runs/a")                 # resumes runs/a if it holds a checkpoint of cfg
-cfg, model, extra = load_checkpoint("runs/a")  # the trained model, in eval mode
+    from memlayers.train import load_config, train, load_checkpoint
+    cfg = load_config("run.yaml", ["train.steps=500", "model.dim=256"])
+    result = train(cfg, "runs/a")                 # resumes runs/a if it holds a checkpoint of cfg
+    cfg, model, extra = load_checkpoint("runs/a")  # the trained model, in eval mode
 """
 
 from .checkpoint import (

@@ -1,6 +1,6 @@
 """A run's curves as one PNG: training (and validation) loss, and fact recall, against training tokens.
 
-write_curves("runs/a/metrics.jsonl", "runs/a/curves.png")   # what ``memlayers train`` does at the end
+    write_curves("runs/a/metrics.jsonl", "runs/a/curves.png")   # what ``memlayers train`` does at the end
 """
 
 import io
