@@ -266,7 +266,7 @@ def test_distributed_bytes_measured_equal_computed():
          "--tokens", "64", "--repeats", "1"],
         capture_output=True, text=True, timeout=600, check=True,
     ).stdout  # fmt: skip
-    lines = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| column") or line.startswith("| row")]
+    lines = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith(("| column", "| row"))]
     ratios = {cells[0].strip(): float(cells[4]) for cells in lines}
     assert ratios["column"] == 1.0 and abs(ratios["row"] - 1) < 0.05, out
 
