@@ -102,4 +102,4 @@ def parallelize(model: nn.Module, memory: int = 1, sharding: str = "column", mix
         fully_shard(module, mesh=world_mesh, mp_policy=policy, ignored_params=ignored)
         module.set_gradient_divide_factor(1.0)  # the losses are pre-weighted: sum, do not average
         module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
-    return Parallel(model, world, rank, memory, sharding if memory > 1 else None, replica_group, memory_group)
+    return Parallel(model, world, rank, replica_group, memory_group)

@@ -91,8 +91,6 @@ class Parallel:
     model: nn.Module
     world: int
     rank: int
-    memory: int
-    sharding: str | None
     replica_group: dist.ProcessGroup | None  # the ranks holding the same shards (None: M == 1)
     memory_group: dist.ProcessGroup | None
 

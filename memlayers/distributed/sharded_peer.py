@@ -48,16 +48,6 @@ class ColumnShardedPEER(ShardedStore):
     def param_roles(self) -> dict[str, list[nn.Parameter]]:
         return {"values": [self.u, self.v]}
 
-    def read_params(self, reads: int) -> int:
-        return self.kind.read_params(self, reads)
-
-    def read_flops(self, reads: int) -> int:
-        """The whole store's: the group shares the work."""
-        return self.kind.read_flops(self, reads)
-
-    def signature(self) -> dict:
-        return self.kind.signature(self)
-
     def _columns(self, param: nn.Parameter) -> slice:
         return slice(*(self.in_columns if param is self.u else self.out_columns))
 

@@ -31,7 +31,8 @@ class ShardedStore(ValueStore):
     """A value store whose parameters are split over the ranks of ``group`` (a memory group), read by the
     group as the whole store: every rank calls forward with the same number of tokens (checked) and runs
     the backward (both collective). ``part`` and ``gather`` map tensors laid out like a parameter (it, or its
-    optimizer state) to this rank's part and back: what checkpoints in one process's layout need.
+    optimizer state) to this rank's part and back: what checkpoints in one process's layout need. Accounting
+    and signature are the whole store's (``kind``, set by ``_copy_options``).
     """
 
     def __init__(self, group: dist.ProcessGroup | None):
@@ -61,6 +62,16 @@ class ShardedStore(ValueStore):
                 and isinstance(value, (int, float, str, tuple, type(None)))
             ):
                 setattr(self, name, value)
+
+    def read_params(self, reads: int) -> int:
+        return self.kind.read_params(self, reads)
+
+    def read_flops(self, reads: int) -> int:
+        """The whole store's: the group shares the work."""
+        return self.kind.read_flops(self, reads)
+
+    def signature(self) -> dict:
+        return self.kind.signature(self)
 
     def part(self, whole: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
         """This rank's part of a tensor laid out like ``param``'s whole (the parameter, or its optimizer state)."""
@@ -110,16 +121,6 @@ class ShardedTable(ShardedStore):
 
     def bag(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    def read_params(self, reads: int) -> int:
-        return self.kind.read_params(self, reads)
-
-    def read_flops(self, reads: int) -> int:
-        """The whole table's: the group shares the bag's work."""
-        return self.kind.read_flops(self, reads)
-
-    def signature(self) -> dict:
-        return self.kind.signature(self)
 
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor:
