@@ -438,10 +438,13 @@ def _locate(event):
 
 
 def _forward_base(tag, below) -> str:
-    """The piece (without fwd/bwd) of a forward event under range ``tag``; in the addressing, what autograd
-    records (``sequence_nr`` >= 0 at the top op) is scoring, the rest (no_grad) the selection."""
+    """The piece (without fwd/bwd) of a forward event under range ``tag``; in the addressing, the selection's
+    custom op and what autograd does not record (``sequence_nr`` < 0 at the top op: no_grad) are the
+    selection, the rest scoring. (The custom op gets a sequence number of its own: on CPU, where no kernel
+    name tells, its work went to scoring and the selection read as ~0.)"""
     if tag == "addressing":
-        return "select" if below is not None and below.sequence_nr < 0 else "scoring"
+        select = below is not None and (below.sequence_nr < 0 or "product_key_select" in below.name)
+        return "select" if select else "scoring"
     return TAG_PIECE.get(tag, "other")
 
 
