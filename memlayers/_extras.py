@@ -1,6 +1,6 @@
 """Optional dependencies ("extras"): ``pip install memlayers`` is the layer library and needs only torch.
 
-    pip install 'memlayers[train]'   # tqdm, omegaconf, pyyaml, matplotlib: memlayers train/eval/compare/demo
+    pip install 'memlayers[train]'   # tqdm, omegaconf, pyyaml, matplotlib, safetensors: train/eval/export/...
     pip install 'memlayers[all]'     # train + tensorboard
 
 Code that needs one of those modules imports it through ``require`` (or lets ``missing_extra`` turn the
@@ -16,6 +16,7 @@ EXTRA_OF = {
     "omegaconf": "train",
     "yaml": "train",
     "matplotlib": "train",
+    "safetensors": "train",
     "tensorboard": "all",
 }
 

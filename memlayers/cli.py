@@ -10,6 +10,7 @@ Subcommands:
     memlayers eval runs/a                  # recall, QA, loss and memory usage of a checkpoint
     memlayers eval runs/a --probes facts.jsonl   # + recall of your own {"prompt", "answer"} lines
     memlayers generate runs/a "prompt"     # sample a continuation (KV cache; --temperature, --top-k, --top-p)
+    memlayers export runs/a model.safetensors    # the model (of any checkpoint) as one safetensors file
     memlayers demo                         # a lone memory layer memorises 4096 Zipf-sampled facts (~30 s)
     memlayers --version
 """
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate a checkpoint: loss, fact recall per format and attribute, held-out QA, memory usage",
         description="Evaluate a run directory or checkpoint file written by `memlayers train` or `memlayers compare`.",
     )
-    ev.add_argument("checkpoint", help="a run directory or its checkpoint.pt")
+    ev.add_argument("checkpoint", help="a run directory, its checkpoint.pt, or an exported .safetensors file")
     ev.add_argument("--limit", type=pos_int, default=None, help="at most this many probes per format (default: all)")
     ev.add_argument("--device", default="cpu", help="where to run (cpu, cuda, cuda:1, ...)")
     ev.add_argument("--json", metavar="PATH", help="also write the metrics as JSON to PATH")
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and print the continuation.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    gen.add_argument("checkpoint", help="a run directory or its checkpoint.pt")
+    gen.add_argument("checkpoint", help="a run directory, its checkpoint.pt, or an exported .safetensors file")
     gen.add_argument("prompt", help="text to continue (facts runs: words of the run's corpus only)")
     gen.add_argument("--max-new-tokens", type=_number(int, 0), default=64, help="tokens to generate at most")
     gen.add_argument("--temperature", type=nonneg_float, default=0.0, help="0: greedy; else sample softmax(logits/T)")
@@ -134,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="where to run (cpu, cuda, cuda:1, ...)")
     gen.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True,
                      help="stop at the end-of-document token")  # fmt: skip
+
+    exp = sub.add_parser(
+        "export",
+        help="write a checkpoint's model (one process's or a sharded one of many) to one safetensors file",
+        description="Write the model of a run directory or checkpoint file to OUT (.safetensors): weights, usage "
+        "statistics, and the run's config in the metadata. `memlayers eval/generate OUT` and train.init_from=OUT "
+        "load it in one process; so does safetensors.torch.load_file.",
+    )
+    exp.add_argument("checkpoint", help="a run directory or its checkpoint.pt")
+    exp.add_argument("out", help="the file to write (name ending in .safetensors)")
+    exp.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
     cmp = sub.add_parser(
         "compare",
@@ -188,6 +200,14 @@ def _eval(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(metrics, f, indent=2)
+    return 0
+
+
+def _export(args) -> int:
+    from .train.export import export_safetensors
+
+    out = export_safetensors(args.checkpoint, args.out, force=args.force)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:,.1f} MiB)")
     return 0
 
 
@@ -247,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    commands = {"train": _train, "eval": _eval, "compare": _compare, "generate": generate_command}
+    commands = {"train": _train, "eval": _eval, "export": _export, "compare": _compare, "generate": generate_command}
     if args.command in commands:
         try:
             return commands[args.command](args)

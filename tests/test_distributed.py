@@ -284,3 +284,84 @@ def test_parallelize_in_bf16_mixed_precision():
     """``mixed_precision=True``: FSDP2 runs the blocks on bf16 parameters and reduces fp32 gradients; loss and
     gradients equal one fp32 process's up to bf16 rounding."""
     run(2, _mixed_precision_matches_one_process)
+
+
+def _checkpoint_model():
+    """A model with every sharded layout (a Memory+ pool, engram's table, PEER's experts) and row-sparse values."""
+    options = {"n_keys": 8, "heads": 2, "topk": 4, "sparse_values": True, "query_norm": "batchnorm"}
+    cfg = ModelConfig(
+        vocab_size=50, dim=32, n_layers=3, n_heads=2, max_seq_len=16,
+        memories=[
+            MemorySpec("1", pool="values", options=options),
+            MemorySpec("2", preset="peer", options={"n_keys": 6, "heads": 2, "topk": 3, "sparse_values": True}),
+            MemorySpec("0", preset="engram", mode="beside",
+                        options={"hash_heads": 2, "d_ngram": 8, "table_size": 61, "sparse_values": True}),
+        ],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return Transformer(cfg)
+
+
+def _whole(state: dict) -> dict:
+    """A named state's tensors as whole tensors (collective for DTensors)."""
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
+
+
+def _train_and_save(rank, world, memory, sharding, out):
+    from memlayers.distributed import parallelize
+    from memlayers.optim import build_optimizer
+    from memlayers.train.sharded_checkpoint import named_state, save_sharded
+
+    model = _checkpoint_model()
+    plan = parallelize(model, memory, sharding)
+    optimizer = build_optimizer(model, lr=1e-2, value_optimizer="sparse_adam")
+    tokens = torch.randint(0, 50, (2 * world, 9), generator=torch.Generator().manual_seed(1))
+    rows = plan.batch_rows(tokens.shape[0])
+    for _ in range(2):
+        model(tokens[rows, :-1], tokens[rows, 1:]).loss.backward()
+        plan.reduce_value_grads()
+        optimizer.step()
+        optimizer.zero_grad()
+    meta = {"config": {}, "step": 2, "tokens": 0, "rng": {}, "usage": {}, "trainer": {}}
+    save_sharded(Path(out), meta if rank == 0 else None, model, optimizer, plan)
+    expected = _whole(named_state(model, optimizer, plan))
+    if rank == 0:
+        torch.save(expected, Path(out) / "expected.pt")
+
+
+def _load_and_compare(rank, world, memory, sharding, out):
+    from memlayers.distributed import parallelize
+    from memlayers.optim import build_optimizer
+    from memlayers.train import read_checkpoint
+    from memlayers.train.sharded_checkpoint import load_sharded, named_state
+
+    model = _checkpoint_model()
+    plan = parallelize(model, memory, sharding)
+    optimizer = build_optimizer(model, lr=1e-2, value_optimizer="sparse_adam")
+    load_sharded(read_checkpoint(out), model, optimizer, plan)
+    loaded = _whole(named_state(model, optimizer, plan))
+    expected = torch.load(Path(out) / "expected.pt", weights_only=True)
+    assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value) if torch.is_tensor(value) else loaded[key] == value, key
+
+
+def test_sharded_checkpoint_loads_exactly_in_other_layouts(tmp_path):
+    """Saved by 4 ranks (memory groups of 2, by rows; SparseRowAdam and FSDP2's AdamW state): loaded bit for bit
+    by 2 ranks by columns, by 2 data-parallel ranks, and in one process."""
+    from memlayers.distributed import OneProcess
+    from memlayers.optim import build_optimizer
+    from memlayers.train import read_checkpoint
+    from memlayers.train.sharded_checkpoint import load_sharded, named_state
+
+    run(4, _train_and_save, 2, "row", str(tmp_path))
+    assert any(k.startswith("optim.") and k.endswith(".exp_avg") for k in torch.load(tmp_path / "expected.pt"))
+    for memory, sharding in ((2, "column"), (1, "row")):
+        run(2, _load_and_compare, memory, sharding, str(tmp_path))
+    model = _checkpoint_model()
+    optimizer = build_optimizer(model, lr=1e-2, value_optimizer="sparse_adam")
+    plan = OneProcess()
+    load_sharded(read_checkpoint(tmp_path), model, optimizer, plan)
+    expected = torch.load(tmp_path / "expected.pt", weights_only=True)
+    for key, value in named_state(model, optimizer, plan).items():
+        assert torch.equal(value, expected[key]) if torch.is_tensor(value) else value == expected[key], key

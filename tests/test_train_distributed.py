@@ -1,5 +1,6 @@
-"""``torchrun -m memlayers train`` on 2 and 4 CPU processes (gloo): the losses of one process, a checkpoint
-that resumes on another number of processes, and a killed rank restarted by torchrun with nothing lost."""
+"""``torchrun -m memlayers train`` on 2 and 4 CPU processes (gloo): the losses of one process, a sharded
+checkpoint that resumes on another number of processes (and exports to safetensors), and a killed rank
+restarted by torchrun with nothing lost."""
 
 import json
 import os
@@ -10,6 +11,9 @@ import sys
 import time
 
 import pytest
+import torch
+
+from memlayers.train import CheckpointError, read_checkpoint
 
 CONFIG = [
     "model.dim=32", "model.n_layers=3", "model.n_heads=2", "model.max_seq_len=64",
@@ -41,6 +45,10 @@ def launch(out, procs: int, *overrides, script=None, wait=True):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def shard_dirs(out) -> list[str]:
+    return sorted(f"checkpoints/{p.name}" for p in (out / "checkpoints").glob("*"))
 
 
 def logged(out, key="loss"):
@@ -96,19 +104,61 @@ def test_sparse_values_train_under_data_parallelism(tmp_path):
 
 
 def test_checkpoint_of_2_processes_resumes_on_1_and_on_4(tmp_path, one_process):
-    """Saved by 2 processes (one process's layout, gathered), extended on 1 process and on 4 with another
-    memory group size: the steps after the checkpoint have the losses of a run that never stopped."""
+    """Saved sharded by 2 processes (DCP: each writes its part), extended on 1 process and on 4 with another
+    memory group size; one process's checkpoint extended on 2: the steps after the checkpoint have the losses
+    of a run that never stopped. The run directory keeps one shard directory, the last checkpoint's."""
     first = tmp_path / "two"
     launch(first, 2, "train.steps=5", "parallel.memory=2")
+    ckpt = read_checkpoint(first)
+    assert "model" not in ckpt and "optimizer" not in ckpt
+    assert shard_dirs(first) == [ckpt["shards"]["dir"]]  # older ones removed; the final save reused step 5's
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(ckpt["shards"]["files"])
     reference = tmp_path / "ref"  # the same schedule: 5 steps, then extended to 8
     launch(reference, 1, "train.steps=5")
+    whole = tmp_path / "whole"
+    shutil.copytree(reference, whole)
     launch(reference, 1)
-    for procs, layout in ((1, []), (4, ["parallel.memory=4", "parallel.sharding=row"])):
+    for procs, source, layout in (
+        (1, first, []),
+        (4, first, ["parallel.memory=4", "parallel.sharding=row"]),
+        (2, whole, ["parallel.memory=2"]),
+    ):
         out = tmp_path / f"resumed-{procs}"
-        shutil.copytree(first, out)
+        shutil.copytree(source, out)
         launch(out, procs, *layout)
         assert_close(logged(out), logged(reference), exact_until=6)  # the next step's loss is one process's
         assert json.loads((out / "result.json").read_text())["steps_history"] == [5, 8]
+        assert shard_dirs(out) == ([] if procs == 1 else [read_checkpoint(out)["shards"]["dir"]])
+
+
+def test_damaged_shards_are_refused_and_the_model_exports_to_safetensors(tmp_path):
+    """A flipped byte in one process's shard file: resuming (on 2) and evaluating (on 1) stop with one line naming
+    it. An intact sharded checkpoint exports to one safetensors file holding one process's model."""
+    from memlayers.train import load_checkpoint
+    from memlayers.train.export import export_safetensors
+
+    run = tmp_path / "run"
+    launch(run, 2, "train.steps=3", "parallel.memory=2", "parallel.sharding=row")
+    _, model, extra = load_checkpoint(run)
+    _, exported, _ = load_checkpoint(export_safetensors(run, tmp_path / "m.safetensors"))
+    for (name, a), b in zip(model.state_dict().items(), exported.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert extra["step"] == 3
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    shard = damaged / read_checkpoint(damaged)["shards"]["dir"] / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "memlayers"]
+    done = subprocess.run(
+        [*cmd, "train", "--out", str(damaged), *CONFIG, "train.steps=5", "parallel.memory=2"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "memlayers train: error: " in done.stderr and "__1_0.distcp fails its checksum" in done.stderr
+    with pytest.raises(CheckpointError, match=r"damaged sharded checkpoint \(__1_0.distcp fails its checksum\)"):
+        load_checkpoint(damaged)
 
 
 def test_a_killed_rank_is_restarted_and_resumes(tmp_path, one_process):

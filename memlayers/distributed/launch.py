@@ -56,3 +56,12 @@ def agree(fn):
     if status == "error":
         raise value
     return value
+
+
+def all_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in one process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

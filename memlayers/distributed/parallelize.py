@@ -86,7 +86,7 @@ def parallelize(model: nn.Module, memory: int = 1, sharding: str = "column", mix
     if sharding not in SHARDINGS:
         raise ValueError(f"parallelize: sharding must be one of {tuple(SHARDINGS)}, got {sharding!r}")
     device = next(model.parameters()).device
-    replica_group = memory_group = None
+    replica_group = memory_group = mesh = None
     world_mesh = init_device_mesh(device.type, (world,))
     if memory > 1:
         mesh = init_device_mesh(device.type, (world // memory, memory), mesh_dim_names=("replica", "memory"))
@@ -102,4 +102,4 @@ def parallelize(model: nn.Module, memory: int = 1, sharding: str = "column", mix
         fully_shard(module, mesh=world_mesh, mp_policy=policy, ignored_params=ignored)
         module.set_gradient_divide_factor(1.0)  # the losses are pre-weighted: sum, do not average
         module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
-    return Parallel(model, world, rank, replica_group, memory_group)
+    return Parallel(model, world, rank, replica_group, memory_group, mesh)

@@ -1,9 +1,10 @@
 """How a training step spreads over processes: ``OneProcess`` (nothing to do) and ``Parallel`` (what
 ``parallelize`` returns). The trainer asks its plan and never checks which one it has.
 
-Both save and load a run's state in one process's layout (``full_state``, ``load_optimizer_state``): a
-checkpoint written by N processes is the one a single process writes, so it resumes on any number of
-processes and loads in one (``memlayers eval``).
+Checkpoints see every tensor laid out like a parameter (the parameter, its optimizer state) in its global
+view (``global_view``, ``empty``, ``local``): whole tensors in one process, DTensors of the whole where the
+parameter is split over processes (FSDP2's shards, value shards on the (replica, memory) mesh), so that
+torch.distributed.checkpoint saves each rank's part and loads it into any other layout.
 """
 
 import contextlib
@@ -12,6 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import empty as distributed_empty
 
 from ..metrics import UsageTracker
 from ..optim.clip import grad_norm
@@ -60,8 +64,17 @@ class OneProcess:
     def max(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
-    def full_state(self, model: nn.Module, optimizer) -> tuple[dict, dict]:
-        return model.state_dict(), optimizer.state_dict()
+    def global_view(self, param: nn.Parameter | None, t: torch.Tensor) -> torch.Tensor:
+        """``t``, laid out like ``param`` (None: a buffer), as the whole tensor: here it is the whole."""
+        return t
+
+    def empty(self, param: nn.Parameter, size: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor to load a whole tensor of ``size`` into, laid out like ``param`` where its shape allows."""
+        return torch.empty(size, dtype=dtype, device=param.device)
+
+    def local(self, param: nn.Parameter, t: torch.Tensor) -> torch.Tensor:
+        """What this process keeps of ``global_view``'s or ``empty``'s ``t``."""
+        return t
 
     def load_optimizer_state(self, optimizer, state: dict) -> None:
         optimizer.load_state_dict(state)
@@ -93,6 +106,7 @@ class Parallel:
     rank: int
     replica_group: dist.ProcessGroup | None  # the ranks holding the same shards (None: M == 1)
     memory_group: dist.ProcessGroup | None
+    mesh: DeviceMesh | None  # (replica, memory): where the value shards' DTensors live (None: M == 1)
 
     @property
     def is_main(self) -> bool:
@@ -169,25 +183,42 @@ class Parallel:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t
 
-    @torch.no_grad()
-    def full_state(self, model: nn.Module, optimizer) -> tuple[dict, dict]:
-        """The model's and optimizer's state dicts as one process holding everything would have them: FSDP2
-        shards and value shards gathered (collective; every rank gets them)."""
-        shards = self._shards()
-        by_key = {
-            f"{name}.{pname}": p
-            for name, m in model.named_modules()
-            if isinstance(m, ShardedStore)
-            for pname, p in m.named_parameters(recurse=False)
-        }
+    def _split(self, param: nn.Parameter | None, t: torch.Tensor) -> tuple[int, int] | None:
+        """(dimension, whole size) along which ``t``, laid out like a value shard's ``param``, is split; None
+        for a tensor that is not (another parameter's, a buffer, a scalar, a per-row state of a column shard)."""
+        store = self._shards().get(id(param))
+        if store is None:
+            return None
+        dim, size = store.split(param)
+        return (dim, size) if t.dim() > dim else None
 
-        def whole(p, t):
-            if hasattr(t, "full_tensor"):
-                return t.full_tensor()
-            return shards[id(p)].gather(t, p) if id(p) in shards else t
+    def global_view(self, param: nn.Parameter | None, t: torch.Tensor) -> torch.Tensor:
+        """``t`` laid out like ``param`` as the whole tensor: FSDP2's tensors are DTensors already, a value
+        shard's part becomes one (replicated over the replicas, split over the memory group)."""
+        split = self._split(param, t)
+        if split is None:
+            return t
+        dim, size = split
+        shape = (*t.shape[:dim], size, *t.shape[dim + 1 :])
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(t, self.mesh, [Replicate(), Shard(dim)], run_check=False, shape=shape, stride=stride)
 
-        model_state = {key: whole(by_key.get(key), t) for key, t in model.state_dict().items()}
-        return model_state, _map_optimizer_state(optimizer, optimizer.state_dict(), whole)
+    def empty(self, param: nn.Parameter, size: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """An (uninitialised) tensor of whole ``size`` laid out like ``param``: FSDP2's layout for a tensor of
+        its parameter's shape, a value shard's for one split the same way, else the whole tensor."""
+        if isinstance(param, DTensor) and tuple(size) == tuple(param.shape):
+            return distributed_empty(size, dtype=dtype, device_mesh=param.device_mesh, placements=param.placements)
+        split = self._split(param, torch.empty(size, device="meta"))
+        if split is not None and size[split[0]] == split[1]:
+            return distributed_empty(
+                size, dtype=dtype, device_mesh=self.mesh, placements=[Replicate(), Shard(split[0])]
+            )
+        device = param.to_local().device if isinstance(param, DTensor) else param.device
+        return torch.empty(size, dtype=dtype, device=device)
+
+    def local(self, param: nn.Parameter, t: torch.Tensor) -> torch.Tensor:
+        """A value shard's part of a DTensor; FSDP2's DTensors and whole tensors as they are."""
+        return t.to_local() if isinstance(t, DTensor) and id(param) in self._shards() else t
 
     @torch.no_grad()
     def load_optimizer_state(self, optimizer, state: dict) -> None:

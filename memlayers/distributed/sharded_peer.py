@@ -48,20 +48,8 @@ class ColumnShardedPEER(ShardedStore):
     def param_roles(self) -> dict[str, list[nn.Parameter]]:
         return {"values": [self.u, self.v]}
 
-    def _columns(self, param: nn.Parameter) -> slice:
-        return slice(*(self.in_columns if param is self.u else self.out_columns))
-
-    def part(self, whole: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
-        if whole.dim() < 2:
-            raise ValueError(
-                "ColumnShardedPEER: a per-row tensor (e.g. row-wise Adagrad's state) has no column slices; use "
-                "another value optimizer"
-            )
-        return whole[:, self._columns(param)]
-
-    @torch.no_grad()
-    def gather(self, part: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
-        return all_gather_rows(part.transpose(0, 1), self.group).transpose(0, 1)
+    def split(self, param: nn.Parameter) -> tuple[int, int]:
+        return 1, self.in_dim if param is self.u else self.out_dim
 
     def forward(self, ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if weights.shape != ids.shape:

@@ -73,14 +73,29 @@ class ShardedStore(ValueStore):
     def signature(self) -> dict:
         return self.kind.signature(self)
 
+    def split(self, param: nn.Parameter) -> tuple[int, int]:
+        """(dimension, whole size): ``param`` is its whole split along that dimension in ``torch.chunk``'s way
+        (DTensor's ``Shard``), rank r holding chunk r; so is its optimizer state where it has that dimension."""
+        raise NotImplementedError
+
     def part(self, whole: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
         """This rank's part of a tensor laid out like ``param``'s whole (the parameter, or its optimizer state)."""
-        raise NotImplementedError
+        dim, _ = self.split(param)
+        if whole.dim() <= dim:
+            raise ValueError(
+                f"{type(self).__name__}: a per-row tensor (e.g. row-wise Adagrad's state) has no column slices; shard "
+                "by rows for such an optimizer"
+            )
+        return whole.chunk(self.world, dim)[self.rank]
 
     @torch.no_grad()
     def gather(self, part: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
         """The whole tensor from every rank's ``part`` of it (the inverse of ``part``; collective)."""
-        raise NotImplementedError
+        dim, size = self.split(param)
+        part = part.movedim(dim, 0)
+        padded = part.new_zeros(-(-size // self.world), *part.shape[1:])  # the last chunk may be short
+        padded[: part.shape[0]] = part
+        return all_gather_rows(padded, self.group)[:size].movedim(0, dim)
 
     def _check_inputs(self, ids: torch.Tensor) -> None:
         """Every rank learns every rank's token count and whether its ids are in range, and all raise
@@ -162,17 +177,8 @@ class ColumnShardedTable(ShardedTable):
         mine = all_to_all_rows(part, self.group)  # (G*T, d/G): block i holds rank i's columns of our tokens
         return mine.view(G, T, -1).transpose(0, 1).reshape(T, self.dim)
 
-    def part(self, whole: torch.Tensor, param: nn.Parameter | None = None) -> torch.Tensor:
-        if whole.dim() < 2:
-            raise ValueError(
-                "ColumnShardedTable: a per-row tensor (e.g. row-wise Adagrad's state) has no column slices; shard "
-                "by rows for such an optimizer"
-            )
-        return whole[:, slice(*self.columns)]
-
-    @torch.no_grad()
-    def gather(self, part: torch.Tensor, param: nn.Parameter | None = None) -> torch.Tensor:
-        return all_gather_rows(part.transpose(0, 1), self.group).transpose(0, 1)  # (d, N) in rank order, back
+    def split(self, param: nn.Parameter | None = None) -> tuple[int, int]:
+        return 1, self.dim
 
     def extra_repr(self) -> str:
         return (
@@ -237,14 +243,8 @@ class RowShardedTable(ShardedTable):
             # (G*T, d): block s holds our rows' part of rank s's tokens
         return all_to_all_rows(part, self.group).view(G, T, self.dim).sum(0)
 
-    def part(self, whole: torch.Tensor, param: nn.Parameter | None = None) -> torch.Tensor:
-        return whole[slice(*self.rows)]
-
-    @torch.no_grad()
-    def gather(self, part: torch.Tensor, param: nn.Parameter | None = None) -> torch.Tensor:
-        padded = part.new_zeros(self.block, *part.shape[1:])  # the last block may be short
-        padded[: part.shape[0]] = part
-        return all_gather_rows(padded, self.group)[: self.num_values]
+    def split(self, param: nn.Parameter | None = None) -> tuple[int, int]:
+        return 0, self.num_values
 
     def extra_repr(self) -> str:
         return (

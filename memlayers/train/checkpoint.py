@@ -6,14 +6,15 @@ a zip archive, whose CRC-32s ``read_checkpoint`` verifies, so flipped bytes are 
     format, version     "memlayers-checkpoint", 1
     config              RunConfig.to_dict() of the run (vocab_size resolved)
     step, tokens        optimizer steps done, training tokens seen
-    model               the (uncompiled) model's state_dict
-    optimizer           the optimizer's state_dict
+    model               the (uncompiled) model's state_dict     } or, saved by many processes,
+    optimizer           the optimizer's state_dict              } shards: ``sharded_checkpoint``'s
     rng                 torch CPU / CUDA, Python and NumPy RNG states
     usage               per memory layer, its UsageTracker's state (its buffers are not in state_dict)
     trainer             the loop's own state (metrics.jsonl byte offset, loss accumulators, elapsed time)
 
 ``load_checkpoint(path)`` rebuilds the model from the saved config and loads the weights and usage
-statistics: what ``memlayers eval CHECKPOINT`` needs.
+statistics (from either kind of checkpoint, or from an exported .safetensors file): what ``memlayers eval
+CHECKPOINT`` needs.
 """
 
 import contextlib
@@ -37,7 +38,8 @@ FORMAT = "memlayers-checkpoint"
 VERSION = 1
 CHECKPOINT = "checkpoint.pt"
 TMP_MARK = ".tmp."
-REQUIRED = ("config", "step", "tokens", "model", "optimizer", "rng", "usage", "trainer")
+REQUIRED = ("config", "step", "tokens", "rng", "usage", "trainer")
+WHOLE, SHARDED = ("model", "optimizer"), ("shards",)  # the tensors in the file, or in a sharded checkpoint
 
 
 class CheckpointError(ValueError):
@@ -213,10 +215,10 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     Refuses (``NonFiniteError``, the file untouched) a state whose model or optimizer holds a NaN or an
     infinity: a diverged run never replaces a good checkpoint.
     """
-    missing = [k for k in REQUIRED if k not in state]
+    missing = [k for k in REQUIRED if k not in state] + _missing_tensors(state)
     if missing:
         raise ValueError(f"save_checkpoint: state lacks {missing}")
-    bad = nonfinite({"model": state["model"], "optimizer": state["optimizer"]})
+    bad = nonfinite({k: state[k] for k in WHOLE if k in state})
     if bad:
         raise NonFiniteError(
             f"{path}: not saved, {len(bad)} tensor(s) hold NaN or inf (e.g. {', '.join(bad[:3])}); "
@@ -267,23 +269,35 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             f"{path}: checkpoint version {ckpt.get('version')!r}, this memlayers reads version {VERSION}; "
             "use the memlayers version that wrote it"
         )
-    missing = [k for k in REQUIRED if k not in ckpt]
+    missing = [k for k in REQUIRED if k not in ckpt] + _missing_tensors(ckpt)
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {missing}; it is incomplete, restart the run")
+    if "shards" in ckpt:
+        ckpt["shards"]["path"] = str(path.parent / ckpt["shards"]["dir"])
     return ckpt
+
+
+def _missing_tensors(state: dict) -> list[str]:
+    """The fields of the tensors' layout that ``state`` lacks: whole (model, optimizer) or sharded (shards)."""
+    layout = SHARDED if "shards" in state else WHOLE
+    return [k for k in layout if k not in state]
 
 
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu"):
     """Rebuild a trained model: ``(RunConfig, model, extra)``.
 
-    path: a checkpoint file or a run directory (``out_dir/checkpoint.pt``).
-    The model is built from the saved config, gets the saved weights and usage statistics, and is
-    returned on ``device`` in eval mode. ``extra`` holds the rest of the checkpoint (step, tokens,
-    optimizer, rng, trainer state).
+    path: a checkpoint file, a run directory (``out_dir/checkpoint.pt``, whole or sharded) or a .safetensors
+    file written by ``export_safetensors``. The model is built from the saved config, gets the saved weights
+    and usage statistics, and is returned on ``device`` in eval mode. ``extra`` holds the rest of the
+    checkpoint (step, tokens, and, but from a .safetensors file, the optimizer, rng, trainer state).
     """
     from ..model import Transformer
     from .config import RunConfig
 
+    if str(path).endswith(".safetensors"):
+        from .export import read_safetensors
+
+        return read_safetensors(path, device=device)
     ckpt = read_checkpoint(path)
     try:
         cfg = RunConfig.from_dict(ckpt["config"], source=f"{path} (saved config)")
@@ -291,10 +305,16 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
         raise CheckpointError(f"{path}: the saved config is not valid for this memlayers version: {e}") from None
     model = Transformer(cfg.model)
     try:
-        model.load_state_dict(ckpt["model"])
+        if "shards" in ckpt:
+            from ..distributed.plan import OneProcess
+            from .sharded_checkpoint import load_sharded
+
+            load_sharded(ckpt, model, None, OneProcess())
+        else:
+            model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: the weights do not fit the model built from the saved config: {e}") from None
     model.to(device).eval()
     load_usage_state(model, ckpt["usage"])
-    extra = {k: v for k, v in ckpt.items() if k not in ("config", "model")}
+    extra = {k: v for k, v in ckpt.items() if k not in ("config", "model", "shards")}
     return cfg, model, extra

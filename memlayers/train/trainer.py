@@ -59,6 +59,7 @@ from .checkpoint import (
     ConfigMismatchError,
     NonFiniteError,
     atomic_write,
+    load_checkpoint,
     load_usage_state,
     read_checkpoint,
     remove_stale_tmp,
@@ -71,6 +72,7 @@ from .checkpoint import (
 from .config import RunConfig, config_diff, load_config, read_yaml, save_config
 from .lock import lock_run_dir
 from .plots import CURVES, write_curves
+from .sharded_checkpoint import SHARDS, load_sharded, remove_stale_shards, save_sharded
 
 CONFIG, METRICS, RESULT = "config.yaml", "metrics.jsonl", "result.json"
 # keys that may change between a run and its resume (they do not change what is computed, up to rounding)
@@ -239,23 +241,24 @@ def _check_buildable(cfg: RunConfig, dataset, probes: bool) -> None:
 
 
 def _init_weights(cfg: RunConfig) -> dict:
-    """The model weights of ``train.init_from`` (a run directory or checkpoint), checked against ``cfg.model``."""
+    """The model weights of ``train.init_from`` (a run directory, checkpoint or exported .safetensors file),
+    checked against ``cfg.model``."""
     path = cfg.train.init_from
     try:
-        ckpt = read_checkpoint(path)
+        saved, model, _ = load_checkpoint(path)
     except (FileNotFoundError, CheckpointError) as e:
         raise type(e)(f"train.init_from: {e}") from None
+    weights = model.state_dict()
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Transformer(cfg.model).state_dict().items()}
-    found = {k: v.shape for k, v in ckpt["model"].items()}
-    if expected != found:
-        diff = config_diff(ckpt["config"]["model"], cfg.to_dict()["model"])
+    if expected != {k: v.shape for k, v in weights.items()}:
+        diff = config_diff(saved.to_dict()["model"], cfg.to_dict()["model"])
         keys = ", ".join(f"model.{k}" for k, _, _ in diff) or "the parameter names or shapes"
         raise CheckpointError(
             f"train.init_from={path}: its weights do not fit this model (differing: {keys}); "
             "use the same model config as that run"
         )
-    return ckpt["model"]
+    return weights
 
 
 def _make_dir(out_dir: Path) -> None:
@@ -380,7 +383,7 @@ def _check_config_file(out_dir: Path, saved: dict, requested: dict) -> None:
         )
 
 
-def _archive(out_dir: Path, names: list[str] = (RESULT, CHECKPOINT, METRICS, CONFIG, CURVES, "tb")) -> None:
+def _archive(out_dir: Path, names: list[str] = (RESULT, CHECKPOINT, SHARDS, METRICS, CONFIG, CURVES, "tb")) -> None:
     """Move the previous run's files into a new out_dir/prev/<n>/ (earlier archives are kept)."""
     names = [n for n in names if (out_dir / n).exists()]
     if not names:
@@ -434,7 +437,7 @@ class _Run:
         t = self.t
         torch.manual_seed(t.seed)  # the model's init does not depend on what building the dataset drew
         self.model = Transformer(cfg.model).to(device)
-        weights = ckpt["model"] if ckpt is not None else init
+        weights = ckpt.get("model") if ckpt is not None else init  # (a sharded checkpoint loads in _load)
         if weights is not None:  # one process's weights, before the model is laid out over processes
             self._checkpoint_fits(lambda: self.model.load_state_dict(weights))
         for part in self.model.modules():  # e.g. engram with canonical_ids folds tokens that read alike
@@ -467,6 +470,7 @@ class _Run:
         self.final_eval = None
         self.steps_history = [t.steps]  # train.steps of each session that changed it (extensions)
         self.saved_step = None  # step of the last checkpoint written or loaded
+        self.saved_shards = None  # its "shards", if it is a sharded one
         self.first_bad = torch.zeros((), dtype=torch.long, device=device)  # first step with NaN/inf, 0 if none
         self.has_aux = bool(getattr(cfg.model.moe, "layers", "")) or any(
             layer.aux_loss() is not None for _, layer in self.model.memory_layers()
@@ -505,8 +509,12 @@ class _Run:
             ) from None
 
     def _load(self, ckpt: dict) -> None:
-        """Everything but the model's weights (loaded before the model is laid out over processes)."""
-        self._checkpoint_fits(lambda: self.plan.load_optimizer_state(self.optimizer, ckpt["optimizer"]))
+        """Everything but a whole checkpoint's model weights (loaded before the model is laid out over processes)."""
+        if "shards" in ckpt:
+            self._checkpoint_fits(lambda: load_sharded(ckpt, self.model, self.optimizer, self.plan))
+            self.saved_shards = ckpt["shards"]
+        else:
+            self._checkpoint_fits(lambda: self.plan.load_optimizer_state(self.optimizer, ckpt["optimizer"]))
         load_usage_state(self.model, ckpt["usage"])
         self.plan.loaded_usage(self.model)
         set_rng_state(ckpt["rng"])
@@ -526,23 +534,18 @@ class _Run:
         self.saved_step = self.step
 
     def _save(self, elapsed: float, train_time: float) -> None:
-        model_state, optimizer_state = self.plan.full_state(self.model, self.optimizer)  # collective
+        """Write a checkpoint: one file from one process, a sharded one from many (every process its part)."""
         with self.plan.global_usage(self.model):
             usage = usage_state(self.model)
-        if not self.main:
-            self.saved_step = self.step
-            return
-        with write_errors(self.metrics.name):
-            self.metrics.flush()
-            os.fsync(self.metrics.fileno())
-        save_checkpoint(
-            self.out_dir / CHECKPOINT,
-            {
+        meta = None
+        if self.main:
+            with write_errors(self.metrics.name):
+                self.metrics.flush()
+                os.fsync(self.metrics.fileno())
+            meta = {
                 "config": self.cfg.to_dict(),
                 "step": self.step,
                 "tokens": self.tokens,
-                "model": model_state,
-                "optimizer": optimizer_state,
                 "rng": rng_state(),
                 "usage": usage,
                 "trainer": {
@@ -557,8 +560,14 @@ class _Run:
                     "final_eval": self.final_eval,
                     "steps_history": self.steps_history,
                 },
-            },
-        )
+            }
+        if self.plan.world > 1:  # collective; at the step of the last checkpoint its tensors are reused
+            reuse = self.saved_shards if self.saved_step == self.step else None
+            self.saved_shards = save_sharded(self.out_dir, meta, self.model, self.optimizer, self.plan, reuse)
+        else:
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+            save_checkpoint(self.out_dir / CHECKPOINT, {**meta, **state})
+            remove_stale_shards(self.out_dir)  # of an earlier session on many processes
         self.saved_step = self.step
 
     # ---- pieces of a step
