@@ -95,6 +95,108 @@ def test_row_sharded_table_with_a_rank_nobody_reads():
     run(2, _sharded_matches_one_process, "rows", True, 10)
 
 
+def _sharded_ive_matches_one_process(rank, world, scheme, cores, weight_cores, sparse_grad, rows):
+    """UltraMem's expansion sharded: outputs and every gradient (slot weights, the local part of V, the summed
+    projection gradient) equal one process's on every rank's tokens."""
+    from memlayers.distributed import IVE_SHARDINGS
+    from memlayers.memory.stores import ImplicitValueExpansion
+
+    torch.manual_seed(0)
+    store = ImplicitValueExpansion(N, D, 3, 10, cores=cores, sparse_grad=sparse_grad)
+    ref = copy.deepcopy(store)
+    inverse = torch.argsort(store.perm)
+    inputs = []
+    for r in range(world):  # physical rows in [0, rows), any block
+        g = torch.Generator().manual_seed(100 + r)
+        physical = torch.randint(0, rows, (T, H, K), generator=g) + N * torch.randint(0, 3, (T, H, K), generator=g)
+        physical[0, 0, :2] = physical[0, 0, 0]  # the same slot twice in a token
+        shape = (T, H, K, weight_cores) if weight_cores > 1 else (T, H, K)
+        inputs.append((inverse[physical], torch.randn(shape, generator=g), torch.randn(T, 10, generator=g)))
+    ref_weights = [w.clone().requires_grad_() for _, w, _ in inputs]
+    ref_outs = [ref(ids, w) for (ids, _, _), w in zip(inputs, ref_weights)]
+    sum((out * g).sum() for out, (_, _, g) in zip(ref_outs, inputs)).backward()
+    sharded = IVE_SHARDINGS[scheme](store)
+    ids, weights, grad_out = inputs[rank]
+    weights = weights.clone().requires_grad_()
+    out = sharded(ids, weights)
+    (out * grad_out).sum().backward()
+    assert rel_err(out, ref_outs[rank]) < 1e-5
+    assert rel_err(weights.grad, ref_weights[rank].grad) < 1e-5
+    proj_grad = sharded.proj.grad.clone()
+    dist.all_reduce(proj_grad)  # each rank's tokens' part (FSDP2 sums them in training)
+    assert rel_err(proj_grad, ref.proj.grad) < 1e-5
+    expected = sharded.part(ref.weight.grad.to_dense(), sharded.weight)
+    grad = sharded.weight.grad
+    if grad is None or not expected.any():  # rows: no token read ours
+        assert not expected.any() and (grad is None or not grad.to_dense().any())
+        return
+    assert grad.is_sparse == sparse_grad
+    assert rel_err(grad.to_dense(), expected) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "scheme, world, cores, weight_cores, sparse_grad",
+    [
+        ("column", 2, 3, 3, False),  # slices of 2 columns: cores (0, 0, 1) and (1, 2, 2)
+        ("column", 4, 3, 3, True),  # slices of 1 column
+        ("column", 2, 3, 1, False),  # one weight for every core
+        ("row", 2, 3, 3, True),
+        ("row", 4, 1, 1, False),
+    ],
+)
+def test_sharded_ive_matches_one_process(scheme, world, cores, weight_cores, sparse_grad):
+    run(world, _sharded_ive_matches_one_process, scheme, cores, weight_cores, sparse_grad, N)
+
+
+def test_row_sharded_ive_with_a_rank_nobody_reads():
+    run(2, _sharded_ive_matches_one_process, "row", 3, 3, True, 10)
+
+
+def _sharded_peer_matches_one_process(rank, world, scheme, sparse_grad, rows):
+    """PEER's experts sharded: outputs and gradients (gates, x, this rank's part of u and v) equal one process's."""
+    from memlayers.distributed import PEER_SHARDINGS
+    from memlayers.memory.stores import PEERExperts
+
+    torch.manual_seed(0)
+    store = PEERExperts(N, 8, 12, sparse_grad=sparse_grad)  # in_dim 8, out_dim 12
+    ref = copy.deepcopy(store)
+    inputs = []
+    for r in range(world):
+        g = torch.Generator().manual_seed(100 + r)
+        ids = torch.randint(0, rows, (T, H, K), generator=g)
+        ids[0, 0, :2] = 3  # the same expert twice in a token
+        inputs.append((ids, torch.randn(T, H, K, generator=g), torch.randn(T, 8, generator=g)))
+    grad_outs = [torch.randn(T, store.out_dim, generator=torch.Generator().manual_seed(7 + r)) for r in range(world)]
+    leaves = [(w.clone().requires_grad_(), x.clone().requires_grad_()) for _, w, x in inputs]
+    ref_outs = [ref(ids, w, x) for (ids, _, _), (w, x) in zip(inputs, leaves)]
+    sum((out * g).sum() for out, g in zip(ref_outs, grad_outs)).backward()
+    sharded = PEER_SHARDINGS[scheme](store)
+    ids, w, x = inputs[rank]
+    w, x = w.clone().requires_grad_(), x.clone().requires_grad_()
+    out = sharded(ids, w, x)
+    (out * grad_outs[rank]).sum().backward()
+    assert rel_err(out, ref_outs[rank]) < 1e-5
+    assert rel_err(w.grad, leaves[rank][0].grad) < 1e-5 and rel_err(x.grad, leaves[rank][1].grad) < 1e-5
+    for mine, whole in ((sharded.u, ref.u), (sharded.v, ref.v)):
+        expected = sharded.part(whole.grad.to_dense(), mine)
+        if mine.grad is None or not expected.any():  # rows: no token read ours
+            assert not expected.any() and (mine.grad is None or not mine.grad.to_dense().any())
+            continue
+        assert mine.grad.is_sparse == sparse_grad
+        assert rel_err(mine.grad.to_dense(), expected) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "scheme, world, sparse_grad", [("column", 2, False), ("column", 4, True), ("row", 2, True), ("row", 4, False)]
+)
+def test_sharded_peer_matches_one_process(scheme, world, sparse_grad):
+    run(world, _sharded_peer_matches_one_process, scheme, sparse_grad, N)
+
+
+def test_row_sharded_peer_with_a_rank_nobody_reads():
+    run(2, _sharded_peer_matches_one_process, "row", True, 10)
+
+
 def _sharded_refuses(rank, world, scheme):
     cls = SCHEMES[scheme]
     if scheme == "columns":
@@ -198,12 +300,14 @@ def _parallel_matches_one_process(rank, world, memory, sharding, sparse):
 
     options = {"n_keys": 8, "heads": 2, "topk": 4, "sparse_values": sparse, "query_norm": "batchnorm"}
     cfg = ModelConfig(
-        vocab_size=50, dim=32, n_layers=4, n_heads=2, max_seq_len=16,
+        vocab_size=50, dim=32, n_layers=5, n_heads=2, max_seq_len=16,
         memories=[
             MemorySpec("1,3", pool="values", options=options),
             MemorySpec("2", preset="peer", options={"n_keys": 6, "heads": 2, "topk": 3, "sparse_values": sparse}),
             MemorySpec("0", preset="engram", mode="beside",
                         options={"hash_heads": 2, "d_ngram": 8, "table_size": 61, "sparse_values": sparse}),
+            MemorySpec("4", preset="ultramem",
+                       options={"n_keys": 8, "heads": 2, "topk": 4, "expansion": 2, "sparse_values": sparse}),
         ],
     )  # fmt: skip
     torch.manual_seed(0)
@@ -228,9 +332,9 @@ def _parallel_matches_one_process(rank, world, memory, sharding, sparse):
     assert rel_err(loss, out.loss) < 1e-5
     assert rel_err(mine.logits, out.logits[rows]) < 1e-5
     stores = [m for m in model.modules() if isinstance(m, ShardedStore)]
-    shards = {id(p): m for m in stores for p in m.parameters()}
+    shards = {id(p): m for m in stores for p in m.param_roles()["values"]}
     values = {id(p) for p in value_parameters(model)}
-    assert len(stores) == (3 if memory > 1 else 0)  # the Memory+ pool, engram's table, PEER's experts (columns)
+    assert len(stores) == (4 if memory > 1 else 0)  # the Memory+ pool, engram's table, PEER's experts, UltraMem's V
     for name, p in model.named_parameters():
         expected = ref_grads.get(name)
         grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
@@ -287,15 +391,18 @@ def test_parallelize_in_bf16_mixed_precision():
 
 
 def _checkpoint_model():
-    """A model with every sharded layout (a Memory+ pool, engram's table, PEER's experts) and row-sparse values."""
+    """A model with every sharded store (a Memory+ pool, engram's table, PEER's experts, UltraMem's expansion)
+    and row-sparse values."""
     options = {"n_keys": 8, "heads": 2, "topk": 4, "sparse_values": True, "query_norm": "batchnorm"}
     cfg = ModelConfig(
-        vocab_size=50, dim=32, n_layers=3, n_heads=2, max_seq_len=16,
+        vocab_size=50, dim=32, n_layers=4, n_heads=2, max_seq_len=16,
         memories=[
             MemorySpec("1", pool="values", options=options),
             MemorySpec("2", preset="peer", options={"n_keys": 6, "heads": 2, "topk": 3, "sparse_values": True}),
             MemorySpec("0", preset="engram", mode="beside",
                         options={"hash_heads": 2, "d_ngram": 8, "table_size": 61, "sparse_values": True}),
+            MemorySpec("3", preset="ultramem",
+                       options={"n_keys": 8, "heads": 2, "topk": 4, "expansion": 2, "sparse_values": True}),
         ],
     )  # fmt: skip
     torch.manual_seed(0)

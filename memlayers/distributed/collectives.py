@@ -69,3 +69,18 @@ def all_to_all_rows(x: torch.Tensor, group=None, send_counts=None, recv_counts=N
     those sizes: x (sum(send_counts), ...) -> (sum(recv_counts), ...). Gradient: the same exchange,
     backwards."""
     return _AllToAllRows.apply(x, group, send_counts, recv_counts)
+
+
+def send_to_owners(owner: torch.Tensor, tensors: list[torch.Tensor], group=None):
+    """Entry e of each tensor (E, ...) goes to rank ``owner[e]`` (E,): -> (source (E',), [received (E', ...)]),
+    what every rank sent here, grouped by the sending rank in rank order (``source``), each one's entries in
+    their order there. Differentiable in the tensors (an all-to-all each, after one of the counts: a host sync).
+    """
+    G = dist.get_world_size(group)
+    order = torch.sort(owner, stable=True).indices
+    send = torch.bincount(owner, minlength=G)
+    recv = all_to_all_rows(send, group, [1] * G, [1] * G)
+    send, recv = send.tolist(), recv.tolist()
+    received = [all_to_all_rows(t[order], group, send, recv) for t in tensors]
+    source = torch.arange(G, device=owner.device).repeat_interleave(torch.tensor(recv, device=owner.device))
+    return source, received

@@ -7,32 +7,36 @@ import torch.distributed as dist
 from torch import nn
 
 from ..memory.norms import MaskedBatchNorm
-from ..memory.stores import PEERExperts, ValueTable
+from ..memory.stores import ImplicitValueExpansion, PEERExperts, ValueTable
 from ..optim.groups import value_parameters
 from .plan import Parallel
-from .sharded_peer import ColumnShardedPEER
+from .sharded_ive import IVE_SHARDINGS
+from .sharded_peer import PEER_SHARDINGS
 from .sharded_table import SHARDINGS
 
 
 def sharders(sharding: str) -> dict[type, type]:
-    """The store types ``shard_values`` shards, each with its sharded store (torchrec's sharder per module
-    type): ``ValueTable`` (and subclasses, e.g. engram's ``ConcatTable``) by ``sharding``, PEER's experts by
-    columns whatever ``sharding`` is (their dot products take every column of x: a row shard would need
-    each token's whole x at every owner)."""
+    """The store types ``shard_values`` shards, each with its sharded store by ``sharding`` (torchrec's sharder
+    per module type): ``ValueTable`` (and subclasses, e.g. engram's ``ConcatTable``), UltraMem's implicit value
+    expansion and PEER's experts (also UltraMemV2's tables)."""
     if sharding not in SHARDINGS:
         raise ValueError(f"shard_values: sharding must be one of {tuple(SHARDINGS)}, got {sharding!r}")
-    return {ValueTable: SHARDINGS[sharding], PEERExperts: ColumnShardedPEER}
+    return {
+        ValueTable: SHARDINGS[sharding],
+        ImplicitValueExpansion: IVE_SHARDINGS[sharding],
+        PEERExperts: PEER_SHARDINGS[sharding],
+    }
 
 
 def shard_values(model: nn.Module, sharding: str = "column", group: dist.ProcessGroup | None = None) -> nn.Module:
-    """Replace every value store of ``model`` that ``sharders`` knows (value tables, PEER's experts) by its
-    shard on this rank, in place.
+    """Replace every value store of ``model`` that ``sharders`` knows (value tables, UltraMem's expansion, PEER's
+    experts) by its shard on this rank, in place.
 
     Owners (a module holding the store as a submodule, e.g. ``Transformer.pools``) and references (a layer or
     window reading a shared pool) get the same shard, so a pool shared by layers stays one shared shard.
     Every rank of ``group`` builds the same model (the same seed) and calls this; then each reads its own
     tokens and runs its backward (the reads are collective, in the same order on every rank). Other stores
-    (UltraMem's expansion) are left whole. Build the optimizer after this (it must hold the shards'
+    are left whole. Build the optimizer after this (it must hold the shards'
     parameters). Returns ``model``.
     """
     kinds = sharders(sharding)

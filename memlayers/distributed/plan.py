@@ -123,9 +123,10 @@ class Parallel:
         return slice(self.rank * per, (self.rank + 1) * per)
 
     def _shards(self) -> dict[int, ShardedStore]:
-        """Every sharded parameter's store."""
+        """Every sharded parameter's store (a sharded store's values: its other parameters, e.g. UltraMem's
+        projection, are whole and FSDP2's)."""
         stores = [m for m in self.model.modules() if isinstance(m, ShardedStore)]
-        return {id(p): m for m in stores for p in m.parameters()}
+        return {id(p): m for m in stores for p in m.param_roles()["values"]}
 
     @torch.no_grad()
     def reduce_value_grads(self) -> None:

@@ -1,4 +1,5 @@
-"""PEER's experts sharded by columns over a memory group: u's and v's columns split G ways."""
+"""PEER's experts sharded over a memory group: by columns (u's and v's columns split G ways) or by rows (each
+rank holds whole experts)."""
 
 import torch
 import torch.distributed as dist
@@ -8,8 +9,8 @@ from ..memory.stores import PEERExperts
 from ..memory.stores.peer_experts import ACTIVATIONS
 from ..ops import embedding_bag
 from ..ops.gather_dot import gather_dot
-from .collectives import all_gather_rows, all_reduce_sum, all_to_all_rows
-from .sharded_table import ShardedStore
+from .collectives import all_gather_rows, all_reduce_sum, all_to_all_rows, send_to_owners
+from .sharded_table import ShardedStore, row_block
 
 
 class ColumnShardedPEER(ShardedStore):
@@ -76,3 +77,66 @@ class ColumnShardedPEER(ShardedStore):
             f"{self.in_columns[0]}:{self.in_columns[1]}, v columns {self.out_columns[0]}:{self.out_columns[1]} "
             f"(rank {self.rank} of {self.world}), activation={self.activation!r}, sparse_grad={self.sparse_grad}"
         )
+
+
+class RowShardedPEER(ShardedStore):
+    """Rank r of the G in ``group`` holds experts ``[r*R, (r+1)*R)`` (R = ceil(N/G)), their u and v whole.
+
+    ``forward(ids (T, H, k), weights (T, H, k), x (T, in_dim)) -> (T, out_dim)``, the whole store's: each entry
+    (expert, token, gate weight) goes to the rank owning its expert and the group's x is all-gathered; the owner
+    takes each entry's dot product with its token's x, gates it and adds ``gate * v`` into one partial output
+    per token of the group (a keyed bag), and the partials go back to their tokens' ranks and are summed in
+    rank order. Per token and rank: (G-1)/G * L * (16 + w) bytes of entries, (G-1) * in_dim * x_bytes of
+    inputs and (G-1) * out_dim * v of partials: more than by columns for wide experts, but every expert's
+    state stays on one rank (row-wise Adagrad's per-row state shards only this way).
+    """
+
+    def __init__(self, store: PEERExperts, group: dist.ProcessGroup | None = None):
+        G, r = self._check(store, group, PEERExperts)
+        super().__init__(group)
+        self._copy_options(store)
+        self.block, self.rows = row_block(type(self).__name__, store.num_experts, G, r)
+        self.u = nn.Parameter(store.u.detach()[slice(*self.rows)].clone())
+        self.v = nn.Parameter(store.v.detach()[slice(*self.rows)].clone())
+
+    def param_roles(self) -> dict[str, list[nn.Parameter]]:
+        return {"values": [self.u, self.v]}
+
+    def split(self, param: nn.Parameter) -> tuple[int, int]:
+        return 0, self.num_experts
+
+    def forward(self, ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if weights.shape != ids.shape:
+            raise ValueError(
+                f"RowShardedPEER: weights must have the ids' shape {tuple(ids.shape)} (one gate per expert), "
+                f"got {tuple(weights.shape)}"
+            )
+        T, G, L = ids.shape[0], self.world, ids[0].numel()
+        self._check_inputs(ids)
+        ids, weights = ids.reshape(-1), weights.reshape(-1)
+        owner = torch.div(ids, self.block, rounding_mode="floor")
+        token = torch.arange(T, device=ids.device).repeat_interleave(L)
+        source, (local, token, w) = send_to_owners(owner, [ids - owner * self.block, token, weights], self.group)
+        bag = source * T + token  # (E,): the (source rank, token) each entry here belongs to
+        all_x = all_gather_rows(x, self.group)  # (G*T, in_dim)
+        h = gather_dot(self.u, local.unsqueeze(1), all_x[bag], self.sparse_grad).squeeze(1)  # (E,)
+        gates = w * ACTIVATIONS[self.activation](h)
+        part = embedding_bag(
+            self.v,
+            local.view(1, -1),
+            gates.view(1, -1),
+            sparse_grad=self.sparse_grad,
+            bags=bag.view(1, -1),
+            num_bags=G * T,
+        )  # (G*T, out_dim): block s holds our experts' part of rank s's tokens
+        return all_to_all_rows(part, self.group).view(G, T, self.out_dim).sum(0)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, in_dim={self.in_dim}, out_dim={self.out_dim}, rows "
+            f"{self.rows[0]}:{self.rows[1]} (rank {self.rank} of {self.world}), activation={self.activation!r}, "
+            f"sparse_grad={self.sparse_grad}"
+        )
+
+
+PEER_SHARDINGS = {"column": ColumnShardedPEER, "row": RowShardedPEER}

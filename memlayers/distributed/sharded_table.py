@@ -24,7 +24,18 @@ from torch import nn
 from ..memory.parts import ValueStore
 from ..memory.stores import ValueTable
 from ..ops import embedding_bag
-from .collectives import all_gather_rows, all_to_all_rows
+from .collectives import all_gather_rows, all_to_all_rows, send_to_owners
+
+
+def row_block(name: str, rows: int, G: int, r: int) -> tuple[int, tuple[int, int]]:
+    """(R, (first, end)): rank r of G holds rows [r*R, (r+1)*R) of ``rows``, R = ceil(rows/G) (``torch.chunk``'s
+    split, the last block may be short). Raises when a rank would hold none."""
+    R = math.ceil(rows / G)
+    if (G - 1) * R >= rows:
+        raise ValueError(
+            f"{name}: {rows} rows in blocks of {R} leave a rank of the {G} without rows; use a smaller memory group"
+        )
+    return R, (r * R, min((r + 1) * R, rows))
 
 
 class ShardedStore(ValueStore):
@@ -202,14 +213,7 @@ class RowShardedTable(ShardedTable):
 
     def __init__(self, table: ValueTable, group: dist.ProcessGroup | None = None):
         G, r = self._check(table, group)
-        R = math.ceil(table.num_values / G)
-        if (G - 1) * R >= table.num_values:
-            raise ValueError(
-                f"RowShardedTable: {table.num_values} rows in blocks of {R} leave a rank of the {G} without rows; "
-                "use a smaller memory group"
-            )
-        self.block = R
-        self.rows = (min(r * R, table.num_values), min((r + 1) * R, table.num_values))
+        self.block, self.rows = row_block(type(self).__name__, table.num_values, G, r)
         super().__init__(table, group, table.weight[slice(*self.rows)])  # (rows, d)
 
     def bag(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -217,18 +221,12 @@ class RowShardedTable(ShardedTable):
         self._check_inputs(ids)
         ids, weights = ids.reshape(-1), weights.reshape(-1)  # (T*L,)
         owner = torch.div(ids, self.block, rounding_mode="floor")
-        order = torch.sort(owner, stable=True).indices  # entries by owner, each owner's in token order
-        send = torch.bincount(owner, minlength=G)
-        recv = all_to_all_rows(send, self.group, [1] * G, [1] * G)
-        send, recv = send.tolist(), recv.tolist()
-        local = all_to_all_rows((ids - owner * self.block)[order], self.group, send, recv)  # (E,) rows here
-        token = all_to_all_rows(torch.div(order, L, rounding_mode="floor"), self.group, send, recv)
-        w = all_to_all_rows(weights[order], self.group, send, recv)  # (E,), differentiable
+        token = torch.div(torch.arange(ids.numel(), device=ids.device), L, rounding_mode="floor")
+        source, (local, token, w) = send_to_owners(owner, [ids - owner * self.block, token, weights], self.group)
         if local.numel() == 0:  # no entry reads our rows: zero partials (kept in the graph: the backward is collective)
             part = self.weight.new_zeros(G * T, self.dim) + 0 * w.sum().to(self.weight.dtype)
         else:
             # Bag b = s*T + t holds what rank s sent for its token t, each entry at its place in the bag.
-            source = torch.arange(G, device=ids.device).repeat_interleave(torch.tensor(recv, device=ids.device))
             bag = source * T + token  # (E,) ascending: sources in rank order, each one's entries in token order
             first = torch.searchsorted(bag, bag, side="left")  # each entry's bag's first entry
             slot = torch.arange(bag.numel(), device=ids.device) - first

@@ -35,6 +35,31 @@ class RowSlices(torch.autograd.Function):
         return grad, None
 
 
+def pool(
+    table: torch.Tensor, block: torch.Tensor, row: torch.Tensor, weights: torch.Tensor, E: int, sparse_grad: bool
+) -> torch.Tensor:
+    """Each token's entries pooled per block: table (N, d), block and row (T, L), weights (T, L, C) ->
+    (T, E, d) where C equal column slices of each row are weighted apart (slice c by ``weights[..., c]``)."""
+    T, L, C = weights.shape
+    d = table.shape[1]
+    table = table if C == 1 else RowSlices.apply(table, C)  # (N*C, d/C): row r*C + c is slice c
+    cores = torch.arange(C, device=row.device)
+    if use_triton("embedding_bag", "auto", table):  # the Triton bag: one bag per (token, block, core)
+        w = weights.transpose(1, 2)  # (T, C, L)
+        in_block = block.unsqueeze(1) == torch.arange(E, device=row.device).view(1, E, 1)  # (T, E, L)
+        bag_w = w.unsqueeze(1) * in_block.unsqueeze(2).to(w.dtype)  # (T, E, C, L): bag (t, p, c)
+        bag_rows = (row.view(T, 1, 1, L) * C + cores.view(1, 1, C, 1)).expand(T, E, C, L)
+        out = embedding_bag(table, bag_rows.reshape(-1, L), bag_w.reshape(-1, L), sparse_grad=sparse_grad)
+    else:  # keyed bags: each entry read once, added into its (token, block, core) row
+        rows = (row.unsqueeze(-1) * C + cores).view(T, L * C)  # (T, L*C)
+        t = torch.arange(T, device=row.device).view(T, 1, 1)
+        bags = ((t * E + block.unsqueeze(-1)) * C + cores).view(T, L * C)
+        out = embedding_bag(
+            table, rows, weights.reshape(T, L * C), sparse_grad=sparse_grad, bags=bags, num_bags=T * E * C
+        )
+    return out.view(T, E, d)
+
+
 class ImplicitValueExpansion(ValueStore):
     """E·N virtual values from N physical rows: virtual value (p, r) is ``V[r] W_p``.
 
@@ -129,31 +154,22 @@ class ImplicitValueExpansion(ValueStore):
             "cores": self.cores,
         }
 
-    def pooled(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """ids (T, H, k) virtual, weights (T, H, k[, C]) -> (T, E, d_v): each block's weighted sum of its rows."""
-        T, L = ids.shape[0], math.prod(ids.shape[1:])
-        N, E, d = self.num_values, self.expansion, self.value_dim
+    def slots(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (T, H, k) (or (T, L)) virtual -> block (T, L) and physical row (T, L) of each slot, L = H*k."""
+        s = self.perm[ids.reshape(ids.shape[0], -1)]  # shuffled ids
+        return s // self.num_values, s % self.num_values
+
+    def core_weights(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """weights (T, H, k) or (T, H, k, C) -> (T, L, C) (C = 1: one weight for every core of a slot)."""
         C = weights.shape[-1] if weights.dim() > ids.dim() else 1
         if C != self.cores and C != 1:
             raise ValueError(f"ImplicitValueExpansion: got {C} weights per slot, the store has cores={self.cores}")
-        s = self.perm[ids.reshape(T, L)]  # (T, L) shuffled ids
-        block, row = s // N, s % N
-        table = self.weight if C == 1 else RowSlices.apply(self.weight, C)  # (N*C, d/C): row r*C + c is slice c
-        cores = torch.arange(C, device=ids.device)
-        if use_triton("embedding_bag", "auto", table):  # the Triton bag: one bag per (token, block, core)
-            w = weights.reshape(T, L, C).transpose(1, 2)  # (T, C, L)
-            in_block = block.unsqueeze(1) == torch.arange(E, device=ids.device).view(1, E, 1)  # (T, E, L)
-            bag_w = w.unsqueeze(1) * in_block.unsqueeze(2).to(w.dtype)  # (T, E, C, L): bag (t, p, c)
-            bag_rows = (row.view(T, 1, 1, L) * C + cores.view(1, 1, C, 1)).expand(T, E, C, L)
-            out = embedding_bag(table, bag_rows.reshape(-1, L), bag_w.reshape(-1, L), sparse_grad=self.sparse_grad)
-        else:  # keyed bags: each entry read once, added into its (token, block, core) row
-            rows = (row.unsqueeze(-1) * C + cores).view(T, L * C)  # (T, L*C)
-            t = torch.arange(T, device=ids.device).view(T, 1, 1)
-            bags = ((t * E + block.unsqueeze(-1)) * C + cores).view(T, L * C)
-            out = embedding_bag(
-                table, rows, weights.reshape(T, L * C), sparse_grad=self.sparse_grad, bags=bags, num_bags=T * E * C
-            )
-        return out.view(T, E, d)
+        return weights.reshape(ids.shape[0], -1, C)
+
+    def pooled(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """ids (T, H, k) virtual, weights (T, H, k[, C]) -> (T, E, d_v): each block's weighted sum of its rows."""
+        block, row = self.slots(ids)
+        return pool(self.weight, block, row, self.core_weights(ids, weights), self.expansion, self.sparse_grad)
 
     def forward(self, ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         pooled = self.pooled(ids, weights).flatten(1)  # (T, E*d_v)
