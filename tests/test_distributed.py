@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 from conftest import rel_err
 
 from memlayers import ValueTable
@@ -213,8 +214,8 @@ def _sharded_refuses(rank, world, scheme):
     ids[0, 0, 0] = N if rank == 1 else 0  # out of range on rank 1 only: every rank raises
     with pytest.raises(IndexError, match=r"ids outside \[0, 37\) on rank\(s\) \[1\]"):
         store(ids, weights)
-    with pytest.raises(ValueError, match="fused_values=False"):
-        store.set_value_grad_sink(store.weight, object())
+    with pytest.raises(ValueError, match="the parameter is not this table's weight"):
+        store.set_value_grad_sink(nn.Parameter(torch.zeros(1)), None)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -472,3 +473,51 @@ def test_sharded_checkpoint_loads_exactly_in_other_layouts(tmp_path):
     expected = torch.load(tmp_path / "expected.pt", weights_only=True)
     for key, value in named_state(model, optimizer, plan).items():
         assert torch.equal(value, expected[key]) if torch.is_tensor(value) else value == expected[key], key
+
+
+def _fused_matches_one_process(rank, world, memory, sharding):
+    """The fused value update (applied from the backward's pieces, no value gradient) on many processes: each
+    replica's pieces gathered, the tables after a step and the update's norm equal one process's."""
+    from memlayers.distributed import parallelize
+    from memlayers.optim import build_optimizer
+    from memlayers.optim.groups import value_parameters
+
+    cfg = ModelConfig(
+        vocab_size=50, dim=32, n_layers=4, n_heads=2, max_seq_len=16,
+        memories=[
+            MemorySpec("1,3", pool="values", options={"n_keys": 8, "heads": 2, "topk": 4}),
+            MemorySpec("0", preset="engram", mode="beside", options={"hash_heads": 2, "d_ngram": 8, "table_size": 61}),
+        ],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    ref = copy.deepcopy(model)
+    tokens = torch.randint(0, 50, (2 * world, 9), generator=torch.Generator().manual_seed(1))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    ref_opt = build_optimizer(ref, lr=1e-2, value_optimizer="sparse_adam", fused_values=True)
+    ref(x, y).loss.backward()  # the update runs in the backward
+    ref_opt.step()
+    ref_norm = ref_opt.optimizers[-1].grad_norm()
+
+    plan = parallelize(model, memory, sharding)
+    optimizer = build_optimizer(model, lr=1e-2, value_optimizer="sparse_adam", fused_values=True)
+    rows = plan.batch_rows(x.shape[0])
+    with optimizer.accumulate():  # on many processes: collected, gathered, applied by step()
+        (model(x[rows], y[rows]).loss / world).backward()
+    plan.reduce_value_grads(optimizer)
+    optimizer.step()
+    assert rel_err(plan.update_norm(optimizer.optimizers[-1].applied()), ref_norm) < 1e-5
+    shards = {id(p): m for m in model.modules() if isinstance(m, ShardedStore) for p in m.param_roles()["values"]}
+    assert len(shards) == (2 if memory > 1 else 0)
+    expected, values = dict(ref.named_parameters()), {id(p) for p in value_parameters(model)}
+    for name, p in model.named_parameters():
+        if id(p) in values:
+            whole = expected[name].detach()
+            assert rel_err(p.detach(), shards[id(p)].part(whole, p) if id(p) in shards else whole) < 1e-5, name
+
+
+@pytest.mark.parametrize(
+    "world, memory, sharding", [(2, 1, "column"), (2, 2, "row"), (4, 2, "column")], ids=["dp", "rows", "both"]
+)
+def test_fused_value_update_on_many_processes(world, memory, sharding):
+    run(world, _fused_matches_one_process, memory, sharding)

@@ -76,12 +76,13 @@ def one_process(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "procs, layout",
-    [(2, []), (4, ["parallel.memory=2", "parallel.sharding=row"]), (2, ["parallel.memory=2"])],
-    ids=["data-parallel", "4-procs-rows", "memory-parallel-columns"],
+    [(2, []), (4, ["parallel.memory=2", "parallel.sharding=row"]), (2, ["parallel.memory=2", "train.compile=true"])],
+    ids=["data-parallel", "4-procs-rows", "memory-parallel-columns-compiled"],
 )
 def test_torchrun_losses_equal_one_process(tmp_path, one_process, procs, layout):
     """``train.batch_size`` is the global batch: the same losses and gradient norms as one process (batch-norm
-    statistics, the MoE-free losses and every gradient are exact; only the order of float sums differs)."""
+    statistics, the MoE-free losses and every gradient are exact; only the order of float sums differs), also
+    with the model compiled (``train.compile``)."""
     launch(tmp_path / "run", procs, *layout)
     for key in ("loss", "grad_norm", "value_grad_norm"):
         assert_close(logged(tmp_path / "run", key), logged(one_process, key))
@@ -101,6 +102,17 @@ def test_sparse_values_train_under_data_parallelism(tmp_path):
     for name, layout in (("dp", []), ("rows", ["parallel.memory=2", "parallel.sharding=row"])):
         launch(tmp_path / name, 2, *SPARSE, *layout)
         assert_close(logged(tmp_path / name), logged(tmp_path / "one"))
+
+
+def test_fused_value_update_under_torchrun(tmp_path):
+    """train.fused_values=true (the update from the backward's pieces): data-parallel (every replica's pieces
+    gathered) and memory-parallel by rows (each shard's own) give one process's losses and value norms."""
+    fused = [*SPARSE, "train.fused_values=true", "train.value_clip=null"]
+    launch(tmp_path / "one", 1, *fused)
+    for name, layout in (("dp", []), ("rows", ["parallel.memory=2", "parallel.sharding=row"])):
+        launch(tmp_path / name, 2, *fused, *layout)
+        for key in ("loss", "value_grad_norm"):
+            assert_close(logged(tmp_path / name, key), logged(tmp_path / "one", key))
 
 
 def test_checkpoint_of_2_processes_resumes_on_1_and_on_4(tmp_path, one_process):

@@ -19,13 +19,10 @@ from torch.distributed.tensor import empty as distributed_empty
 
 from ..metrics import UsageTracker
 from ..optim.clip import grad_norm
+from ..optim.combined import optimizer_parts
 from ..optim.groups import value_parameters
 from ..optim.row_sparse import row_sparse_grad
 from .sharded_table import ShardedStore
-
-
-def _optimizer_parts(optimizer) -> list[torch.optim.Optimizer]:
-    return list(getattr(optimizer, "optimizers", [optimizer]))  # a CombinedOptimizer's parts, or itself
 
 
 def _map_optimizer_state(optimizer, state: dict, fn) -> dict:
@@ -33,7 +30,7 @@ def _map_optimizer_state(optimizer, state: dict, fn) -> dict:
     replaced by ``fn(p, t)``, in one fixed order (the same on every rank: ``fn`` may be collective)."""
     parts = state["optimizers"] if hasattr(optimizer, "optimizers") else [state]
     out = []
-    for opt, part in zip(_optimizer_parts(optimizer), parts, strict=True):
+    for opt, part in zip(optimizer_parts(optimizer), parts, strict=True):
         params = [p for group in opt.param_groups for p in group["params"]]
         mapped = {
             i: {k: fn(params[i], v) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in s.items()}
@@ -52,11 +49,15 @@ class OneProcess:
     def batch_rows(self, rows: int) -> slice:
         return slice(None)
 
-    def reduce_value_grads(self) -> None:
+    def reduce_value_grads(self, optimizer=None) -> None:
         pass
 
     def grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
         return grad_norm(params)
+
+    def update_norm(self, squares: list[tuple[nn.Parameter, torch.Tensor]]) -> torch.Tensor:
+        """The 2-norm of a fused value update's gradients from its (table, squared norm) parts."""
+        return torch.stack([sq.float() for _, sq in squares]).sum().sqrt() if squares else torch.zeros(())
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
@@ -129,11 +130,12 @@ class Parallel:
         return {id(p): m for m in stores for p in m.param_roles()["values"]}
 
     @torch.no_grad()
-    def reduce_value_grads(self) -> None:
+    def reduce_value_grads(self, optimizer=None) -> None:
         """After the backward: sum every value gradient over the ranks that hold the same values (dense
         gradients by an all-reduce, row-sparse ones by all-gathering their rows). A parameter some rank's
         tokens read gets a gradient on every rank (zeros where none read it, as one process's table would).
-        Collective."""
+        A fused value update (``optimizer``'s parts that collect the backward's pieces, ``collected``) gets
+        every such rank's pieces instead, applied by ``optimizer.step()``. Collective."""
         shards = self._shards()
         for p in value_parameters(self.model):
             kind = torch.tensor([p.grad is not None, p.grad is not None and p.grad.is_sparse], device=p.device)
@@ -152,6 +154,32 @@ class Parallel:
                 p.grad = _all_reduce_rows(p, group)
             else:
                 dist.all_reduce(p.grad, group=group)
+        for part in optimizer_parts(optimizer) if optimizer is not None else []:
+            if hasattr(part, "collected"):
+                self._gather_collected(part, shards)
+
+    def _gather_collected(self, fused, shards) -> None:
+        """Every replica's collected pieces of each of ``fused``'s tables, on every replica (collective)."""
+        for p in (p for group in fused.param_groups for p in group["params"]):
+            group = self.replica_group if id(p) in shards else None
+            if group is not None and dist.get_world_size(group) == 1:
+                continue
+            piece = fused.collected(p)
+            if piece is None:  # no token of ours read it: an empty piece
+                d = p.shape[1]
+                empty = torch.zeros(0, dtype=torch.long, device=p.device)
+                piece = (empty, p.new_zeros(0, dtype=torch.float32), empty, p.new_zeros(0, d, dtype=torch.float32))
+            ids, weights, rows, src = piece
+            parts = _all_gather_varlen([ids, weights.float(), rows, src.float()], group)
+            offsets = torch.tensor([0] + [r[3].shape[0] for r in parts[:-1]], device=p.device).cumsum(0)
+            if sum(r[0].numel() for r in parts):
+                fused.replace_collected(
+                    p,
+                    torch.cat([r[0] for r in parts]),
+                    torch.cat([r[1] for r in parts]).to(weights.dtype),
+                    torch.cat([r[2] + o for r, o in zip(parts, offsets)]),
+                    torch.cat([r[3] for r in parts]).to(src.dtype),
+                )
 
     @torch.no_grad()
     def grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
@@ -172,6 +200,23 @@ class Parallel:
         if self.memory_group is not None:
             dist.all_reduce(memory_sq, group=self.memory_group)
         return (world_sq + memory_sq + local_sq).sqrt().float()
+
+    @torch.no_grad()
+    def update_norm(self, squares: list[tuple[nn.Parameter, torch.Tensor]]) -> torch.Tensor:
+        """The global 2-norm of a fused value update's gradients from this rank's (table, squared norm) parts:
+        a shard's summed over its memory group, a whole table's (the same on every rank) counted once.
+        Collective."""
+        shards = self._shards()
+        device = next(self.model.parameters()).device
+        sharded, whole = (torch.zeros((), device=device, dtype=torch.float64) for _ in range(2))
+        for p, sq in squares:
+            if id(p) in shards:
+                sharded += sq.double()
+            else:
+                whole += sq.double()
+        if self.memory_group is not None:
+            dist.all_reduce(sharded, group=self.memory_group)
+        return (sharded + whole).sqrt().float()
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` summed over every rank (collective)."""
@@ -258,19 +303,29 @@ class Parallel:
                     t.clear_counts_()
 
 
+def _all_gather_varlen(tensors: list[torch.Tensor], group) -> list[list[torch.Tensor]]:
+    """Every rank's ``tensors`` (each (n_i, ...), the lengths differing per tensor and rank), in rank order."""
+    G = dist.get_world_size(group)
+    device = tensors[0].device
+    lengths = torch.tensor([t.shape[0] for t in tensors], device=device)
+    all_lengths = [torch.empty_like(lengths) for _ in range(G)]
+    dist.all_gather(all_lengths, lengths, group=group)
+    all_lengths = torch.stack(all_lengths).tolist()  # (G, len(tensors))
+    out = [[] for _ in range(G)]
+    for j, t in enumerate(tensors):
+        longest = max(n[j] for n in all_lengths)
+        padded = t.new_zeros(longest, *t.shape[1:])
+        padded[: t.shape[0]] = t
+        gathered = [torch.empty_like(padded) for _ in range(G)]
+        dist.all_gather(gathered, padded, group=group)
+        for r in range(G):
+            out[r].append(gathered[r][: all_lengths[r][j]])
+    return out
+
+
 def _all_reduce_rows(p: nn.Parameter, group) -> torch.Tensor:
     """The sum over ``group`` of a row-sparse gradient, row-sparse and coalesced (rows all-gathered)."""
-    rows, values = row_sparse_grad(p)
-    G = dist.get_world_size(group)
-    counts = [torch.zeros((), dtype=torch.long, device=rows.device) for _ in range(G)]
-    dist.all_gather(counts, torch.tensor(rows.numel(), device=rows.device), group=group)
-    n = [int(c) for c in counts]
-    padded_rows, padded_values = rows.new_zeros(max(n)), values.new_zeros(max(n), *values.shape[1:])
-    padded_rows[: rows.numel()], padded_values[: rows.numel()] = rows, values
-    all_rows = [torch.empty_like(padded_rows) for _ in range(G)]
-    all_values = [torch.empty_like(padded_values) for _ in range(G)]
-    dist.all_gather(all_rows, padded_rows, group=group)
-    dist.all_gather(all_values, padded_values, group=group)
-    rows = torch.cat([r[:k] for r, k in zip(all_rows, n)])
-    values = torch.cat([v[:k] for v, k in zip(all_values, n)])
+    parts = _all_gather_varlen(list(row_sparse_grad(p)), group)
+    rows = torch.cat([r for r, _ in parts])
+    values = torch.cat([v for _, v in parts])
     return torch.sparse_coo_tensor(rows.unsqueeze(0), values, p.shape).coalesce()

@@ -87,7 +87,7 @@ class RowShardedIVE(ShardedIVE):
     ``pooled``: each entry (its local row, token, block and C weights) goes to the rank owning its row; the
     owner adds it into its (source rank, token, block, core) row with one keyed bag ((G*T, E, d_v) partials),
     and the partials go back to their tokens' ranks and are summed in rank order. Per token and rank:
-    (G-1)/G * L * (24 + C*w) bytes of entries, (G-1) * E * d_v * v of partials (each way).
+    (G-1)/G * L * (16 + C*w) bytes of entries, (G-1) * E * d_v * v of partials (each way).
     """
 
     def __init__(self, store: ImplicitValueExpansion, group: dist.ProcessGroup | None = None):

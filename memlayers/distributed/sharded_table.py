@@ -130,7 +130,8 @@ class ShardedTable(ShardedStore):
     """What both shardings of a ``ValueTable`` share: the table's sizes and options, the local shard ``weight``
     (role "values"). ``bag(ids (T, L), weights (T, L)) -> (T, d)`` is the collective bag of the subclasses;
     the table's own ``forward`` and accounting run on it (a ``ValueTable`` sums its heads' rows, an engram
-    ``ConcatTable`` sets them side by side). Not yet: the fused update (``set_value_grad_sink`` refuses).
+    ``ConcatTable`` sets them side by side). The fused update works on the shard: its local bag hands the
+    backward's pieces to the sink (``Parallel.reduce_value_grads`` gathers them from the shard's replicas).
     """
 
     def __init__(self, table: ValueTable, group: dist.ProcessGroup | None, shard: torch.Tensor):
@@ -144,6 +145,9 @@ class ShardedTable(ShardedStore):
 
     def forward(self, ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         return self.kind.forward(self, ids, weights, x)
+
+    def set_value_grad_sink(self, param: nn.Parameter, sink) -> None:
+        self.kind.set_value_grad_sink(self, param, sink)
 
     def bag(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -184,7 +188,9 @@ class ColumnShardedTable(ShardedTable):
         self._check_inputs(ids)
         all_ids = all_gather_rows(ids.flatten(1), self.group)  # (G*T, L)
         all_weights = all_gather_rows(weights.flatten(1), self.group)
-        part = embedding_bag(self.weight, all_ids, all_weights, sparse_grad=self.sparse_grad)  # (G*T, d/G)
+        part = embedding_bag(
+            self.weight, all_ids, all_weights, sparse_grad=self.sparse_grad, value_grad_sink=self.value_grad_sink
+        )  # (G*T, d/G)
         mine = all_to_all_rows(part, self.group)  # (G*T, d/G): block i holds rank i's columns of our tokens
         return mine.view(G, T, -1).transpose(0, 1).reshape(T, self.dim)
 
@@ -237,7 +243,9 @@ class RowShardedTable(ShardedTable):
             bag_ids[bag] = local[first].unsqueeze(1)
             bag_ids.view(-1)[bag * width + slot] = local
             bag_w = w.new_zeros(G * T * width).index_put((bag * width + slot,), w).view(G * T, width)
-            part = embedding_bag(self.weight, bag_ids, bag_w, sparse_grad=self.sparse_grad)
+            part = embedding_bag(
+                self.weight, bag_ids, bag_w, sparse_grad=self.sparse_grad, value_grad_sink=self.value_grad_sink
+            )
             # (G*T, d): block s holds our rows' part of rank s's tokens
         return all_to_all_rows(part, self.group).view(G, T, self.dim).sum(0)
 

@@ -6,6 +6,11 @@ from collections import OrderedDict
 import torch
 
 
+def optimizer_parts(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:
+    """A ``CombinedOptimizer``'s parts, or ``[optimizer]``."""
+    return list(getattr(optimizer, "optimizers", [optimizer]))
+
+
 class CombinedOptimizer(torch.optim.Optimizer):
     """Several optimizers stepped as one, so LR schedulers, clipping and checkpoints see one object.
 

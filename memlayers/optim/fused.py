@@ -15,6 +15,8 @@ separate optimizer pass over the table. The math is the unfused optimizers' (``S
   Pieces hold the readers' ``grad_out`` (T, d) until then: memory like one activation per reader and micro-batch.
 * The learning rate (``group["lr"]``, a 0-dim tensor on the table's device: set it with ``set_lr`` or
   ``fill_``, as torch's LR schedulers do) and the step count are device tensors: no host sync, no recompile.
+* Many processes: a plan gathers every replica's collected pieces (``collected`` / ``replace_collected``)
+  and ``step()`` applies them; the backward passes then run inside ``accumulate()``.
 * Clipping: the value gradient is never formed, so it cannot be clipped by its norm before the update
   (``clip_grad_norms`` sees no value gradients; the trainer refuses ``value_clip`` with fused values).
   ``grad_norm()`` gives the norm of what the last updates applied.
@@ -68,9 +70,10 @@ class FusedRowOptimizer(RowSparseOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults, impl)
         self.rule, self.STATE, self.seed = rule, STATES[rule], seed
-        self._pending: dict = {}  # param -> [(ids (T, L), weights (T, L), grad_out (T, d))] not yet applied
+        self._pending: dict = {}  # param -> [(ids (E,), weights (E,), grad_out row (E,), grad_out (R, d))] to apply
         self._deferred = 0
-        self._sq_norms: list[torch.Tensor] = []  # squared norms of the updates since the last step()
+        self._sq_norms: list = []  # (table, squared norm of its gradient) of this step's updates
+        self._fresh = True  # no update applied since the last step()
         self._group_of, self._index = {}, {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -100,10 +103,16 @@ class FusedRowOptimizer(RowSparseOptimizer):
             self._deferred -= 1
 
     def grad_norm(self) -> torch.Tensor:
-        """L2 norm of the value gradients applied since the last ``step()`` (a 0-dim tensor; 0 if none)."""
-        if not self._sq_norms:
+        """L2 norm of the value gradients of the last step's updates, applied in its backward or by its
+        ``step()`` (a 0-dim tensor; 0 if none)."""
+        squares = [sq for _, sq in self.applied()]
+        if not squares:
             return torch.zeros(())
-        return torch.stack([s.to(self._sq_norms[0].device) for s in self._sq_norms]).sum().sqrt()
+        return torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt()
+
+    def applied(self) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+        """(table, squared norm of its gradient) of each of the last step's updates (``grad_norm``'s parts)."""
+        return list(self._sq_norms)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -111,7 +120,7 @@ class FusedRowOptimizer(RowSparseOptimizer):
         loss = closure() if closure is not None else None
         for p in list(self._pending):
             self._apply(p)
-        self._sq_norms = []
+        self._fresh = True
         return loss
 
     def _state_of(self, p) -> dict:
@@ -120,29 +129,46 @@ class FusedRowOptimizer(RowSparseOptimizer):
             state["step"] = torch.tensor(float(state["step"]), device=p.device)
         return state
 
+    def collected(self, p) -> tuple[torch.Tensor, ...] | None:
+        """What the backward passes handed over for table ``p`` and is not applied yet, as one piece: entries'
+        ids (E,), weights (E,), the row of ``grad_out`` each belongs to (E,), and ``grad_out`` (R, d); None if
+        nothing. (A plan over many processes gathers it from every replica of the table: ``replace_collected``.)"""
+        pieces = self._pending.get(p)
+        if not pieces:
+            return None
+        if len(pieces) == 1:
+            return pieces[0]
+        offsets = [0]
+        for *_, g in pieces[:-1]:
+            offsets.append(offsets[-1] + g.shape[0])
+        ids, weights, rows, src = zip(*pieces)
+        rows = [r + o for r, o in zip(rows, offsets)]
+        return torch.cat(ids), torch.cat(weights), torch.cat(rows), torch.cat(src)
+
+    def replace_collected(self, p, ids: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, src: torch.Tensor):
+        """Set what ``step()`` applies to ``p`` (``collected``'s layout)."""
+        self._pending[p] = [(ids, weights, rows, src)]
+
     @torch.no_grad()
     def _apply(self, p) -> None:
-        pieces = self._pending.pop(p, None)
-        if not pieces:
+        piece = self.collected(p)
+        self._pending.pop(p, None)
+        if piece is None:
             return
-        ids = torch.cat([i.reshape(-1) for i, _, _ in pieces])
-        weights = torch.cat([w.reshape(-1) for _, w, _ in pieces])
-        src = torch.cat([g for _, _, g in pieces]) if len(pieces) > 1 else pieces[0][2]
-        src_rows, offset = [], 0
-        for i, _, g in pieces:
-            src_rows.append(torch.arange(i.numel(), device=i.device) // max(1, i.shape[1]) + offset)
-            offset += g.shape[0]
+        ids, weights, rows, src = piece
+        if self._fresh:  # the first update of a step: the norms are this step's from here on
+            self._sq_norms, self._fresh = [], False
         group, state = self._group_of[p], self._state_of(p)
         state["step"] += 1
         beta1, beta2 = group["betas"]
         sr = group["stochastic_rounding"]
         sq_norm = bag_update(
-            p, {k: state[k] for k in self.STATE}, ids, weights, torch.cat(src_rows), src, self.rule,
+            p, {k: state[k] for k in self.STATE}, ids, weights, rows, src, self.rule,
             lr=group["lr"], step=state["step"], beta1=beta1, beta2=beta2, eps=group["eps"],
             stochastic_rounding=sr, seed=(state["step"].long() * 1_000_003 + self.seed * 7919 + self._index[p]) if sr else None,
             impl=self.impl,
         )  # fmt: skip
-        self._sq_norms.append(sq_norm)
+        self._sq_norms.append((p, sq_norm))
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)  # (new group dicts)
@@ -175,7 +201,8 @@ class ValueGradSink:
                 "a value table is attached to a fused optimizer that no longer exists, so its values would not "
                 "learn: keep the optimizer, or build a new one with build_optimizer (fused_values=False restores gradients)"
             )
-        optimizer._pending.setdefault(self.param, []).append((ids, weights, grad_out))
+        rows = torch.arange(ids.numel(), device=ids.device) // max(1, ids.shape[1])  # entry (t, l) reads row t
+        optimizer._pending.setdefault(self.param, []).append((ids.reshape(-1), weights.reshape(-1), rows, grad_out))
 
     def _after_backward(self, param) -> None:
         grad = param.grad

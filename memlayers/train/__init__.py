@@ -4,6 +4,7 @@
     cfg = load_config("run.yaml", ["train.steps=500", "model.dim=256"])
     result = train(cfg, "runs/a")                 # resumes runs/a if it holds a checkpoint of cfg
     cfg, model, extra = load_checkpoint("runs/a")  # the trained model, in eval mode
+    export_safetensors("runs/a", "a.safetensors")  # the model as one file (load_checkpoint reads it too)
 """
 
 from .checkpoint import (
@@ -15,6 +16,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import RunConfig, TrainConfig, config_diff, load_config, save_config
+from .export import export_safetensors
 from .trainer import lr_multiplier, train
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "TrainConfig",
     "atomic_write",
     "config_diff",
+    "export_safetensors",
     "load_checkpoint",
     "load_config",
     "lr_multiplier",

@@ -29,18 +29,11 @@ from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ..distributed.launch import agree, all_objects
+from ..optim.combined import optimizer_parts
 from .checkpoint import CHECKPOINT, CheckpointError, NonFiniteError, nonfinite, save_checkpoint
 
 SHARDS = "checkpoints"
 _SHARD_DIR = re.compile(r"step_\d{9}(\.\d+)?")
-
-
-def _optimizers(optimizer) -> list[torch.optim.Optimizer]:
-    return list(getattr(optimizer, "optimizers", [optimizer]))  # a CombinedOptimizer's parts, or itself
-
-
-def _params(optimizer) -> list[nn.Parameter]:
-    return [p for opt in _optimizers(optimizer) for g in opt.param_groups for p in g["params"]]
 
 
 def named_state(model: nn.Module, optimizer, plan) -> dict:
@@ -51,7 +44,7 @@ def named_state(model: nn.Module, optimizer, plan) -> dict:
     state = {f"model.{k}": plan.global_view(params.get(k), t) for k, t in model.state_dict().items()}
     if optimizer is not None:
         names = {id(p): n for n, p in model.named_parameters()}
-        for opt in _optimizers(optimizer):
+        for opt in optimizer_parts(optimizer):
             for p in (p for g in opt.param_groups for p in g["params"]):
                 for key, value in opt.state.get(p, {}).items():
                     view = plan.global_view(p, value) if torch.is_tensor(value) and value.dim() > 0 else value
@@ -102,7 +95,7 @@ def _write_shards(out_dir: Path, step: int | None, model: nn.Module, optimizer, 
             f"cannot write the sharded checkpoint {directory}: {str(cause).strip().splitlines()[-1]}; free disk "
             "space or fix the permissions, then rerun (the previous checkpoint is kept)"
         ) from None
-    param_groups = [opt.state_dict()["param_groups"] for opt in _optimizers(optimizer)]
+    param_groups = [opt.state_dict()["param_groups"] for opt in optimizer_parts(optimizer)]
     return {"dir": name, "files": _manifest(directory, plan), "param_groups": param_groups}
 
 
@@ -145,11 +138,11 @@ def load_sharded(ckpt: dict, model: nn.Module, optimizer, plan) -> None:
         return
     names = {id(p): n for n, p in model.named_parameters()}
     groups = shards["param_groups"]
-    if len(groups) != len(_optimizers(optimizer)):
+    if len(groups) != len(optimizer_parts(optimizer)):
         raise CheckpointError(
-            f"{directory}: {len(groups)} optimizer(s) saved, the run has {len(_optimizers(optimizer))}"
+            f"{directory}: {len(groups)} optimizer(s) saved, the run has {len(optimizer_parts(optimizer))}"
         )
-    for opt, param_groups in zip(_optimizers(optimizer), groups):
+    for opt, param_groups in zip(optimizer_parts(optimizer), groups):
         own = [p for g in opt.param_groups for p in g["params"]]
         prefixes = [f"optim.{names[id(p)]}." for p in own]
         per_param = {

@@ -169,10 +169,6 @@ def train(
         torch.set_num_threads(t.threads)
     try:
         world = dist.get_world_size() if dist.is_initialized() else 1
-        if world > 1 and (t.fused_values or t.compile):
-            raise ValueError(
-                "train.fused_values and train.compile do not run on many processes yet; set them false under torchrun"
-            )
         if t.batch_size % world:
             raise ValueError(
                 f"train.batch_size={t.batch_size} (the global batch) does not split over {world} processes; use a "
@@ -610,16 +606,19 @@ class _Run:
             weight = counts[i] / total
             lm = out.loss.float() * weight
             aux = out.aux_loss.float() / (t.grad_accum * self.plan.world)
-            # a fused value update collects the micro-batches' parts and applies them at the last backward
-            last = i == t.grad_accum - 1
-            with contextlib.nullcontext() if last or not t.fused_values else self.optimizer.accumulate():
+            # a fused value update collects the micro-batches' parts and applies them at the last backward; on
+            # many processes at the step, once every replica's parts are gathered (reduce_value_grads)
+            in_backward = i == t.grad_accum - 1 and self.plan.world == 1
+            with contextlib.nullcontext() if in_backward or not t.fused_values else self.optimizer.accumulate():
                 (lm + aux).backward()
             step_loss += lm.detach()
             step_aux += aux.detach()
-        self.plan.reduce_value_grads()
+        self.plan.reduce_value_grads(self.optimizer)
         norms = clip_grad_norms(self.model, t.clip, t.value_clip, norm_fn=self.plan.grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         if t.fused_values:  # the values got no gradients: their norm is that of what the fused update applied
-            norms = (norms[0], self._fused_values().grad_norm())
+            norms = (norms[0], self.plan.update_norm(self._fused_values().applied()))
         # no host sync: the first bad step is remembered on the device and checked before anything is logged
         # or saved (a norm of no gradients is a CPU zero: left out, it is finite and would cost a copy)
         finite = torch.isfinite(step_loss + step_aux)
@@ -627,8 +626,6 @@ class _Run:
             if norm.device == finite.device:
                 finite &= torch.isfinite(norm)
         self.first_bad = torch.where((self.first_bad == 0) & ~finite, self.step + 1, self.first_bad)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return step_loss, step_aux, norms
 
     def _fused_values(self) -> FusedRowOptimizer:

@@ -1,7 +1,5 @@
 """Implicit value expansion (UltraMem, Huang et al., ICLR 2025, arXiv 2411.12364): E virtual tables V W_p."""
 
-import math
-
 import torch
 from torch import nn
 
