@@ -318,7 +318,7 @@ def _parallel_matches_one_process(rank, world, memory, sharding, sparse):
     x, y = tokens[:, :-1], tokens[:, 1:].clone()
     y[0, :3] = -100  # padding: the ranks hold different numbers of targets
     out = ref(x, y)
-    out.loss.backward()
+    (out.loss + out.aux_loss).backward()  # (UltraMem's core penalty)
     ref_grads = {n: p.grad.to_dense() for n, p in ref.named_parameters() if p.grad is not None}
     ref_norms = clip_grad_norms(ref, None, None)
 
@@ -326,7 +326,7 @@ def _parallel_matches_one_process(rank, world, memory, sharding, sparse):
     rows = plan.batch_rows(x.shape[0])
     mine = model(x[rows], y[rows])
     share = (y[rows] != -100).sum() / (y != -100).sum()  # this rank's part of the global mean
-    (mine.loss * share).backward()
+    (mine.loss * share + mine.aux_loss / world).backward()  # (the same penalty on every rank)
     plan.reduce_value_grads()
     loss = (mine.loss * share).detach()
     dist.all_reduce(loss)
@@ -521,3 +521,32 @@ def _fused_matches_one_process(rank, world, memory, sharding):
 )
 def test_fused_value_update_on_many_processes(world, memory, sharding):
     run(world, _fused_matches_one_process, memory, sharding)
+
+
+def _moe_matches_one_process(rank, world):
+    """MoE's load-balancing loss under ``parallelize`` is one process's on the whole batch (slot counts and
+    router probabilities summed over the ranks), and so are the router's gradients."""
+    from memlayers.distributed import parallelize
+    from memlayers.model.config import MoESpec
+
+    cfg = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, max_seq_len=16,
+                      moe=MoESpec(layers="1", experts=4, topk=2, hidden=16))  # fmt: skip
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    ref = copy.deepcopy(model)
+    tokens = torch.randint(0, 50, (2 * world, 9), generator=torch.Generator().manual_seed(1))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    out = ref(x, y)
+    (out.loss + out.aux_loss).backward()
+    plan = parallelize(model)
+    rows = plan.batch_rows(x.shape[0])
+    mine = model(x[rows], y[rows])
+    assert rel_err(mine.aux_loss, out.aux_loss) < 1e-6  # the global balance loss, on every rank
+    (mine.loss / world + mine.aux_loss / world).backward()
+    for name, p in model.named_parameters():
+        grad = p.grad.full_tensor()
+        assert rel_err(grad, dict(ref.named_parameters())[name].grad) < 1e-5, name
+
+
+def test_moe_balance_loss_over_every_process():
+    run(2, _moe_matches_one_process)

@@ -6,7 +6,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..memory.norms import MaskedBatchNorm
 from ..memory.stores import ImplicitValueExpansion, PEERExperts, ValueTable
 from ..optim.groups import value_parameters
 from .plan import Parallel
@@ -70,7 +69,7 @@ def parallelize(model: nn.Module, memory: int = 1, sharding: str = "column", mix
     (``fully_shard``) on every block and on the model, for all parameters but the value stores' (left to
     ``Parallel.reduce_value_grads``), summing gradients; with ``mixed_precision`` (CUDA) bf16 parameters in
     the forward and fp32 gradient reduction. Batch norms of queries gather their statistics over every
-    rank's tokens. Every rank builds the same model from the same seed and calls this; build the optimizer
+    rank's tokens, and so does MoE's load-balancing loss. Every rank builds the same model from the same seed and calls this; build the optimizer
     after it. Returns the ``Parallel`` plan.
     """
     from torch.distributed.device_mesh import init_device_mesh
@@ -96,14 +95,17 @@ def parallelize(model: nn.Module, memory: int = 1, sharding: str = "column", mix
         mesh = init_device_mesh(device.type, (world // memory, memory), mesh_dim_names=("replica", "memory"))
         replica_group, memory_group = mesh.get_group("replica"), mesh.get_group("memory")
         shard_values(model, sharding, memory_group)
-    for norm in model.modules():
-        if isinstance(norm, MaskedBatchNorm):
-            norm.sync_group = dist.group.WORLD
+    for module in model.modules():  # batch statistics (query batch norms, MoE balance) over every rank's tokens
+        if hasattr(module, "sync_group"):
+            module.sync_group = dist.group.WORLD
     ignored = set(value_parameters(model))
     policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if mixed_precision else MixedPrecisionPolicy()
     blocks = getattr(model, "blocks", [])
     for module in [*blocks, model]:
-        fully_shard(module, mesh=world_mesh, mp_policy=policy, ignored_params=ignored)
+        # a block whose parts have an auxiliary loss (UltraMem's core penalty, read by the model after the block's
+        # forward) keeps its whole parameters until its backward: the loss is then of plain tensors
+        keep = any(m.aux_loss() is not None for m in module.modules() if hasattr(m, "aux_loss"))
+        fully_shard(module, mesh=world_mesh, mp_policy=policy, ignored_params=ignored, reshard_after_forward=not keep)
         module.set_gradient_divide_factor(1.0)  # the losses are pre-weighted: sum, do not average
         module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
     return Parallel(model, world, rank, replica_group, memory_group, mesh)

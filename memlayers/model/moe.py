@@ -30,7 +30,8 @@ class MoE(nn.Module):
 
     Load balancing (Switch Transformer / Mixtral): ``aux = E * sum_e f_e * P_e`` with f_e the fraction of
     the T*k slots routed to expert e (not differentiable) and P_e the mean router probability of e. It is
-    1.0 for perfectly uniform routing and grows as routing collapses; ``forward`` returns it unweighted.
+    1.0 for perfectly uniform routing and grows as routing collapses; ``forward`` returns it unweighted. With
+    ``sync_group`` set (``parallelize`` does) f and P are those of every rank's tokens.
 
     Args:
         dim: model width; hidden: per-expert SwiGLU hidden width; experts: E; topk: k.
@@ -45,6 +46,7 @@ class MoE(nn.Module):
             raise ValueError(f"MoE: topk must be in [1, experts={experts}], got {topk}")
         self.dim, self.hidden, self.experts, self.topk = dim, hidden, experts, topk
         self.router = nn.Linear(dim, experts, bias=False)
+        self.sync_group = None  # a process group: the balance loss over every rank's tokens (``parallelize``)
         self.gate_up = nn.Parameter(torch.empty(experts, dim, 2 * hidden))
         self.down = nn.Parameter(torch.empty(experts, hidden, dim))
         self.reset_parameters()
@@ -77,9 +79,19 @@ class MoE(nn.Module):
         ys = expert_ffn(xs, ends, gate_up, down)  # (T*k, dim), sorted by expert
         ys = torch.empty_like(ys).index_copy_(0, order, ys).view(T, k, self.dim)  # back in slot order
         y = (ys * weights.unsqueeze(-1).to(ys.dtype)).sum(dim=1).to(x.dtype)  # (T, dim)
-        f = torch.diff(ends, prepend=ends.new_zeros(1)).to(probs.dtype) / max(T * k, 1)
-        aux = E * (f * probs.mean(dim=0)).sum() if T else probs.new_zeros(())
-        return y.reshape(*lead, self.dim), aux
+        return y.reshape(*lead, self.dim), self._balance_loss(probs, ends)
+
+    def _balance_loss(self, probs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """probs (T, E), ends (E,) -> the load-balancing loss; with ``sync_group`` of every rank's tokens (its
+        slot counts and probability sums all-reduced, differentiably): what one process holding them all gets."""
+        counts = torch.diff(ends, prepend=ends.new_zeros(1)).to(probs.dtype)  # (E,) slots per expert
+        stats = torch.cat([probs.sum(dim=0), counts, counts.new_full((1,), probs.shape[0])])  # (2E + 1,)
+        if self.sync_group is not None and self.training:
+            from ..distributed.collectives import all_reduce_sum
+
+            stats = all_reduce_sum(stats, self.sync_group)
+        E, T = self.experts, stats[-1].clamp_min(1)  # (no tokens: every sum is 0, so is the loss)
+        return E * (stats[E : 2 * E] / (T * self.topk) * stats[:E] / T).sum()
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, hidden={self.hidden}, experts={self.experts}, topk={self.topk}"
