@@ -145,7 +145,8 @@ def test_checkpoint_of_2_processes_resumes_on_1_and_on_4(tmp_path, one_process):
 
 def test_damaged_shards_are_refused_and_the_model_exports_to_safetensors(tmp_path):
     """A flipped byte in one process's shard file: resuming (on 2) and evaluating (on 1) stop with one line naming
-    it. An intact sharded checkpoint exports to one safetensors file holding one process's model."""
+    it. An intact sharded checkpoint exports to one safetensors file holding one process's model, and starts a
+    new run on 2 processes (train.init_from)."""
     from memlayers.train import load_checkpoint
     from memlayers.train.export import export_safetensors
 
@@ -156,6 +157,11 @@ def test_damaged_shards_are_refused_and_the_model_exports_to_safetensors(tmp_pat
     for (name, a), b in zip(model.state_dict().items(), exported.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert extra["step"] == 3
+    started = tmp_path / "started"  # a new run under torchrun from the sharded run's weights (each process reads them)
+    launch(started, 2, "train.steps=1", "train.lr=1e-12", "train.warmup=0", f"train.init_from={run}")
+    weights = dict(load_checkpoint(started)[1].named_parameters())  # (buffers: batch-norm statistics moved on)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, weights[name], rtol=0, atol=1e-6, msg=name)
     damaged = tmp_path / "damaged"
     shutil.copytree(run, damaged)
     shard = damaged / read_checkpoint(damaged)["shards"]["dir"] / "__1_0.distcp"

@@ -23,7 +23,6 @@ import zlib
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -101,7 +100,8 @@ def _write_shards(out_dir: Path, step: int | None, model: nn.Module, optimizer, 
 
 def load_sharded(ckpt: dict, model: nn.Module, optimizer, plan) -> None:
     """Load a sharded checkpoint (``read_checkpoint``'s dict) into ``model`` and, if given, ``optimizer``,
-    laid out by ``plan`` (any number of processes, any memory groups; collective). Raises CheckpointError on
+    laid out by ``plan`` (any number of processes, any memory groups; collective over a plan's processes, and
+    alone with ``OneProcess``, also under torchrun). Raises CheckpointError on
     damaged or missing files and on names or shapes that do not fit."""
     shards = ckpt["shards"]
     directory = Path(shards["path"])
@@ -131,9 +131,9 @@ def load_sharded(ckpt: dict, model: nn.Module, optimizer, plan) -> None:
             raise CheckpointError(
                 f"{directory}: {key[len('model.') :]} is {tuple(meta.size)} there, {tuple(state[key].shape)} in the model"
             )
-    with warnings.catch_warnings():  # in one process DCP warns that it loads in one process
+    with warnings.catch_warnings():  # alone, DCP warns that it loads in one process
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=directory, no_dist=not dist.is_initialized())
+        dcp.load(state, checkpoint_id=directory, no_dist=plan.world == 1)  # one process's plan: alone
     if optimizer is None:
         return
     names = {id(p): n for n, p in model.named_parameters()}
@@ -196,7 +196,8 @@ def _verify(directory: Path, files: dict[str, list[int]], plan) -> None:
             problems.append(f"{n} has {path.stat().st_size} bytes, {size} were written")
         elif _crc32(path) != crc:
             problems.append(f"{n} fails its checksum")
-    problems = [p for part in all_objects(problems) for p in part]
+    if plan.world > 1:
+        problems = [p for part in all_objects(problems) for p in part]
     if problems:
         raise CheckpointError(
             f"{directory}: damaged sharded checkpoint ({'; '.join(problems[:3])}); restore the files, or delete "

@@ -7,6 +7,7 @@ out_dir/ holds:
     config.yaml      the resolved RunConfig (vocab_size, value_lr_ratio filled in), written when the run starts
     metrics.jsonl    one JSON object per logged step (see ``train``)
     checkpoint.pt    the latest checkpoint (``memlayers.train.checkpoint``), replaced atomically
+    checkpoints/     under torchrun, the tensors of the checkpoint, every process's part (``sharded_checkpoint``)
     result.json      the final summary, written atomically: its presence means the run finished
     curves.png       loss (and recall) against training tokens, written when the run finishes
     .memlayers.lock  held while a process trains here (``memlayers.train.lock``)
