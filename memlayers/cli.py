@@ -5,6 +5,7 @@ Subcommands:
     memlayers compare                      # dense vs MoE vs Memory vs Memory+ at matched FLOPs (CPU, <10 min)
     memlayers compare --preset cpu_family  # the memory kinds: Memory+, PEER, UltraMem v1/v2, engram vs dense
     memlayers compare --preset gpu --out runs/gpu train.steps=3000
+    memlayers compare --seeds 3            # every arm over 3 seeds: mean ± std
     memlayers train --config run.yaml --out runs/a train.lr=3e-4   # one run (YAML + key=value overrides)
     memlayers train --config memlayers:facts_memory_plus --out runs/b  # an example config shipped with memlayers
     memlayers eval runs/a                  # recall, QA, loss and memory usage of a checkpoint
@@ -159,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--list", action="store_true", help="list the presets and exit")
     cmp.add_argument("--out", metavar="DIR", default=None, help="output directory (default: runs/compare-PRESET)")
     cmp.add_argument("--arms", default=None, help="comma-separated subset of the arms, e.g. dense,memory_plus")
+    cmp.add_argument("--seeds", type=pos_int, default=1, help="train every arm over this many seeds (init and "
+                     "data order; the facts stay) and report mean ± std; the first seed's runs are the plain ones")  # fmt: skip
     cmp.add_argument("--quiet", action="store_true", help="no progress bars")
     cmp.add_argument("overrides", **overrides)
     return parser
@@ -228,7 +231,7 @@ def _compare(args) -> int:
     preset = get_preset(args.preset)
     arms = None if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()]
     out = args.out or f"runs/compare-{preset.name}"
-    run_compare(preset, out, arms=arms, overrides=args.overrides, progress=not args.quiet)
+    run_compare(preset, out, arms=arms, overrides=args.overrides, progress=not args.quiet, seeds=args.seeds)
     return 0
 
 

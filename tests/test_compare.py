@@ -2,6 +2,8 @@
 reuse of finished arms, and bad input."""
 
 import dataclasses
+import json
+import statistics
 
 import pytest
 import torch
@@ -130,3 +132,54 @@ def test_an_override_that_does_not_fit_one_arm_names_the_arm():
     with pytest.raises(ValueError, match=r"^arm 'dense': .*model.memories.*pick arms with --arms"):
         arm_configs(get_preset("cpu_family"), ["model.memories[0].options.n_keys=8"])
     assert set(arm_configs(get_preset("cpu_family"), ["model.memories[0].options.topk=8"], ["peer"])) == {"peer"}
+
+
+def test_seeds_report_mean_and_spread_and_reuse_finished_runs(tmp_path, capsys):
+    """--seeds 3: the plain runs are seed 1 of 3 (reused, not retrained), seeds 2 and 3 draw init and order from
+    train.seed + k (the facts stay), and each arm's row is the mean with its spread."""
+    run_compare(tiny_preset(), str(tmp_path), arms=["dense", "memory"], progress=False)
+    before = (tmp_path / "dense" / "result.json").stat().st_mtime_ns
+    rows = run_compare(tiny_preset(), str(tmp_path), arms=["dense", "memory"], progress=False, seeds=3)
+    assert (tmp_path / "dense" / "result.json").stat().st_mtime_ns == before
+    assert [r["arm"] for r in rows] == ["dense", "memory"] and all(r["seeds"] == 3 for r in rows)
+    for row in rows:
+        losses = [run["final_loss"] for run in row["runs"]]
+        assert [run["seed"] for run in row["runs"]] == [0, 1, 2]
+        assert row["final_loss"] == pytest.approx(sum(losses) / 3)
+        assert row["final_loss_std"] == pytest.approx(statistics.stdev(losses)) and row["final_loss_std"] > 0
+        assert (row["final_loss_min"], row["final_loss_max"]) == (min(losses), max(losses))
+        assert row["total_params"] == row["runs"][0]["total_params"]
+    config = json.loads((tmp_path / "memory.seed2" / "result.json").read_text())["config"]
+    assert config["train"]["seed"] == 2 and config["data"]["order_seed"] == 2
+    assert "±" in capsys.readouterr().out and "±" in (tmp_path / "results.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())[0]["runs"][1]["seed"] == 1
+    with pytest.raises(ValueError, match="seeds must be an integer >= 1"):
+        run_compare(tiny_preset(), str(tmp_path), seeds=0, progress=False)
+
+
+def test_aggregate_by_hand():
+    from memlayers.compare.report import aggregate
+
+    rows = aggregate([
+        {"arm": "a", "seed": 0, "final_loss": 1.0, "memory_usage": None, "total_params": 5},
+        {"arm": "b", "seed": 0, "final_loss": 2.0},
+        {"arm": "a", "seed": 1, "final_loss": 3.0, "memory_usage": None, "total_params": 5},
+    ])  # fmt: skip
+    a, b = rows
+    assert (a["arm"], a["seeds"], b["seeds"]) == ("a", 2, 1)
+    assert a["final_loss"] == 2.0 and a["final_loss_std"] == pytest.approx(2**0.5)
+    assert (a["final_loss_min"], a["final_loss_max"]) == (1.0, 3.0) and "memory_usage" not in a
+    assert "final_loss_std" not in b  # one seed: no spread
+    table = format_table(rows)
+    assert "2.000 ± 1.414" in table and "5 ±" not in table  # no spread for what the architecture fixes
+
+
+def test_another_order_seed_keeps_the_facts_and_changes_the_order():
+    from memlayers.data import DataConfig, FactsConfig, build_dataset
+
+    base = build_dataset(DataConfig(facts=FactsConfig(people=20)))
+    other = build_dataset(DataConfig(facts=FactsConfig(people=20), order_seed=7))
+    assert other.documents == base.documents
+    assert not torch.equal(other.train_batch(0, 4, 16)[0], base.train_batch(0, 4, 16)[0])
+    same = build_dataset(DataConfig(facts=FactsConfig(people=20), order_seed=0))  # the facts' own seed
+    assert torch.equal(same.train_batch(0, 4, 16)[0], base.train_batch(0, 4, 16)[0])

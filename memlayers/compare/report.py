@@ -1,6 +1,7 @@
 """The comparison's outputs: one plain-text table, CSV and JSON files, and two PNG plots.
 
-Every function takes ``rows``: one dict per arm, as ``memlayers.compare.runner.arm_row`` builds them.
+Every function takes ``rows``: one dict per arm, as ``memlayers.compare.runner.arm_row`` builds them, or,
+over several seeds, as ``aggregate`` makes them (each number the mean, with ``<key>_std``, ``_min``, ``_max``).
 """
 
 import csv
@@ -8,6 +9,7 @@ import io
 import json
 import math
 import os
+import statistics
 
 from .._extras import require
 from ..train import atomic_write
@@ -32,11 +34,38 @@ COLUMNS = [
 ]
 
 
+# what the architecture fixes (the same for every seed): no spread is shown for these
+FIXED = ("total_params", "memory_params", "active_params", "flops_per_token", "flops_ratio", "tokens")
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """Rows of (arm, seed) runs -> one row per arm, in first-seen order: every number's mean over the arm's
+    seeds, with ``<key>_std`` (sample standard deviation), ``<key>_min`` and ``<key>_max``; ``seeds`` the
+    count and ``runs`` the per-seed rows. A key some seed lacks (or holds None) is left out."""
+    by_arm: dict[str, list[dict]] = {}
+    for run in runs:
+        by_arm.setdefault(run["arm"], []).append(run)
+    rows = []
+    for arm, arm_runs in by_arm.items():
+        row = {"arm": arm, "seeds": len(arm_runs), "runs": arm_runs}
+        for key in arm_runs[0]:
+            values = [r.get(key) for r in arm_runs]
+            if key == "seed" or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                continue
+            row[key] = statistics.fmean(values)
+            if len(values) > 1:
+                row[f"{key}_std"] = statistics.stdev(values)
+                row[f"{key}_min"], row[f"{key}_max"] = min(values), max(values)
+        rows.append(row)
+    return rows
+
+
 def _cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    return fmt.format(value)
+    std = row.get(f"{key}_std")
+    return fmt.format(value) if std is None or key in FIXED else f"{fmt.format(value)} ± {fmt.format(std)}"
 
 
 def _columns(rows: list[dict]) -> list[tuple[str, str, str]]:
@@ -49,7 +78,9 @@ def format_table(rows: list[dict]) -> str:
     columns = _columns(rows)
     cells = [[title for _, title, _ in columns]] + [[_cell(r, k, f) for k, _, f in columns] for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in cells]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in cells
+    ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
@@ -83,11 +114,12 @@ def write_tables(rows: list[dict], out_dir: str) -> list[str]:
     return paths
 
 
-def write_plots(rows: list[dict], curves: dict[str, list[tuple[float, float]]], out_dir: str) -> list[str]:
-    """``loss.png`` (training loss vs tokens, one line per arm) and ``recall_vs_flops.png``
-    (final recall of each trained format vs forward FLOPs/token, one point per arm); return the paths.
+def write_plots(rows: list[dict], curves: dict[str, list[list[tuple[float, float]]]], out_dir: str) -> list[str]:
+    """``loss.png`` (training loss vs tokens, one line per arm: the mean over its seeds, their range shaded)
+    and ``recall_vs_flops.png`` (final recall of each trained format vs forward FLOPs/token, one point per
+    arm, with the seeds' standard deviation as error bars); return the paths.
 
-    curves: arm -> [(tokens seen, training loss), ...].
+    curves: arm -> one [(tokens seen, training loss), ...] per seed.
     """
     matplotlib = require("matplotlib", "train")
     matplotlib.use("Agg")
@@ -95,9 +127,17 @@ def write_plots(rows: list[dict], curves: dict[str, list[tuple[float, float]]], 
 
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for arm, points in curves.items():
-        if points:
-            ax.plot([t for t, _ in points], [loss for _, loss in points], label=arm)
+    for arm, seeds in curves.items():
+        seeds = [dict(points) for points in seeds if points]
+        tokens = sorted(set.intersection(*(set(points) for points in seeds))) if seeds else []
+        if not tokens:
+            continue
+        losses = [[points[t] for points in seeds] for t in tokens]
+        (line,) = ax.plot(tokens, [statistics.fmean(v) for v in losses], label=arm)
+        if len(seeds) > 1:
+            ax.fill_between(
+                tokens, [min(v) for v in losses], [max(v) for v in losses], color=line.get_color(), alpha=0.2
+            )
     ax.set(xlabel="training tokens", ylabel="training loss", title="Loss vs tokens")
     ax.set_yscale("log")
     paths.append(_finish(fig, ax, os.path.join(out_dir, "loss.png")))
@@ -105,11 +145,13 @@ def write_plots(rows: list[dict], curves: dict[str, list[tuple[float, float]]], 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, label, marker in (("recall/records", "records", "o"), ("recall/bios", "bios", "s"),
                                ("qa_heldout", "QA held-out", "^")):  # fmt: skip
-        points = [(r["flops_per_token"], r[key], r["arm"]) for r in rows if r.get(key) is not None]
+        points = [(r["flops_per_token"], r[key], r.get(f"{key}_std") or 0, r["arm"]) for r in rows
+                  if r.get(key) is not None]  # fmt: skip
         if not points:
             continue
-        ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=label, s=50)
-        for x, y, arm in points:
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], fmt=marker,
+                    label=label, markersize=7, capsize=3)  # fmt: skip
+        for x, y, _, arm in points:
             ax.annotate(arm, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set(xlabel="forward FLOPs per token", ylabel="exact-match recall", title="Fact recall vs FLOPs/token",

@@ -2,10 +2,13 @@
 
     from memlayers.compare import run_compare
     rows = run_compare("cpu", "runs/compare-cpu")      # one dict per arm, also printed as a table
+    rows = run_compare("cpu", "runs/compare-cpu", seeds=3)  # each arm over 3 seeds: mean ± std
 
 Each arm trains in ``<out_dir>/<arm>/`` with ``memlayers.train.train`` (so an interrupted compare
-resumes where it stopped and a finished arm is never trained twice); the outputs
-(``results.{json,csv,md}``, ``loss.png``, ``recall_vs_flops.png``) go to ``out_dir``.
+resumes where it stopped and a finished arm is never trained twice), its further seeds in
+``<out_dir>/<arm>.seed<k>/``; the outputs (``results.{json,csv,md}``, ``loss.png``, ``recall_vs_flops.png``)
+go to ``out_dir``. Seed k >= 1 draws the model's init and the training order from ``train.seed + k``
+(``train.seed``, ``data.order_seed``): the facts stay the same.
 """
 
 import os
@@ -17,7 +20,7 @@ from ..train import RunConfig, load_config, train
 from ..train.lock import lock_run_dir
 from ..train.plots import read_metrics
 from .presets import CompareConfig, get_preset
-from .report import format_table, write_plots, write_tables
+from .report import aggregate, format_table, write_plots, write_tables
 
 
 class ArmsFailedError(RunError, RuntimeError):
@@ -79,6 +82,16 @@ def arm_configs(
     return configs
 
 
+def seed_overrides(base: int, k: int) -> list[str]:
+    """The overrides of seed ``k`` of a comparison whose arms have ``train.seed`` = ``base``: none for k = 0 (the
+    preset as it is), else init and training order from ``base + k``."""
+    return [] if k == 0 else [f"train.seed={base + k}", f"data.order_seed={base + k}"]
+
+
+def run_dir(out_dir: str, arm: str, k: int) -> str:
+    return os.path.join(out_dir, arm if k == 0 else f"{arm}.seed{k}")
+
+
 def run_compare(
     preset: str | CompareConfig,
     out_dir: str,
@@ -86,45 +99,67 @@ def run_compare(
     arms: list[str] | None = None,
     overrides: list[str] = (),
     progress: bool = True,
+    seeds: int = 1,
 ) -> list[dict]:
     """Train (or reuse) every arm of ``preset`` under ``out_dir``, print the table, write the files.
 
     arms: a subset of the preset's arms, in the preset's order (None: all of them).
     overrides: dotlist overrides applied to every arm's RunConfig (``train.steps=100``).
     progress: print each arm's name and let ``train.progress`` show its bar; False: quiet.
+    seeds: train each arm this many times (``seed_overrides``); the rows are then means over the seeds with
+        their spread (``report.aggregate``).
     Returns one row (dict) per arm. An arm that fails does not stop the others: the table and files
     are written for the arms that finished, then a RuntimeError names the failed arms and why (if
     every arm failed, the first one's error is raised as it was).
     """
+    if not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
     preset = get_preset(preset) if isinstance(preset, str) else preset
     configs = arm_configs(preset, overrides, arms)
+    base = next(iter(configs.values())).train.seed
+    runs = {(arm, 0): cfg for arm, cfg in configs.items()}
+    for k in range(1, seeds):
+        runs.update(
+            {(arm, k): cfg for arm, cfg in arm_configs(preset, [*overrides, *seed_overrides(base, k)], arms).items()}
+        )
     os.makedirs(out_dir, exist_ok=True)
     with lock_run_dir(out_dir):  # one comparison per directory (each arm's run also locks its own)
-        return _run_arms(preset, configs, out_dir, progress)
+        return _run_arms(preset, runs, out_dir, progress, seeds)
 
 
-def _run_arms(preset: CompareConfig, configs: dict[str, RunConfig], out_dir: str, progress: bool) -> list[dict]:
+def _run_arms(preset: CompareConfig, runs: dict, out_dir: str, progress: bool, seeds: int) -> list[dict]:
     start = time.perf_counter()
     results, failed = {}, {}
-    for i, (arm, cfg) in enumerate(configs.items()):
+    for i, ((arm, k), cfg) in enumerate(sorted(runs.items(), key=lambda item: item[0][1])):
+        name = arm if seeds == 1 else f"{arm} (seed {k + 1} of {seeds})"
         if progress:
-            print(f"[{i + 1}/{len(configs)}] {arm}", flush=True)
+            print(f"[{i + 1}/{len(runs)}] {name}", flush=True)
         try:
-            results[arm] = train(cfg, os.path.join(out_dir, arm), progress=None if progress else False)
+            results[arm, k] = train(cfg, run_dir(out_dir, arm, k), progress=None if progress else False)
         except Exception as e:  # noqa: BLE001 (one arm running out of memory must not cost the others)
-            failed[arm] = e
+            failed[name] = e
             why = f"{type(e).__name__}: {e}"
-            print(f"arm {arm!r} failed ({why}); going on with the others", file=sys.stderr, flush=True)
+            print(f"arm {name!r} failed ({why}); going on with the others", file=sys.stderr, flush=True)
     if failed and not results:
         raise next(iter(failed.values()))
-    dense = results.get("dense")
+    dense = next((r for (arm, _), r in results.items() if arm == "dense"), None)
     dense_flops = dense["accounting"]["flops_per_token"] if dense else None
-    rows = [arm_row(arm, result, dense_flops) for arm, result in results.items()]
+    order = {arm: i for i, (arm, _) in enumerate(runs)}  # the preset's order of the arms
+    finished = sorted(results.items(), key=lambda item: (order[item[0][0]], item[0][1]))
+    rows = [{**arm_row(arm, result, dense_flops), "seed": result["config"]["train"]["seed"]}
+            for (arm, _), result in finished]  # fmt: skip
+    if seeds > 1:
+        rows = aggregate(rows)
     write_tables(rows, out_dir)
-    write_plots(rows, {arm: loss_curve(os.path.join(out_dir, arm)) for arm in results}, out_dir)
+    curves = {}
+    for (arm, k), _ in finished:
+        curves.setdefault(arm, []).append(loss_curve(run_dir(out_dir, arm, k)))
+    write_plots(rows, curves, out_dir)
     print(f"\npreset {preset.name!r}: {preset.description}")
+    if seeds > 1:
+        print(f"mean ± standard deviation over {seeds} seeds (min and max in results.json)")
     print(format_table(rows))
-    print(f"\n{len(rows)} arms in {time.perf_counter() - start:.0f} s (finished arms reused); outputs in {out_dir}/")
+    print(f"\n{len(results)} runs in {time.perf_counter() - start:.0f} s (finished runs reused); outputs in {out_dir}/")
     if failed:
         raise ArmsFailedError(
             f"{len(failed)} arm(s) failed, the table above leaves them out: "

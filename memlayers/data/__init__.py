@@ -25,11 +25,14 @@ KINDS = ("facts", "text")
 
 @dataclass
 class DataConfig:
-    """Which dataset to train on: kind "facts" (uses ``facts``) or "text" (uses ``text``)."""
+    """Which dataset to train on: kind "facts" (uses ``facts``) or "text" (uses ``text``). ``order_seed``: the
+    seed of the training order (how documents are shuffled into batches, epoch by epoch); None: the dataset's
+    own seed. Another order_seed keeps the facts or the text split and changes only the order."""
 
     kind: str = "facts"
     facts: FactsConfig = field(default_factory=FactsConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    order_seed: int | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -51,12 +54,13 @@ def build_tokenizer(cfg: DataConfig) -> WordTokenizer | ByteTokenizer:
 
 
 def build_dataset(cfg: DataConfig) -> FactsDataset | TextDataset:
-    """The dataset ``cfg.kind`` names, built from its sub-config."""
-    if cfg.kind == "facts":
-        return FactsDataset(cfg.facts)
-    if cfg.kind == "text":
-        return TextDataset(cfg.text)
-    raise ValueError(f"DataConfig.kind: unknown {cfg.kind!r}; choose one of {', '.join(KINDS)}")
+    """The dataset ``cfg.kind`` names, built from its sub-config (its training order from ``cfg.order_seed``)."""
+    if cfg.kind not in KINDS:
+        raise ValueError(f"DataConfig.kind: unknown {cfg.kind!r}; choose one of {', '.join(KINDS)}")
+    dataset = FactsDataset(cfg.facts) if cfg.kind == "facts" else TextDataset(cfg.text)
+    if cfg.order_seed is not None:
+        dataset.seed = cfg.order_seed  # (the packed streams are made on first use)
+    return dataset
 
 
 __all__ = [
