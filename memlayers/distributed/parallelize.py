@@ -105,7 +105,8 @@ def parallelize(model: nn.Module, memory: int = 1, sharding: str = "column", mix
         # a block whose parts have an auxiliary loss (UltraMem's core penalty, read by the model after the block's
         # forward) keeps its whole parameters until its backward: the loss is then of plain tensors
         keep = any(m.aux_loss() is not None for m in module.modules() if hasattr(m, "aux_loss"))
-        fully_shard(module, mesh=world_mesh, mp_policy=policy, ignored_params=ignored, reshard_after_forward=not keep)
+        options = {"reshard_after_forward": False} if keep else {}  # (else FSDP2's defaults, the root's its own)
+        fully_shard(module, mesh=world_mesh, mp_policy=policy, ignored_params=ignored, **options)
         module.set_gradient_divide_factor(1.0)  # the losses are pre-weighted: sum, do not average
         module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
     return Parallel(model, world, rank, replica_group, memory_group, mesh)

@@ -159,27 +159,35 @@ class Parallel:
                 self._gather_collected(part, shards)
 
     def _gather_collected(self, fused, shards) -> None:
-        """Every replica's collected pieces of each of ``fused``'s tables, on every replica (collective)."""
+        """Every replica's collected pieces of each of ``fused``'s tables, on every replica; a table some process
+        read gets a piece on every process, if empty, so that every shard's step count moves as one process's
+        table's would (collective)."""
         for p in (p for group in fused.param_groups for p in group["params"]):
-            group = self.replica_group if id(p) in shards else None
-            if group is not None and dist.get_world_size(group) == 1:
-                continue
             piece = fused.collected(p)
-            if piece is None:  # no token of ours read it: an empty piece
-                d = p.shape[1]
+            read = torch.tensor(piece is not None, device=p.device)
+            dist.all_reduce(read, op=dist.ReduceOp.MAX)
+            if not read:
+                continue
+            if piece is None:
                 empty = torch.zeros(0, dtype=torch.long, device=p.device)
-                piece = (empty, p.new_zeros(0, dtype=torch.float32), empty, p.new_zeros(0, d, dtype=torch.float32))
-            ids, weights, rows, src = piece
-            parts = _all_gather_varlen([ids, weights.float(), rows, src.float()], group)
-            offsets = torch.tensor([0] + [r[3].shape[0] for r in parts[:-1]], device=p.device).cumsum(0)
-            if sum(r[0].numel() for r in parts):
-                fused.replace_collected(
-                    p,
+                piece = (
+                    empty,
+                    p.new_zeros(0, dtype=torch.float32),
+                    empty,
+                    p.new_zeros(0, p.shape[1], dtype=torch.float32),
+                )
+            group = self.replica_group if id(p) in shards else None
+            if group is None or dist.get_world_size(group) > 1:
+                ids, weights, rows, src = piece
+                parts = _all_gather_varlen([ids, weights.float(), rows, src.float()], group)
+                offsets = torch.tensor([0] + [r[3].shape[0] for r in parts[:-1]], device=p.device).cumsum(0)
+                piece = (
                     torch.cat([r[0] for r in parts]),
                     torch.cat([r[1] for r in parts]).to(weights.dtype),
                     torch.cat([r[2] + o for r, o in zip(parts, offsets)]),
                     torch.cat([r[3] for r in parts]).to(src.dtype),
                 )
+            fused.replace_collected(p, *piece)
 
     @torch.no_grad()
     def grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
@@ -268,7 +276,7 @@ class Parallel:
 
     @torch.no_grad()
     def load_optimizer_state(self, optimizer, state: dict) -> None:
-        """Load one process's optimizer state (``full_state``'s) into this layout: each rank keeps its parts."""
+        """Load one process's optimizer state (a one-file checkpoint's) into this layout: each rank keeps its parts."""
         from torch.distributed.tensor import distribute_tensor
 
         shards = self._shards()

@@ -41,9 +41,10 @@ def row_block(name: str, rows: int, G: int, r: int) -> tuple[int, tuple[int, int
 class ShardedStore(ValueStore):
     """A value store whose parameters are split over the ranks of ``group`` (a memory group), read by the
     group as the whole store: every rank calls forward with the same number of tokens (checked) and runs
-    the backward (both collective). ``part`` and ``gather`` map tensors laid out like a parameter (it, or its
-    optimizer state) to this rank's part and back: what checkpoints in one process's layout need. Accounting
-    and signature are the whole store's (``kind``, set by ``_copy_options``).
+    the backward (both collective). ``split`` says how each parameter is split (sharded checkpoints use it);
+    ``part`` and ``gather`` map tensors laid out like a parameter (it, or its optimizer state) to this rank's
+    part and back (a one-file checkpoint resumed on many processes, ``full_weight``). Accounting and
+    signature are the whole store's (``kind``, set by ``_copy_options``).
     """
 
     def __init__(self, group: dist.ProcessGroup | None):

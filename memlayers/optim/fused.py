@@ -120,6 +120,8 @@ class FusedRowOptimizer(RowSparseOptimizer):
         loss = closure() if closure is not None else None
         for p in list(self._pending):
             self._apply(p)
+        if self._fresh:  # nothing applied in this step
+            self._sq_norms = []
         self._fresh = True
         return loss
 
@@ -146,15 +148,16 @@ class FusedRowOptimizer(RowSparseOptimizer):
         return torch.cat(ids), torch.cat(weights), torch.cat(rows), torch.cat(src)
 
     def replace_collected(self, p, ids: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, src: torch.Tensor):
-        """Set what ``step()`` applies to ``p`` (``collected``'s layout)."""
+        """Set what ``step()`` applies to ``p`` (``collected``'s layout; empty: the step count still moves, as a
+        table some process read)."""
         self._pending[p] = [(ids, weights, rows, src)]
 
     @torch.no_grad()
     def _apply(self, p) -> None:
         piece = self.collected(p)
-        self._pending.pop(p, None)
         if piece is None:
             return
+        del self._pending[p]
         ids, weights, rows, src = piece
         if self._fresh:  # the first update of a step: the norms are this step's from here on
             self._sq_norms, self._fresh = [], False

@@ -3,7 +3,7 @@
 A checkpoint is one ``torch.save``d dict (loadable with ``weights_only=True``: tensors and builtins only;
 a zip archive, whose CRC-32s ``read_checkpoint`` verifies, so flipped bytes are refused):
 
-    format, version     "memlayers-checkpoint", 1
+    format, version     "memlayers-checkpoint", 1 (2: sharded)
     config              RunConfig.to_dict() of the run (vocab_size resolved)
     step, tokens        optimizer steps done, training tokens seen
     model               the (uncompiled) model's state_dict     } or, saved by many processes,
@@ -36,6 +36,7 @@ from ..metrics import UsageTracker
 
 FORMAT = "memlayers-checkpoint"
 VERSION = 1
+SHARDED_VERSION = 2  # a checkpoint.pt naming shards: what a memlayers before them cannot read
 CHECKPOINT = "checkpoint.pt"
 TMP_MARK = ".tmp."
 REQUIRED = ("config", "step", "tokens", "rng", "usage", "trainer")
@@ -224,7 +225,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
             f"{path}: not saved, {len(bad)} tensor(s) hold NaN or inf (e.g. {', '.join(bad[:3])}); "
             "the previous checkpoint is kept"
         )
-    payload = {"format": FORMAT, "version": VERSION, **state}
+    payload = {"format": FORMAT, "version": SHARDED_VERSION if "shards" in state else VERSION, **state}
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
@@ -264,10 +265,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a memlayers checkpoint (no format={FORMAT!r} marker)")
-    if ckpt.get("version") != VERSION:
+    if ckpt.get("version") not in (VERSION, SHARDED_VERSION):
         raise CheckpointError(
-            f"{path}: checkpoint version {ckpt.get('version')!r}, this memlayers reads version {VERSION}; "
-            "use the memlayers version that wrote it"
+            f"{path}: checkpoint version {ckpt.get('version')!r}, this memlayers reads versions {VERSION} and "
+            f"{SHARDED_VERSION}; use the memlayers version that wrote it"
         )
     missing = [k for k in REQUIRED if k not in ckpt] + _missing_tensors(ckpt)
     if missing:
@@ -289,7 +290,8 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     path: a checkpoint file, a run directory (``out_dir/checkpoint.pt``, whole or sharded) or a .safetensors
     file written by ``export_safetensors``. The model is built from the saved config, gets the saved weights
     and usage statistics, and is returned on ``device`` in eval mode. ``extra`` holds the rest of the
-    checkpoint (step, tokens, and, but from a .safetensors file, the optimizer, rng, trainer state).
+    checkpoint (step, tokens; from a one-file checkpoint also the optimizer, rng and trainer state; from a
+    sharded one all but the optimizer, whose state is in the shards).
     """
     from ..model import Transformer
     from .config import RunConfig

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ..distributed.launch import agree, all_objects
 from ..optim.combined import optimizer_parts
-from .checkpoint import CHECKPOINT, CheckpointError, NonFiniteError, nonfinite, save_checkpoint
+from .checkpoint import CHECKPOINT, CheckpointError, NonFiniteError, fsync_dir, nonfinite, save_checkpoint
 
 SHARDS = "checkpoints"
 _SHARD_DIR = re.compile(r"step_\d{9}(\.\d+)?")
@@ -64,6 +64,8 @@ def save_sharded(
     shards = reuse or _write_shards(out_dir, meta["step"] if meta else None, model, optimizer, plan)
 
     def commit():
+        fsync_dir(out_dir / shards["dir"])  # the new files' names durable before checkpoint.pt names them
+        fsync_dir(out_dir / SHARDS)
         save_checkpoint(
             out_dir / CHECKPOINT, {**meta, "shards": {k: shards[k] for k in ("dir", "files", "param_groups")}}
         )
@@ -89,10 +91,9 @@ def _write_shards(out_dir: Path, step: int | None, model: nn.Module, optimizer, 
     try:
         dcp.save(state, checkpoint_id=directory)
     except dcp.api.CheckpointException as e:
-        cause = next(iter(e.failures.values()), e)
         raise OSError(
-            f"cannot write the sharded checkpoint {directory}: {str(cause).strip().splitlines()[-1]}; free disk "
-            "space or fix the permissions, then rerun (the previous checkpoint is kept)"
+            f"cannot write the sharded checkpoint {directory}: {_first_failure(e)}; free disk space or fix the "
+            "permissions, then rerun (the previous checkpoint is kept)"
         ) from None
     param_groups = [opt.state_dict()["param_groups"] for opt in optimizer_parts(optimizer)]
     return {"dir": name, "files": _manifest(directory, plan), "param_groups": param_groups}
@@ -133,7 +134,10 @@ def load_sharded(ckpt: dict, model: nn.Module, optimizer, plan) -> None:
             )
     with warnings.catch_warnings():  # alone, DCP warns that it loads in one process
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=directory, no_dist=plan.world == 1)  # one process's plan: alone
+        try:
+            dcp.load(state, checkpoint_id=directory, no_dist=plan.world == 1)  # one process's plan: alone
+        except dcp.api.CheckpointException as e:
+            raise CheckpointError(f"{directory}: cannot read the sharded checkpoint ({_first_failure(e)})") from None
     if optimizer is None:
         return
     names = {id(p): n for n, p in model.named_parameters()}
@@ -170,6 +174,14 @@ def _new_shard_dir(out_dir: Path, step: int) -> str:
     return name
 
 
+def _first_failure(e: BaseException) -> str:
+    """One line from DCP's CheckpointException: its first rank's exception."""
+    failure = next(iter(getattr(e, "failures", {}).values()), e)
+    failure = failure[0] if isinstance(failure, tuple) else failure
+    lines = str(failure).strip().splitlines()
+    return f"{type(failure).__name__}: {lines[-1] if lines else ''}"
+
+
 def _crc32(path: Path) -> int:
     crc = 0
     with open(path, "rb") as f:
@@ -181,8 +193,18 @@ def _crc32(path: Path) -> int:
 def _manifest(directory: Path, plan) -> dict[str, list[int]]:
     """{file name: [bytes, CRC-32]} of every file of a saved DCP checkpoint, each process checksumming a share."""
     names = agree(lambda: sorted(p.name for p in directory.iterdir() if p.is_file()))
-    mine = {n: [(directory / n).stat().st_size, _crc32(directory / n)] for n in names[plan.rank :: plan.world]}
-    return {n: v for part in all_objects(mine) for n, v in part.items()}
+    mine, failed = {}, []
+    for n in names[plan.rank :: plan.world]:
+        try:
+            mine[n] = [(directory / n).stat().st_size, _crc32(directory / n)]
+        except OSError as e:  # reported by every process below, none left waiting
+            failed.append(f"{n}: {e.strerror or e}")
+    parts = all_objects((mine, failed))
+    failed = [f for _, f in parts for f in f]
+    if failed:
+        raise OSError(f"cannot read back the sharded checkpoint {directory} ({'; '.join(failed[:3])}); the previous "
+                      "checkpoint is kept")  # fmt: skip
+    return {n: v for m, _ in parts for n, v in m.items()}
 
 
 def _verify(directory: Path, files: dict[str, list[int]], plan) -> None:
@@ -190,16 +212,19 @@ def _verify(directory: Path, files: dict[str, list[int]], plan) -> None:
     problems = []
     for n in sorted(files)[plan.rank :: plan.world]:
         path, (size, crc) = directory / n, files[n]
-        if not path.is_file():
-            problems.append(f"{n} is missing")
-        elif path.stat().st_size != size:
-            problems.append(f"{n} has {path.stat().st_size} bytes, {size} were written")
-        elif _crc32(path) != crc:
-            problems.append(f"{n} fails its checksum")
+        try:
+            if not path.is_file():
+                problems.append(f"{n} is missing")
+            elif path.stat().st_size != size:
+                problems.append(f"{n} has {path.stat().st_size} bytes, {size} were written")
+            elif _crc32(path) != crc:
+                problems.append(f"{n} fails its checksum")
+        except OSError as e:  # reported by every process below, none left waiting
+            problems.append(f"{n} cannot be read ({e.strerror or e})")
     if plan.world > 1:
         problems = [p for part in all_objects(problems) for p in part]
     if problems:
         raise CheckpointError(
-            f"{directory}: damaged sharded checkpoint ({'; '.join(problems[:3])}); restore the files, or delete "
-            f"{directory.parent.parent / CHECKPOINT} to restart the run from scratch"
+            f"{directory}: damaged sharded checkpoint ({'; '.join(problems[:3])}); restore the files (if a training "
+            "run is writing this directory, its next checkpoint replaced them: read it again)"
         )

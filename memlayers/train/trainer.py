@@ -499,6 +499,8 @@ class _Run:
     def _checkpoint_fits(self, load) -> None:
         try:
             load()
+        except CheckpointError:  # (damaged files: its own message)
+            raise
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(
                 f"{self.out_dir / CHECKPOINT}: does not fit the model and optimizer of its own config "
@@ -535,10 +537,14 @@ class _Run:
         with self.plan.global_usage(self.model):
             usage = usage_state(self.model)
         meta = None
-        if self.main:
+
+        def flush():  # the metrics up to here, durable before a checkpoint names their length
             with write_errors(self.metrics.name):
                 self.metrics.flush()
                 os.fsync(self.metrics.fileno())
+
+        agree(flush)  # (a failure raised on every process: none left waiting in the save's collectives)
+        if self.main:
             meta = {
                 "config": self.cfg.to_dict(),
                 "step": self.step,
