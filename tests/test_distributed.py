@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
 from conftest import rel_err
+from torch import nn
 
 from memlayers import ValueTable
 from memlayers.distributed import ColumnShardedTable, RowShardedTable, ShardedStore, shard_values
