@@ -67,7 +67,7 @@ class ColumnShardedIVE(ShardedIVE):
     def pooled(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         T, G = ids.shape[0], self.world
         w = self.kind.core_weights(self, ids, weights).expand(-1, -1, self.cores)  # (T, L, C)
-        all_ids = all_gather_rows(ids.reshape(T, -1), self.group)  # (G*T, L)
+        all_ids = all_gather_rows(ids.flatten(1), self.group)  # (G*T, L)
         all_w = all_gather_rows(w, self.group)[..., self.slice_cores]  # (G*T, L, local slices)
         block, row = self.kind.slots(self, all_ids)
         part = pool(self.weight, block, row, all_w, self.expansion, self.sparse_grad)  # (G*T, E, d_v/G)

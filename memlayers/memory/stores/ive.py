@@ -154,7 +154,7 @@ class ImplicitValueExpansion(ValueStore):
 
     def slots(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids (T, H, k) (or (T, L)) virtual -> block (T, L) and physical row (T, L) of each slot, L = H*k."""
-        s = self.perm[ids.reshape(ids.shape[0], -1)]  # shuffled ids
+        s = self.perm[ids.flatten(1)]  # shuffled ids
         return s // self.num_values, s % self.num_values
 
     def core_weights(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -162,7 +162,7 @@ class ImplicitValueExpansion(ValueStore):
         C = weights.shape[-1] if weights.dim() > ids.dim() else 1
         if C != self.cores and C != 1:
             raise ValueError(f"ImplicitValueExpansion: got {C} weights per slot, the store has cores={self.cores}")
-        return weights.reshape(ids.shape[0], -1, C)
+        return weights.flatten(1, -2) if weights.dim() > ids.dim() else weights.flatten(1).unsqueeze(-1)
 
     def pooled(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """ids (T, H, k) virtual, weights (T, H, k[, C]) -> (T, E, d_v): each block's weighted sum of its rows."""
