@@ -290,15 +290,9 @@ def test_the_example_runs_under_torchrun(sharding):
     assert done.stdout.count("output matches the whole table: True") == 2, done.stdout
 
 
-def _parallel_matches_one_process(rank, world, memory, sharding, sparse):
-    """``parallelize``: FSDP2 data parallelism over every rank, value tables sharded over memory groups (or
-    not), a replicated store (PEER's experts) and batch-norm statistics over every rank's tokens. The global
-    loss, each rank's logits, every gradient (the dense ones assembled from FSDP2's shards, the value
-    shards' own) and the clipping norms equal one process's on the whole batch."""
-    from memlayers.distributed import parallelize
-    from memlayers.optim import clip_grad_norms
-    from memlayers.optim.groups import value_parameters
-
+def every_kind_model(sparse: bool) -> Transformer:
+    """A model with every sharded store (a Memory+ pool read by two layers, engram's table, PEER's experts,
+    UltraMem's expansion), dense or row-sparse values, from seed 0."""
     options = {"n_keys": 8, "heads": 2, "topk": 4, "sparse_values": sparse, "query_norm": "batchnorm"}
     cfg = ModelConfig(
         vocab_size=50, dim=32, n_layers=5, n_heads=2, max_seq_len=16,
@@ -312,7 +306,19 @@ def _parallel_matches_one_process(rank, world, memory, sharding, sparse):
         ],
     )  # fmt: skip
     torch.manual_seed(0)
-    model = Transformer(cfg)
+    return Transformer(cfg)
+
+
+def _parallel_matches_one_process(rank, world, memory, sharding, sparse):
+    """``parallelize``: FSDP2 data parallelism over every rank, value tables sharded over memory groups (or
+    not), a replicated store (PEER's experts) and batch-norm statistics over every rank's tokens. The global
+    loss, each rank's logits, every gradient (the dense ones assembled from FSDP2's shards, the value
+    shards' own) and the clipping norms equal one process's on the whole batch."""
+    from memlayers.distributed import parallelize
+    from memlayers.optim import clip_grad_norms
+    from memlayers.optim.groups import value_parameters
+
+    model = every_kind_model(sparse)
     ref = copy.deepcopy(model)
     tokens = torch.randint(0, 50, (2 * world, 9), generator=torch.Generator().manual_seed(1))
     x, y = tokens[:, :-1], tokens[:, 1:].clone()
@@ -391,25 +397,6 @@ def test_parallelize_in_bf16_mixed_precision():
     run(2, _mixed_precision_matches_one_process)
 
 
-def _checkpoint_model():
-    """A model with every sharded store (a Memory+ pool, engram's table, PEER's experts, UltraMem's expansion)
-    and row-sparse values."""
-    options = {"n_keys": 8, "heads": 2, "topk": 4, "sparse_values": True, "query_norm": "batchnorm"}
-    cfg = ModelConfig(
-        vocab_size=50, dim=32, n_layers=4, n_heads=2, max_seq_len=16,
-        memories=[
-            MemorySpec("1", pool="values", options=options),
-            MemorySpec("2", preset="peer", options={"n_keys": 6, "heads": 2, "topk": 3, "sparse_values": True}),
-            MemorySpec("0", preset="engram", mode="beside",
-                        options={"hash_heads": 2, "d_ngram": 8, "table_size": 61, "sparse_values": True}),
-            MemorySpec("3", preset="ultramem",
-                       options={"n_keys": 8, "heads": 2, "topk": 4, "expansion": 2, "sparse_values": True}),
-        ],
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return Transformer(cfg)
-
-
 def _whole(state: dict) -> dict:
     """A named state's tensors as whole tensors (collective for DTensors)."""
     return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
@@ -420,7 +407,7 @@ def _train_and_save(rank, world, memory, sharding, out):
     from memlayers.optim import build_optimizer
     from memlayers.train.sharded_checkpoint import named_state, save_sharded
 
-    model = _checkpoint_model()
+    model = every_kind_model(True)
     plan = parallelize(model, memory, sharding)
     optimizer = build_optimizer(model, lr=1e-2, value_optimizer="sparse_adam")
     tokens = torch.randint(0, 50, (2 * world, 9), generator=torch.Generator().manual_seed(1))
@@ -443,7 +430,7 @@ def _load_and_compare(rank, world, memory, sharding, out):
     from memlayers.train import read_checkpoint
     from memlayers.train.sharded_checkpoint import load_sharded, named_state
 
-    model = _checkpoint_model()
+    model = every_kind_model(True)
     plan = parallelize(model, memory, sharding)
     optimizer = build_optimizer(model, lr=1e-2, value_optimizer="sparse_adam")
     load_sharded(read_checkpoint(out), model, optimizer, plan)
@@ -466,7 +453,7 @@ def test_sharded_checkpoint_loads_exactly_in_other_layouts(tmp_path):
     assert any(k.startswith("optim.") and k.endswith(".exp_avg") for k in torch.load(tmp_path / "expected.pt"))
     for memory, sharding in ((2, "column"), (1, "row")):
         run(2, _load_and_compare, memory, sharding, str(tmp_path))
-    model = _checkpoint_model()
+    model = every_kind_model(True)
     optimizer = build_optimizer(model, lr=1e-2, value_optimizer="sparse_adam")
     plan = OneProcess()
     load_sharded(read_checkpoint(tmp_path), model, optimizer, plan)
