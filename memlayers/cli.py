@@ -162,8 +162,30 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--arms", default=None, help="comma-separated subset of the arms, e.g. dense,memory_plus")
     cmp.add_argument("--seeds", type=pos_int, default=1, help="train every arm over this many seeds (init and "
                      "data order; the facts stay) and report mean ± std; the first seed's runs are the plain ones")  # fmt: skip
+    cmp.add_argument("--tune-lr", action="store_true", help="first choose each arm's learning rate by a short "
+                     "sweep (a quarter of the steps at each of --lr-factors times the preset's lr; the lowest validation "
+                     "loss wins); default --out runs/compare-PRESET-tuned")  # fmt: skip
+    cmp.add_argument("--lr-factors", default="0.25,0.5,1,2", metavar="F,F,...",
+                     help="the multiples of the preset's lr that --tune-lr tries (default 0.25,0.5,1,2)")  # fmt: skip
     cmp.add_argument("--quiet", action="store_true", help="no progress bars")
     cmp.add_argument("overrides", **overrides)
+
+    ex = sub.add_parser(
+        "experiment",
+        help="run a packaged experiment: utilisation (sub-key collapse and its remedies)",
+        description="utilisation: train a baseline product-key memory, each sub-key remedy and all of them "
+        "together over several seeds, on a skewed synthetic regression and on a byte-level language model of local "
+        "text (this Python's standard library); write <out>/<task>/results.{json,md} and usage.png and print the "
+        "tables with the default rule's verdict. Finished runs are reused.",
+    )
+    ex.add_argument("name", choices=["utilisation"], help="which experiment")
+    ex.add_argument("--preset", default="cpu", help="cpu (minutes per arm) or gpu (one H100/H200)")
+    ex.add_argument("--tasks", default="skewed,text", help="comma-separated: skewed, text")
+    ex.add_argument("--arms", default=None, help="comma-separated subset of the arms (default: all)")
+    ex.add_argument("--seeds", type=pos_int, default=3, help="seeds per arm (default 3)")
+    ex.add_argument("--steps", type=pos_int, default=None, help="training steps of every run (default: the preset's)")
+    ex.add_argument("--out", metavar="DIR", default=None, help="output directory (default: runs/utilisation-PRESET)")
+    ex.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -230,8 +252,30 @@ def _compare(args) -> int:
         return 0
     preset = get_preset(args.preset)
     arms = None if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()]
-    out = args.out or f"runs/compare-{preset.name}"
-    run_compare(preset, out, arms=arms, overrides=args.overrides, progress=not args.quiet, seeds=args.seeds)
+    tune = None
+    if args.tune_lr:
+        try:
+            tune = [float(f) for f in args.lr_factors.split(",") if f.strip()]
+        except ValueError:
+            raise ValueError(
+                f"--lr-factors takes comma-separated numbers, e.g. 0.25,0.5,1,2; got {args.lr_factors!r}"
+            ) from None
+    out = args.out or f"runs/compare-{preset.name}" + ("-tuned" if tune else "")
+    run_compare(
+        preset, out, arms=arms, overrides=args.overrides, progress=not args.quiet, seeds=args.seeds, tune_lr=tune
+    )
+    return 0
+
+
+def _experiment(args) -> int:
+    from .experiments.utilisation import run_utilisation
+
+    names = lambda text: [a.strip() for a in text.split(",") if a.strip()]  # noqa: E731
+    run_utilisation(
+        args.out or f"runs/utilisation-{args.preset}", tasks=names(args.tasks),
+        arms=None if args.arms is None else names(args.arms), seeds=args.seeds, preset=args.preset,
+        show=not args.quiet, steps=args.steps,
+    )  # fmt: skip
     return 0
 
 
@@ -254,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except KeyboardInterrupt as e:  # training says where it stopped and how to resume
         message = str(e) or "interrupted"
-        if not str(e) and args.command in ("train", "compare"):
+        if not str(e) and args.command in ("train", "compare", "experiment"):
             message += "; rerun the same command to resume from the last checkpoint"
         print(f"memlayers {args.command}: {message}", file=sys.stderr)
         return 130
@@ -270,7 +314,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    commands = {"train": _train, "eval": _eval, "export": _export, "compare": _compare, "generate": generate_command}
+    commands = {
+        "train": _train,
+        "eval": _eval,
+        "export": _export,
+        "compare": _compare,
+        "experiment": _experiment,
+        "generate": generate_command,
+    }
     if args.command in commands:
         try:
             return commands[args.command](args)

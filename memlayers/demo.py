@@ -201,6 +201,8 @@ def train(model: nn.Module, task: RecallTask, cfg: DemoConfig, lr: float, desc: 
         loss.backward()
         clip_grad_norms(model, max_norm=1.0, value_max_norm=1.0)
         opt.step()
+        for layer in (m for m in model.modules() if isinstance(m, MemoryLayer)):
+            layer.after_step(opt)  # e.g. dead sub-key restarts
         loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
         if progress and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             bar.set_postfix(loss=f"{loss_ema:.3f}", recall=f"{recall(model, task).float().mean().item():.3f}")

@@ -183,3 +183,63 @@ def test_another_order_seed_keeps_the_facts_and_changes_the_order():
     assert not torch.equal(other.train_batch(0, 4, 16)[0], base.train_batch(0, 4, 16)[0])
     same = build_dataset(DataConfig(facts=FactsConfig(people=20), order_seed=0))  # the facts' own seed
     assert torch.equal(same.train_batch(0, 4, 16)[0], base.train_batch(0, 4, 16)[0])
+
+
+def test_tune_lr_sweeps_each_arm_and_trains_every_seed_at_its_choice(tmp_path, monkeypatch):
+    """--tune-lr: every arm's short runs at each factor, the lowest validation loss chosen (a diverged run loses),
+    every seed trained at the choice, the sweep written and reused; the recall curve plotted with eval_every."""
+    from memlayers.compare import tuning
+    from memlayers.train.checkpoint import NonFiniteError
+
+    real_train = tuning.train
+    losses = {"dense": {0.5: 3.0, 2.0: 2.0}, "memory": {0.5: 1.0, 2.0: None}}  # None: diverges
+
+    def fake_sweep(cfg, out, **kw):
+        arm, factor = out.rsplit("/", 1)[1].split(".lr")
+        real = real_train(cfg, out, **kw)  # a real (short) run: its config and files are checked below
+        assert cfg.train.steps == 2 and cfg.train.eval_every == 0  # a quarter of the 6 steps, rounded
+        loss = losses[arm][float(factor)]
+        if loss is None:
+            raise NonFiniteError("diverged (simulated)")
+        return {**real, "eval": {**real["eval"], "loss": loss}}
+
+    monkeypatch.setattr(tuning, "train", fake_sweep)
+    overrides = ["train.eval_every=3"]
+    rows = run_compare(tiny_preset(), str(tmp_path), arms=["dense", "memory"], progress=False, seeds=2,
+                       tune_lr=[2, 0.5], overrides=overrides)  # fmt: skip
+    base = tiny_preset().train.lr
+    assert [r["lr"] for r in rows] == [pytest.approx(2 * base), pytest.approx(0.5 * base)]
+    for arm, factor in (("dense", 2), ("memory", 0.5)):
+        for name in (arm, f"{arm}.seed1"):
+            assert json.loads((tmp_path / name / "result.json").read_text())["config"]["train"]["lr"] == pytest.approx(
+                factor * base
+            )
+    sweep = json.loads((tmp_path / "lr_sweep.json").read_text())
+    assert sweep["arms"]["memory"]["losses"] == {"0.5": 1.0, "2": None} and sweep["arms"]["dense"]["factor"] == 2
+    assert (
+        "**2.0000**" in (tmp_path / "lr_sweep.md").read_text() and "diverged" in (tmp_path / "lr_sweep.md").read_text()
+    )
+    assert (tmp_path / "recall_vs_tokens.png").stat().st_size > 0
+
+    def mtimes():
+        return {p: p.stat().st_mtime_ns for p in (tmp_path / "lr_sweep").glob("*/result.json")}
+
+    before = mtimes()
+    assert len(before) == 4
+    again = run_compare(tiny_preset(), str(tmp_path), arms=["dense", "memory"], progress=False, seeds=2,
+                        tune_lr=[2, 0.5], overrides=overrides)  # fmt: skip
+    assert again == rows and mtimes() == before  # the sweep's finished runs reused
+    with pytest.raises(ValueError, match="factors must be positive"):
+        run_compare(tiny_preset(), str(tmp_path), arms=["dense"], progress=False, tune_lr=[0.0], overrides=overrides)
+
+
+def test_tune_lr_refuses_when_every_lr_diverges(tmp_path, monkeypatch):
+    from memlayers.compare import tuning
+    from memlayers.train.checkpoint import NonFiniteError
+
+    def diverge(cfg, out, **kw):
+        raise NonFiniteError("diverged (simulated)")
+
+    monkeypatch.setattr(tuning, "train", diverge)
+    with pytest.raises(ValueError, match="every learning rate tried for arm 'dense' diverged"):
+        run_compare(tiny_preset(), str(tmp_path), arms=["dense"], progress=False, tune_lr=[1.0])

@@ -29,13 +29,14 @@ COLUMNS = [
     ("recall/qa", "QA trained", "{:.1%}"),
     ("qa_heldout", "QA held-out", "{:.1%}"),
     ("memory_usage", "memory usage", "{:.1%}"),
+    ("lr", "lr", "{:.2g}"),
     ("tokens_per_s", "tokens/s", "{:,.0f}"),
     ("wall_s", "wall s", "{:.0f}"),
 ]
 
 
 # what the architecture fixes (the same for every seed): no spread is shown for these
-FIXED = ("total_params", "memory_params", "active_params", "flops_per_token", "flops_ratio", "tokens")
+FIXED = ("total_params", "memory_params", "active_params", "flops_per_token", "flops_ratio", "tokens", "lr")
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
@@ -114,12 +115,39 @@ def write_tables(rows: list[dict], out_dir: str) -> list[str]:
     return paths
 
 
-def write_plots(rows: list[dict], curves: dict[str, list[list[tuple[float, float]]]], out_dir: str) -> list[str]:
-    """``loss.png`` (training loss vs tokens, one line per arm: the mean over its seeds, their range shaded)
-    and ``recall_vs_flops.png`` (final recall of each trained format vs forward FLOPs/token, one point per
-    arm, with the seeds' standard deviation as error bars); return the paths.
+def _mean_curves(ax, curves: dict[str, list[list[tuple[float, float]]]]) -> bool:
+    """One line per arm: the mean over its seeds at the tokens every seed has, their range shaded. Whether
+    anything was drawn."""
+    drawn = False
+    for arm, seeds in curves.items():
+        seeds = [dict(points) for points in seeds if points]
+        tokens = sorted(set.intersection(*(set(points) for points in seeds))) if seeds else []
+        if not tokens:
+            continue
+        values = [[points[t] for points in seeds] for t in tokens]
+        (line,) = ax.plot(
+            tokens, [statistics.fmean(v) for v in values], label=arm, marker="." if len(tokens) < 30 else None
+        )
+        if len(seeds) > 1:
+            ax.fill_between(
+                tokens, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2
+            )
+        drawn = True
+    return drawn
 
-    curves: arm -> one [(tokens seen, training loss), ...] per seed.
+
+def write_plots(
+    rows: list[dict],
+    curves: dict[str, list[list[tuple[float, float]]]],
+    out_dir: str,
+    recall: dict[str, list[list[tuple[float, float]]]] | None = None,
+) -> list[str]:
+    """``loss.png`` (training loss vs tokens, one line per arm: the mean over its seeds, their range shaded),
+    ``recall_vs_flops.png`` (final recall of each trained format vs forward FLOPs/token, one point per
+    arm, with the seeds' standard deviation as error bars) and, when the runs evaluated periodically,
+    ``recall_vs_tokens.png`` (the records' recall during training, as the loss); return the paths.
+
+    curves, recall: arm -> one [(tokens seen, training loss / recall), ...] per seed.
     """
     matplotlib = require("matplotlib", "train")
     matplotlib.use("Agg")
@@ -127,20 +155,18 @@ def write_plots(rows: list[dict], curves: dict[str, list[list[tuple[float, float
 
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for arm, seeds in curves.items():
-        seeds = [dict(points) for points in seeds if points]
-        tokens = sorted(set.intersection(*(set(points) for points in seeds))) if seeds else []
-        if not tokens:
-            continue
-        losses = [[points[t] for points in seeds] for t in tokens]
-        (line,) = ax.plot(tokens, [statistics.fmean(v) for v in losses], label=arm)
-        if len(seeds) > 1:
-            ax.fill_between(
-                tokens, [min(v) for v in losses], [max(v) for v in losses], color=line.get_color(), alpha=0.2
-            )
+    _mean_curves(ax, curves)
     ax.set(xlabel="training tokens", ylabel="training loss", title="Loss vs tokens")
     ax.set_yscale("log")
     paths.append(_finish(fig, ax, os.path.join(out_dir, "loss.png")))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if _mean_curves(ax, recall or {}):
+        ax.set(xlabel="training tokens", ylabel="exact-match recall (records)", title="Recall vs tokens",
+               ylim=(-0.03, 1.03))  # fmt: skip
+        paths.append(_finish(fig, ax, os.path.join(out_dir, "recall_vs_tokens.png")))
+    else:
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, label, marker in (("recall/records", "records", "o"), ("recall/bios", "bios", "s"),

@@ -21,6 +21,7 @@ from ..train.lock import lock_run_dir
 from ..train.plots import read_metrics
 from .presets import CompareConfig, get_preset
 from .report import aggregate, format_table, write_plots, write_tables
+from .tuning import sweep_lrs
 
 
 class ArmsFailedError(RunError, RuntimeError):
@@ -46,6 +47,7 @@ def arm_row(arm: str, result: dict, dense_flops: float | None) -> dict:
         final_loss=result.get("final_loss"),
         eval_loss=ev.get("loss"),
         memory_usage=_mean_usage(ev),
+        lr=result["config"]["train"]["lr"],
         tokens_per_s=result.get("tokens_per_s"),
         wall_s=result.get("wall_time"),
         tokens=result.get("tokens"),
@@ -54,11 +56,12 @@ def arm_row(arm: str, result: dict, dense_flops: float | None) -> dict:
     return row
 
 
-def loss_curve(run_dir: str) -> list[tuple[float, float]]:
-    """[(tokens, training loss), ...] from a run's ``metrics.jsonl`` (training records only)."""
+def loss_curve(run_dir: str, key: str = "loss") -> list[tuple[float, float]]:
+    """[(tokens, value of ``key``), ...] from a run's ``metrics.jsonl``: the training loss, or e.g.
+    ``eval/recall/records`` (the periodic evaluations' recall, with ``train.eval_every`` > 0)."""
     path = os.path.join(run_dir, "metrics.jsonl")
     records = read_metrics(path) if os.path.exists(path) else []
-    return [(r["tokens"], r["loss"]) for r in records if "loss" in r and "tokens" in r]
+    return [(r["tokens"], r[key]) for r in records if key in r and "tokens" in r]
 
 
 def arm_configs(
@@ -100,6 +103,7 @@ def run_compare(
     overrides: list[str] = (),
     progress: bool = True,
     seeds: int = 1,
+    tune_lr=None,
 ) -> list[dict]:
     """Train (or reuse) every arm of ``preset`` under ``out_dir``, print the table, write the files.
 
@@ -108,6 +112,8 @@ def run_compare(
     progress: print each arm's name and let ``train.progress`` show its bar; False: quiet.
     seeds: train each arm this many times (``seed_overrides``); the rows are then means over the seeds with
         their spread (``report.aggregate``).
+    tune_lr: learning-rate factors (e.g. ``LR_FACTORS``) for a short sweep per arm first (``tuning.sweep_lrs``);
+        every seed of an arm then trains at the arm's chosen lr. None: the preset's lr for every arm.
     Returns one row (dict) per arm. An arm that fails does not stop the others: the table and files
     are written for the arms that finished, then a RuntimeError names the failed arms and why (if
     every arm failed, the first one's error is raised as it was).
@@ -124,6 +130,9 @@ def run_compare(
         )
     os.makedirs(out_dir, exist_ok=True)
     with lock_run_dir(out_dir):  # one comparison per directory (each arm's run also locks its own)
+        if tune_lr is not None:
+            lrs = sweep_lrs(configs, out_dir, tune_lr, progress=progress)
+            runs = {(arm, k): load_config(None, [f"train.lr={lrs[arm]!r}"], base=cfg) for (arm, k), cfg in runs.items()}
         return _run_arms(preset, runs, out_dir, progress, seeds)
 
 
@@ -151,10 +160,11 @@ def _run_arms(preset: CompareConfig, runs: dict, out_dir: str, progress: bool, s
     if seeds > 1:
         rows = aggregate(rows)
     write_tables(rows, out_dir)
-    curves = {}
+    curves, recall = {}, {}
     for (arm, k), _ in finished:
         curves.setdefault(arm, []).append(loss_curve(run_dir(out_dir, arm, k)))
-    write_plots(rows, curves, out_dir)
+        recall.setdefault(arm, []).append(loss_curve(run_dir(out_dir, arm, k), "eval/recall/records"))
+    write_plots(rows, curves, out_dir, recall)
     print(f"\npreset {preset.name!r}: {preset.description}")
     if seeds > 1:
         print(f"mean ± standard deviation over {seeds} seeds (min and max in results.json)")

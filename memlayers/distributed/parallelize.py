@@ -69,7 +69,7 @@ def parallelize(model: nn.Module, memory: int = 1, sharding: str = "column", mix
     (``fully_shard``) on every block and on the model, for all parameters but the value stores' (left to
     ``Parallel.reduce_value_grads``), summing gradients; with ``mixed_precision`` (CUDA) bf16 parameters in
     the forward and fp32 gradient reduction. Batch norms of queries gather their statistics over every
-    rank's tokens, and so does MoE's load-balancing loss. Every rank builds the same model from the same seed and calls this; build the optimizer
+    rank's tokens, and so do MoE's load-balancing loss, query whitening and the sub-key balance loss. Every rank builds the same model from the same seed and calls this; build the optimizer
     after it. Returns the ``Parallel`` plan.
     """
     from torch.distributed.device_mesh import init_device_mesh
@@ -88,6 +88,9 @@ def parallelize(model: nn.Module, memory: int = 1, sharding: str = "column", mix
         )
     if sharding not in SHARDINGS:
         raise ValueError(f"parallelize: sharding must be one of {tuple(SHARDINGS)}, got {sharding!r}")
+    for module in model.modules():
+        if reason := getattr(module, "one_process_only", None):
+            raise ValueError(f"parallelize: {reason}")
     device = next(model.parameters()).device
     replica_group = memory_group = mesh = None
     world_mesh = init_device_mesh(device.type, (world,))

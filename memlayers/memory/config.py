@@ -6,7 +6,7 @@ import typing
 from dataclasses import MISSING, Field, asdict, dataclass, fields
 from typing import ClassVar
 
-from .addressing.product_keys import SCORE_DTYPES, SCORE_FNS, ProductKeys
+from .addressing.product_keys import KEY_INITS, KEY_PARAMS, SCORE_DTYPES, SCORE_FNS, ProductKeys
 from .norms import QUERY_NORMS
 from .parts import Addressing, Readout, ValueStore
 
@@ -152,6 +152,10 @@ class KeyedConfig(LayerConfig):
     query_bias, query_norm ("none" | "layernorm" | "rmsnorm" | "batchnorm"), qk_norm, score_fn
     ("softmax" | "sigmoid" | "relu" | "identity"), query_dropout, score_dtype ("full" | "bfloat16": exact
     top-k of the bf16 scores, on tensor cores): see ``ProductKeys``.
+    Remedies for sub-keys that stop being chosen, off by default (see ``ProductKeys``): query_norm "whiten" |
+    "layernorm_half" | "rmsnorm_half"; key_param ("learned" | "simvq" | "frozen"), key_init ("uniform" |
+    "kmeans"), key_restart (threshold c in [0, 1), 0 = off) every restart_every steps, balance_loss (weight,
+    0 = off) at temperature balance_tau.
     """
 
     n_keys: int = 1024
@@ -165,6 +169,12 @@ class KeyedConfig(LayerConfig):
     score_fn: str = "softmax"
     query_dropout: float = 0.0
     score_dtype: str = "full"
+    key_param: str = "learned"
+    key_init: str = "uniform"
+    key_restart: float = 0.0
+    restart_every: int = 100
+    balance_loss: float = 0.0
+    balance_tau: float = 1.0
 
     def derive(self) -> None:
         if self.key_dim is None:
@@ -194,6 +204,20 @@ class KeyedConfig(LayerConfig):
             self.fail("score_dtype", f"unknown {self.score_dtype!r}", f"choose one of {SCORE_DTYPES}")
         if not 0.0 <= self.query_dropout < 1.0:
             self.fail("query_dropout", f"must be in [0, 1), got {self.query_dropout}", "use 0.0 to disable")
+        if self.key_param not in KEY_PARAMS:
+            self.fail("key_param", f"unknown {self.key_param!r}", f"choose one of {KEY_PARAMS}")
+        if self.key_init not in KEY_INITS:
+            self.fail("key_init", f"unknown {self.key_init!r}", f"choose one of {KEY_INITS}")
+        if not 0 <= self.key_restart < 1:
+            self.fail("key_restart", f"must be in [0, 1), got {self.key_restart}", "use 0.0 (off) or e.g. 0.1")
+        if self.key_restart > 0 and self.key_param != "learned":
+            self.fail("key_restart", f"moves learned sub-keys, not {self.key_param!r} ones", "use key_param='learned'")
+        if self.restart_every < 1:
+            self.fail("restart_every", f"must be >= 1, got {self.restart_every}", "use e.g. 100 steps")
+        if not self.balance_loss >= 0:
+            self.fail("balance_loss", f"must be >= 0, got {self.balance_loss}", "use 0.0 (off) or e.g. 0.01")
+        if not self.balance_tau > 0:
+            self.fail("balance_tau", f"must be > 0, got {self.balance_tau}", "use e.g. 1.0")
 
     @property
     def num_slots(self) -> int:
@@ -217,6 +241,12 @@ class KeyedConfig(LayerConfig):
             c.score_fn,
             c.query_dropout,
             c.score_dtype,
+            key_param=c.key_param,
+            key_init=c.key_init,
+            key_restart=c.key_restart,
+            restart_every=c.restart_every,
+            balance_loss=c.balance_loss,
+            balance_tau=c.balance_tau,
         )
 
     def make_addressing(self) -> Addressing:

@@ -94,6 +94,12 @@ class MemoryLayer(nn.Module):
         losses = [loss for loss in losses if loss is not None]
         return sum(losses[1:], losses[0]) if losses else None
 
+    def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Call after every optimizer step (the trainer does; a loop of your own must, or restarts never happen):
+        the parts maintain themselves (dead sub-key restarts). A shared pool's store is left to its owner."""
+        for part in (self.addressing, self.readout, *([self.store] if "store" in self._modules else [])):
+            part.after_step(optimizer)
+
     def _check_input(self, x: torch.Tensor, mask: torch.Tensor | None, token_ids: torch.Tensor | None) -> None:
         dim = self.config.dim
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != dim:

@@ -29,8 +29,13 @@ class MemoryPart(nn.Module):
         Default: every parameter "dense".
     flops_per_token(): forward FLOPs per token, by ``memlayers.accounting``'s conventions.
     aux_loss(): a weighted auxiliary loss to add to the training loss, or None.
+    after_step(optimizer): called after every optimizer step (e.g. to restart dead sub-keys and reset their
+        optimizer state); default nothing.
+    one_process_only: why the part cannot train on several processes (``parallelize`` refuses it), or None.
     bind_tokenizer(decode): see below.
     """
+
+    one_process_only: str | None = None
 
     def param_roles(self) -> dict[str, list[nn.Parameter]]:
         return {"dense": list(self.parameters())}
@@ -40,6 +45,9 @@ class MemoryPart(nn.Module):
 
     def aux_loss(self) -> torch.Tensor | None:
         return None
+
+    def after_step(self, optimizer: torch.optim.Optimizer | None) -> None:
+        pass
 
     def bind_tokenizer(self, decode) -> None:
         """Called with the training data's ``decode(ids) -> text`` before training (engram folds tokens that

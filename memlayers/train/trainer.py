@@ -624,6 +624,8 @@ class _Run:
         norms = clip_grad_norms(self.model, t.clip, t.value_clip, norm_fn=self.plan.grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        for _, layer in self.model.memory_layers():
+            layer.after_step(self.optimizer)
         if t.fused_values:  # the values got no gradients: their norm is that of what the fused update applied
             norms = (norms[0], self.plan.update_norm(self._fused_values().applied()))
         # no host sync: the first bad step is remembered on the device and checked before anything is logged

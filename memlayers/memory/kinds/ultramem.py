@@ -71,6 +71,10 @@ class UltraMemConfig(KeyedConfig):
             )
         if self.qk_norm:
             self.fail("qk_norm", "is not supported", "leave it False: UltraMem's qk LayerNorm is built in")
+        for name in ("key_param", "key_init", "key_restart", "balance_loss"):
+            default = KeyedConfig.__dataclass_fields__[name].default
+            if getattr(self, name) != default:
+                self.fail(name, "is an option of plain product keys, not of Tucker keys", f"leave it {default!r}")
         if self.score_dtype != "full":
             self.fail("score_dtype", "is not supported", "leave it 'full': Tucker scoring runs in full precision")
         for name in ("rank", "cores", "expansion", "svd_every"):
