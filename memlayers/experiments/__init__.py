@@ -1,0 +1,1 @@
+"""Packaged experiments (`memlayers experiment NAME`): utilisation (sub-key collapse and its remedies)."""
