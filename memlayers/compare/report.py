@@ -61,7 +61,9 @@ def aggregate(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def _cell(row: dict, key: str, fmt: str) -> str:
+def format_cell(row: dict, key: str, fmt: str) -> str:
+    """``fmt`` of ``row[key]``, with `` ± `` its ``_std`` when there is one (not for what the architecture fixes);
+    "-" for a missing or NaN value."""
     value = row.get(key)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -71,13 +73,13 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 def _columns(rows: list[dict]) -> list[tuple[str, str, str]]:
     """The COLUMNS that have a value in at least one row."""
-    return [c for c in COLUMNS if any(_cell(r, c[0], c[2]) != "-" for r in rows)]
+    return [c for c in COLUMNS if any(format_cell(r, c[0], c[2]) != "-" for r in rows)]
 
 
 def format_table(rows: list[dict]) -> str:
     """A fixed-width table, one line per arm; columns that are empty for every arm are left out."""
     columns = _columns(rows)
-    cells = [[title for _, title, _ in columns]] + [[_cell(r, k, f) for k, _, f in columns] for r in rows]
+    cells = [[title for _, title, _ in columns]] + [[format_cell(r, k, f) for k, _, f in columns] for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = [
         "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in cells
@@ -91,7 +93,7 @@ def format_markdown(rows: list[dict]) -> str:
     columns = _columns(rows)
     head = "| " + " | ".join(title for _, title, _ in columns) + " |"
     rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"
-    body = ["| " + " | ".join(_cell(r, k, f) for k, _, f in columns) + " |" for r in rows]
+    body = ["| " + " | ".join(format_cell(r, k, f) for k, _, f in columns) + " |" for r in rows]
     return "\n".join([head, rule, *body])
 
 

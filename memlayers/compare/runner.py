@@ -56,7 +56,7 @@ def arm_row(arm: str, result: dict, dense_flops: float | None) -> dict:
     return row
 
 
-def loss_curve(run_dir: str, key: str = "loss") -> list[tuple[float, float]]:
+def metric_curve(run_dir: str, key: str = "loss") -> list[tuple[float, float]]:
     """[(tokens, value of ``key``), ...] from a run's ``metrics.jsonl``: the training loss, or e.g.
     ``eval/recall/records`` (the periodic evaluations' recall, with ``train.eval_every`` > 0)."""
     path = os.path.join(run_dir, "metrics.jsonl")
@@ -162,8 +162,8 @@ def _run_arms(preset: CompareConfig, runs: dict, out_dir: str, progress: bool, s
     write_tables(rows, out_dir)
     curves, recall = {}, {}
     for (arm, k), _ in finished:
-        curves.setdefault(arm, []).append(loss_curve(run_dir(out_dir, arm, k)))
-        recall.setdefault(arm, []).append(loss_curve(run_dir(out_dir, arm, k), "eval/recall/records"))
+        curves.setdefault(arm, []).append(metric_curve(run_dir(out_dir, arm, k)))
+        recall.setdefault(arm, []).append(metric_curve(run_dir(out_dir, arm, k), "eval/recall/records"))
     write_plots(rows, curves, out_dir, recall)
     print(f"\npreset {preset.name!r}: {preset.description}")
     if seeds > 1:

@@ -14,7 +14,6 @@ usage metrics over training, mean over seeds) and prints one table per task with
 """
 
 import json
-import math
 import os
 import statistics
 import sys
@@ -22,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from .._extras import require
-from ..compare.report import aggregate
+from ..compare.report import aggregate, format_cell
 from ..train import atomic_write, load_config, train
 from ..train.plots import read_metrics
 from .skewed_task import CURVE_KEYS, USAGE_KEYS, SkewedTask, train_arm
@@ -170,7 +169,7 @@ def _run_text(task: TextTask, arm: str, seed: int, run_dir: str, show: bool) -> 
     }
 
 
-# (key, title, format); "loss" is what the decision rule compares
+# (key, title) of the loss columns (4 decimals); the first is what the decision rule compares
 COLUMNS = {
     "skewed": [("mse", "loss (MSE)"), ("tail_mse", "tail MSE")],
     "text": [("loss", "eval loss (nats/byte)")],
@@ -212,16 +211,10 @@ def format_markdown(task: str, rows: list[dict]) -> str:
     ]
     base = next((r for r in rows if r["arm"] == "baseline"), None)
 
-    def cell(row, key, fmt):
-        value, std = row.get(key), row.get(f"{key}_std")
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "-"
-        return fmt.format(value) + (f" ± {fmt.format(std)}" if std is not None else "")
-
     head = ["arm", *[title for _, title, _ in columns], "seeds"] + (["rule"] if base else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for row in rows:
-        cells = [row["arm"], *[cell(row, k, f) for k, _, f in columns], str(row["seeds"])]
+        cells = [row["arm"], *[format_cell(row, k, f) for k, _, f in columns], str(row["seeds"])]
         if base:
             cells.append("(baseline)" if row is base else verdict(row, base, _loss_key(task)))
         lines.append("| " + " | ".join(cells) + " |")
