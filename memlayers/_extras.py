@@ -1,7 +1,8 @@
 """Optional dependencies ("extras"): ``pip install memlayers`` is the layer library and needs only torch.
 
     pip install 'memlayers[train]'   # tqdm, omegaconf, pyyaml, matplotlib, safetensors: train/eval/export/...
-    pip install 'memlayers[all]'     # train + tensorboard
+    pip install 'memlayers[hf]'      # transformers, accelerate, safetensors: memlayers.integrations.hf
+    pip install 'memlayers[all]'     # train + hf + tensorboard
 
 Code that needs one of those modules imports it through ``require`` (or lets ``missing_extra`` turn the
 ImportError into one), so that a missing extra is one clear message naming the extra to install.
@@ -18,6 +19,8 @@ EXTRA_OF = {
     "matplotlib": "train",
     "safetensors": "train",
     "tensorboard": "all",
+    "transformers": "hf",
+    "accelerate": "hf",
 }
 
 

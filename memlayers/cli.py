@@ -163,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--seeds", type=pos_int, default=1, help="train every arm over this many seeds (init and "
                      "data order; the facts stay) and report mean ± std; the first seed's runs are the plain ones")  # fmt: skip
     cmp.add_argument("--tune-lr", action="store_true", help="first choose each arm's learning rate by a short "
-                     "sweep (a quarter of the steps at each of --lr-factors times the preset's lr; the lowest validation "
-                     "loss wins); default --out runs/compare-PRESET-tuned")  # fmt: skip
+                     "sweep (a quarter of the steps at each of --lr-factors times the preset's lr, extended past a "
+                     "winning edge; the lowest validation loss wins); default --out runs/compare-PRESET-tuned")  # fmt: skip
     cmp.add_argument("--lr-factors", default="0.25,0.5,1,2", metavar="F,F,...",
                      help="the multiples of the preset's lr that --tune-lr tries (default 0.25,0.5,1,2)")  # fmt: skip
     cmp.add_argument("--quiet", action="store_true", help="no progress bars")

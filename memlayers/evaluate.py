@@ -7,6 +7,8 @@
                                    file tails); absent when there is no validation (text, val_fraction=0)
     recall/<format>                exact-match recall of the facts in a trained format (records, bios, qa),
     recall/<format>/<attribute>      over every person, and per attribute
+    bits/<format>                  bits of those facts the model stores (``stored_bits``): how much less its
+                                   predictions of the values cost than the values' frequencies alone
     qa_heldout, qa_heldout/<attr>  QA accuracy on the held-out people, whose QA pairs were never trained:
                                    the model must *extract* facts it only read in biographies
     memory/<block>/<stat>          usage statistics of each memory layer (``UsageTracker.summary``)
@@ -34,13 +36,16 @@ from torch import nn
 
 
 @torch.no_grad()
-def probe_hits(model: nn.Module, probes: list, batch_size: int = 256, device=None) -> torch.Tensor:
-    """(P,) bool: does greedy decoding from ``probe.prompt`` reproduce ``probe.answer`` exactly?
+def probe_scores(model: nn.Module, probes: list, batch_size: int = 256, device=None):
+    """-> (hits (P,) bool, nll (P,) float32): does greedy decoding from ``probe.prompt`` reproduce
+    ``probe.answer`` exactly, and the answer's negative log-likelihood ``-log p(answer | prompt)`` in nats
+    (summed over its tokens, teacher forced).
 
     Probes are grouped by ``len(prompt) + len(answer)`` and run as batches of equal-length rows.
     """
     device = device if device is not None else next(model.parameters()).device
     hits = torch.zeros(len(probes), dtype=torch.bool)
+    nll = torch.zeros(len(probes))
     by_shape = defaultdict(list)
     for i, p in enumerate(probes):
         by_shape[(len(p.prompt), len(p.answer))].append(i)
@@ -48,10 +53,27 @@ def probe_hits(model: nn.Module, probes: list, batch_size: int = 256, device=Non
         for start in range(0, len(ids), batch_size):
             chunk = ids[start : start + batch_size]
             rows = torch.tensor([probes[i].prompt + probes[i].answer for i in chunk], device=device)  # (b, S)
-            logits = model(rows[:, :-1]).logits  # (b, S-1, V)
-            predicted = logits[:, n_prompt - 1 :].argmax(-1)  # (b, n_answer): the answer positions
-            hits[chunk] = (predicted == rows[:, n_prompt:]).all(-1).cpu()
-    return hits
+            logits = model(rows[:, :-1]).logits[:, n_prompt - 1 :].float()  # (b, n_answer, V): answer positions
+            answer = rows[:, n_prompt:]  # (b, n_answer)
+            hits[chunk] = (logits.argmax(-1) == answer).all(-1).cpu()
+            nll[chunk] = -logits.log_softmax(-1).gather(-1, answer.unsqueeze(-1)).sum((1, 2)).cpu()
+    return hits, nll
+
+
+def probe_hits(model: nn.Module, probes: list, batch_size: int = 256, device=None) -> torch.Tensor:
+    """(P,) bool: does greedy decoding from ``probe.prompt`` reproduce ``probe.answer`` exactly?"""
+    return probe_scores(model, probes, batch_size, device)[0]
+
+
+def stored_bits(probes: list, nll: torch.Tensor, total: int) -> float | None:
+    """Bits of the probes' facts the model holds: ``sum(prior_bits - nll / ln 2)``, how many bits fewer its
+    predictions of the answers cost than knowing only each attribute's value frequencies (negative for a
+    model worse than that prior), scaled from the ``len(probes)`` scored to ``total`` (a sample's estimate).
+    None without ``Probe.prior_bits``."""
+    if not probes or any(p.prior_bits is None for p in probes):
+        return None
+    gain = sum(p.prior_bits for p in probes) - nll.double().sum().item() / math.log(2)
+    return gain * total / len(probes)
 
 
 def load_probes(path: str | os.PathLike, tokenizer) -> list:
@@ -182,8 +204,12 @@ def evaluate(
             out["ppl"] = math.exp(min(out["loss"], 50.0))
         for fmt in dataset.probe_formats:  # the formats the model was trained on
             probes = dataset.probes(fmt)
-            seen = _subsample([p for p in probes if not p.heldout], limit)
-            out.update(_recall(f"recall/{fmt}", seen, probe_hits(model, seen, device=device)))
+            trained = [p for p in probes if not p.heldout]
+            seen = _subsample(trained, limit)
+            hits, nll = probe_scores(model, seen, device=device)
+            out.update(_recall(f"recall/{fmt}", seen, hits))
+            if (bits := stored_bits(seen, nll, len(trained))) is not None:
+                out[f"bits/{fmt}"] = bits
             if fmt == "qa":  # QA of the held-out people: facts read only in biographies
                 heldout = _subsample([p for p in probes if p.heldout], limit)
                 out.update(_recall("qa_heldout", heldout, probe_hits(model, heldout, device=device)))

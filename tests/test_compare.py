@@ -3,6 +3,7 @@ reuse of finished arms, and bad input."""
 
 import dataclasses
 import json
+import math
 import statistics
 
 import pytest
@@ -42,6 +43,18 @@ def test_preset_arms_are_matched(name):
     assert preset.train.seq_len <= min(cfg.max_seq_len for cfg in preset.arms.values())
 
 
+def test_the_capacity_preset_holds_more_bits_than_two_per_dense_parameter():
+    preset = get_preset("gpu_capacity")
+    ds = build_dataset(preset.data)
+    bits = sum(p.prior_bits for p in ds.probes("records"))  # 6 facts a person, log2(1000) bits each
+    assert bits == pytest.approx(6 * 50_000 * math.log2(1000))
+    with torch.device("meta"):
+        dense = Transformer(dataclasses.replace(preset.arms["dense"], vocab_size=ds.vocab_size))
+    assert bits > 2 * account(dense, preset.train.seq_len).total_params
+    t = preset.train
+    assert t.steps * t.batch_size * t.seq_len / ds.tokens_per_epoch > 400  # passes over the facts: to a plateau
+
+
 def test_family_preset_has_one_arm_per_kind():
     assert list(get_preset("cpu_family").arms) == ["dense", "memory_plus", "peer", "ultramem", "ultramem_v2", "engram"]
     assert list(get_preset("cpu").arms) == ["dense", "dense_2x", "dense_4x", "moe", "memory", "memory_plus"]
@@ -67,6 +80,8 @@ def test_run_compare_writes_the_table_files_and_plots_and_reuses_finished_arms(t
     assert memory_plus["memory_params"] == 8 * 8 * 32 and memory_plus["memory_usage"] is not None
     for row in rows:
         assert 0.0 <= row["recall/records"] <= 1.0 and row["final_loss"] > 0 and row["tokens"] == 6 * 4 * 16
+        assert row["bits"] == row["bits/records"] and row["bits_per_param"] == row["bits"] / row["total_params"]
+        assert row["bits_per_flop"] == row["bits"] / row["flops_per_token"]
     for name in ("results.json", "results.csv", "results.md", "loss.png", "recall_vs_flops.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "results.png").exists() is False
@@ -192,7 +207,8 @@ def test_tune_lr_sweeps_each_arm_and_trains_every_seed_at_its_choice(tmp_path, m
     from memlayers.train.checkpoint import NonFiniteError
 
     real_train = tuning.train
-    losses = {"dense": {0.5: 3.0, 2.0: 2.0}, "memory": {0.5: 1.0, 2.0: None}}  # None: diverges
+    # None: diverges; 8 and 0.125 extend the grid past the winner at its edge (by its spacing, x4)
+    losses = {"dense": {0.5: 3.0, 2.0: 2.0, 8.0: 2.5}, "memory": {0.5: 1.0, 2.0: None, 0.125: 1.5}}
 
     def fake_sweep(cfg, out, **kw):
         arm, factor = out.rsplit("/", 1)[1].split(".lr")
@@ -215,7 +231,8 @@ def test_tune_lr_sweeps_each_arm_and_trains_every_seed_at_its_choice(tmp_path, m
                 factor * base
             )
     sweep = json.loads((tmp_path / "lr_sweep.json").read_text())
-    assert sweep["arms"]["memory"]["losses"] == {"0.5": 1.0, "2": None} and sweep["arms"]["dense"]["factor"] == 2
+    assert sweep["arms"]["memory"]["losses"] == {"0.125": 1.5, "0.5": 1.0, "2": None}
+    assert sweep["arms"]["dense"]["factor"] == 2 and sweep["factors"] == [0.125, 0.5, 2.0, 8.0]
     assert (
         "**2.0000**" in (tmp_path / "lr_sweep.md").read_text() and "diverged" in (tmp_path / "lr_sweep.md").read_text()
     )
@@ -225,7 +242,7 @@ def test_tune_lr_sweeps_each_arm_and_trains_every_seed_at_its_choice(tmp_path, m
         return {p: p.stat().st_mtime_ns for p in (tmp_path / "lr_sweep").glob("*/result.json")}
 
     before = mtimes()
-    assert len(before) == 4
+    assert len(before) == 6
     again = run_compare(tiny_preset(), str(tmp_path), arms=["dense", "memory"], progress=False, seeds=2,
                         tune_lr=[2, 0.5], overrides=overrides)  # fmt: skip
     assert again == rows and mtimes() == before  # the sweep's finished runs reused

@@ -1,12 +1,15 @@
 """memlayers.evaluate: teacher-forced exact match equals greedy generation, per-format/attribute recall,
-held-out QA, and a model trained to memorise a tiny set of facts recalls all of them."""
+held-out QA, the bits of the facts a model stores, and a model trained to memorise a tiny set of facts recalls
+all of them."""
+
+import math
 
 import pytest
 import torch
 
 from memlayers.data import DataConfig, build_dataset
 from memlayers.data.facts import ATTRIBUTES, FactsConfig
-from memlayers.evaluate import evaluate, probe_hits
+from memlayers.evaluate import evaluate, probe_hits, probe_scores, stored_bits
 from memlayers.model import MemorySpec, ModelConfig, Transformer
 from memlayers.optim import build_optimizer
 
@@ -67,6 +70,40 @@ def test_a_model_that_memorised_a_tiny_set_recalls_every_fact():
     assert all(out[f"recall/records/{a}"] == 1.0 for a in ATTRIBUTES)
     assert out["loss"] < 1.0 and out["ppl"] == pytest.approx(torch.tensor(out["loss"]).exp().item(), rel=1e-6)
     assert "recall/bios" not in out and "qa_heldout" not in out  # only the trained formats are probed
+    # it stores nearly every bit of the 24 facts: log2(3) of each value given its attribute's 3 choices
+    assert 0.9 * 24 * math.log2(3) < out["bits/records"] <= 24 * math.log2(3)
+
+
+def test_prior_bits_are_the_entropy_of_each_attributes_values():
+    ds = build_dataset(DataConfig(facts=FactsConfig(people=4, choices=3, formats="records")))
+    for a in ATTRIBUTES:  # 4 people over 3 values used round-robin: counts 2, 1, 1
+        probes = [p for p in ds.probes("records") if p.attribute == a]
+        assert [p.prior_bits for p in probes] == pytest.approx([1.5] * 4)
+
+
+def test_probe_scores_nll_is_the_answers_log_likelihood():
+    ds = build_dataset(DataConfig(facts=FactsConfig(people=6, choices=4, formats="records,bios")))
+    model = tiny_model(ds).eval()
+    probes = [p for p in ds.probes("bios") if len(p.prompt) + len(p.answer) <= 48][:12] + ds.probes("records")[:5]
+    hits, nll = probe_scores(model, probes, batch_size=3)
+    assert torch.equal(hits, probe_hits(model, probes))
+    for p, value in zip(probes, nll.tolist()):  # one probe at a time, from the whole sequence's log-probabilities
+        logp = model(torch.tensor([p.prompt + p.answer])).logits[0].log_softmax(-1)
+        want = -sum(logp[len(p.prompt) - 1 + i, t].item() for i, t in enumerate(p.answer))
+        assert value == pytest.approx(want, rel=1e-5)
+
+
+def test_stored_bits_by_hand():
+    ds = build_dataset(DataConfig(facts=FactsConfig(people=4, choices=3, formats="records")))
+    probes = ds.probes("records")[:4]
+    prior = sum(p.prior_bits for p in probes)
+    assert stored_bits(probes, torch.zeros(4), 4) == pytest.approx(prior)  # certain of every answer: all of it
+    at_prior = torch.tensor([p.prior_bits * math.log(2) for p in probes])  # as good as the value frequencies
+    assert stored_bits(probes, at_prior, 4) == pytest.approx(0, abs=1e-6)
+    assert stored_bits(probes, torch.zeros(4), 12) == pytest.approx(3 * prior)  # a sample of 4 of 12 facts
+    assert stored_bits(probes, torch.full((4,), 10.0), 4) < 0  # worse than the value frequencies
+    assert stored_bits([type(p)(p.person, p.attribute, p.prompt, p.answer, False) for p in probes],
+                       torch.zeros(4), 4) is None  # no prior (a user's probes file)  # fmt: skip
 
 
 def test_an_untrained_model_recalls_almost_nothing_and_limit_subsamples():

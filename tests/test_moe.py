@@ -8,6 +8,7 @@ from conftest import DEVICES, TOL, rel_err
 
 from memlayers.model import moe as moe_mod
 from memlayers.model.moe import MoE, grouped_experts, grouped_mm_ok, moe_reference, padded_experts
+from memlayers.model.transformer import SwiGLU
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -199,3 +200,14 @@ def test_compiles_whole_without_host_syncs(dtype):
     assert rel_err(y, y_ref) < tol and abs(aux.item() - aux_ref.item()) < tol
     for a, b in zip(g, g_ref):
         assert rel_err(a, b) < tol
+
+
+def test_one_expert_is_the_dense_swiglu():
+    """E = 1, k = 1: the MoE is the dense SwiGLU FFN with the expert's weights (the limit every MoE must reach)."""
+    moe, ffn = make(16, 24, 1, 1), SwiGLU(16, 24)
+    with torch.no_grad():
+        ffn.gate_up.weight.copy_(moe.gate_up[0].T)
+        ffn.down.weight.copy_(moe.down[0].T)
+    x = torch.randn(37, 16)
+    y, aux = moe(x)
+    assert rel_err(y, ffn(x)) < TOL[torch.float32] and aux.item() == pytest.approx(1.0)

@@ -164,7 +164,25 @@ def _cpu_family() -> CompareConfig:
     )
 
 
-PRESETS = {"cpu": _cpu, "cpu_family": _cpu_family, "gpu": _gpu, "gpu_large": _gpu_large}
+def _gpu_capacity() -> CompareConfig:
+    return CompareConfig(
+        name="gpu_capacity",
+        description="capacity: 50,000 people's records (300,000 facts, 3.0M bits: more than 2 bits per parameter of "
+        "the 1.34M-parameter dense arm), 4-layer d=128 models, 33,000 steps of 512x64 tokens (~500 passes, until "
+        "the dense arms plateau); hours on one H100 (an estimate: not yet measured)",
+        data=DataConfig(kind="facts", facts=FactsConfig(people=50_000, formats="records", choices=1000)),
+        train=TrainConfig(steps=33_000, batch_size=512, seq_len=64, lr=2e-3, warmup=1000, eval_every=3000,
+                          ckpt_every=3000),  # fmt: skip
+        arms=standard_arms(
+            dim=128, n_layers=4, n_heads=4, max_seq_len=64, dim_2x=192, dim_4x=288, moe_experts=32,
+            memory=dict(n_keys=256, heads=4, topk=16, query_norm="batchnorm"),
+            memory_layer="2", memory_plus_layers="1,3",
+        ),  # fmt: skip
+    )
+
+
+PRESETS = {"cpu": _cpu, "cpu_family": _cpu_family, "gpu": _gpu, "gpu_large": _gpu_large,
+           "gpu_capacity": _gpu_capacity}
 
 
 def get_preset(name: str) -> CompareConfig:

@@ -28,12 +28,21 @@ COLUMNS = [
     ("recall/bios", "recall bios", "{:.1%}"),
     ("recall/qa", "QA trained", "{:.1%}"),
     ("qa_heldout", "QA held-out", "{:.1%}"),
+    ("bits", "bits stored", "{:,.0f}"),
+    ("bits_per_param", "bits/param", "{:.3g}"),
+    ("bits_per_flop", "bits per FLOP/token", "{:.3g}"),
     ("memory_usage", "memory usage", "{:.1%}"),
     ("lr", "lr", "{:.2g}"),
     ("tokens_per_s", "tokens/s", "{:,.0f}"),
     ("wall_s", "wall s", "{:.0f}"),
 ]
 
+
+# metrics of the periodic evaluations plotted against training tokens: key -> (file, y label, title, y limits)
+DURING = {
+    "eval/recall/records": ("recall_vs_tokens.png", "exact-match recall (records)", "Recall vs tokens", (-0.03, 1.03)),
+    "eval/bits/records": ("bits_vs_tokens.png", "bits stored (records)", "Stored bits vs tokens", None),
+}
 
 # what the architecture fixes (the same for every seed): no spread is shown for these
 FIXED = ("total_params", "memory_params", "active_params", "flops_per_token", "flops_ratio", "tokens", "lr")
@@ -142,14 +151,16 @@ def write_plots(
     rows: list[dict],
     curves: dict[str, list[list[tuple[float, float]]]],
     out_dir: str,
-    recall: dict[str, list[list[tuple[float, float]]]] | None = None,
+    during: dict[str, dict[str, list[list[tuple[float, float]]]]] | None = None,
 ) -> list[str]:
     """``loss.png`` (training loss vs tokens, one line per arm: the mean over its seeds, their range shaded),
     ``recall_vs_flops.png`` (final recall of each trained format vs forward FLOPs/token, one point per
-    arm, with the seeds' standard deviation as error bars) and, when the runs evaluated periodically,
-    ``recall_vs_tokens.png`` (the records' recall during training, as the loss); return the paths.
+    arm, with the seeds' standard deviation as error bars) and, for the runs that evaluated periodically,
+    one plot per ``DURING`` metric (the records' recall and stored bits during training, as the loss);
+    return the paths.
 
-    curves, recall: arm -> one [(tokens seen, training loss / recall), ...] per seed.
+    curves: arm -> one [(tokens seen, training loss), ...] per seed; during: metric key (of ``DURING``) ->
+    curves of that metric alike.
     """
     matplotlib = require("matplotlib", "train")
     matplotlib.use("Agg")
@@ -162,13 +173,14 @@ def write_plots(
     ax.set_yscale("log")
     paths.append(_finish(fig, ax, os.path.join(out_dir, "loss.png")))
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    if _mean_curves(ax, recall or {}):
-        ax.set(xlabel="training tokens", ylabel="exact-match recall (records)", title="Recall vs tokens",
-               ylim=(-0.03, 1.03))  # fmt: skip
-        paths.append(_finish(fig, ax, os.path.join(out_dir, "recall_vs_tokens.png")))
-    else:
-        plt.close(fig)
+    for key, by_arm in (during or {}).items():
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        if _mean_curves(ax, by_arm):
+            name, ylabel, title, ylim = DURING[key]
+            ax.set(xlabel="training tokens", ylabel=ylabel, title=title, ylim=ylim)
+            paths.append(_finish(fig, ax, os.path.join(out_dir, name)))
+        else:
+            plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, label, marker in (("recall/records", "records", "o"), ("recall/bios", "bios", "s"),

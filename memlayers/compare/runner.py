@@ -20,7 +20,7 @@ from ..train import RunConfig, load_config, train
 from ..train.lock import lock_run_dir
 from ..train.plots import read_metrics
 from .presets import CompareConfig, get_preset
-from .report import aggregate, format_table, write_plots, write_tables
+from .report import DURING, aggregate, format_table, write_plots, write_tables
 from .tuning import sweep_lrs
 
 
@@ -52,7 +52,12 @@ def arm_row(arm: str, result: dict, dense_flops: float | None) -> dict:
         wall_s=result.get("wall_time"),
         tokens=result.get("tokens"),
     )
-    row.update({k: v for k, v in ev.items() if k.startswith(("recall/", "qa_heldout"))})
+    row.update({k: v for k, v in ev.items() if k.startswith(("recall/", "qa_heldout", "bits/"))})
+    bits = [v for k, v in ev.items() if k.startswith("bits/")]
+    if bits:  # the facts' bits the model stores, per parameter and per forward FLOP per token
+        row["bits"] = sum(bits)
+        row["bits_per_param"] = row["bits"] / acc["total_params"]
+        row["bits_per_flop"] = row["bits"] / acc["flops_per_token"]
     return row
 
 
@@ -160,11 +165,11 @@ def _run_arms(preset: CompareConfig, runs: dict, out_dir: str, progress: bool, s
     if seeds > 1:
         rows = aggregate(rows)
     write_tables(rows, out_dir)
-    curves, recall = {}, {}
+    curves = {key: {} for key in ("loss", *DURING)}  # metric -> arm -> one curve per seed
     for (arm, k), _ in finished:
-        curves.setdefault(arm, []).append(metric_curve(run_dir(out_dir, arm, k)))
-        recall.setdefault(arm, []).append(metric_curve(run_dir(out_dir, arm, k), "eval/recall/records"))
-    write_plots(rows, curves, out_dir, recall)
+        for key, by_arm in curves.items():
+            by_arm.setdefault(arm, []).append(metric_curve(run_dir(out_dir, arm, k), key))
+    write_plots(rows, curves.pop("loss"), out_dir, curves)
     print(f"\npreset {preset.name!r}: {preset.description}")
     if seeds > 1:
         print(f"mean ± standard deviation over {seeds} seeds (min and max in results.json)")

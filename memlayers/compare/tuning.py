@@ -17,6 +17,7 @@ from ..train.checkpoint import NonFiniteError
 
 LR_FACTORS = (0.25, 0.5, 1.0, 2.0)
 SWEEP_FRACTION = 0.25
+EXTEND = 2  # at most this many factors added past an edge of the grid, per arm
 
 
 def sweep_config(cfg: RunConfig, factor: float, fraction: float) -> RunConfig:
@@ -43,28 +44,41 @@ def sweep_lrs(
         raise ValueError(f"the sweep's fraction of the steps must be in (0, 1], got {fraction}")
     table, chosen = {}, {}
     for arm, cfg in configs.items():
-        losses = {}
-        for factor in factors:
+
+        def loss_at(factor: float) -> float:
             if progress:
                 print(f"lr sweep: {arm} at {factor:g} x lr", flush=True)
             run_dir = os.path.join(out_dir, "lr_sweep", f"{arm}.lr{factor:g}")
             try:
                 result = train(sweep_config(cfg, factor, fraction), run_dir, progress=None if progress else False)
-                loss = result["eval"].get("loss")
-                if loss is None:
-                    raise ValueError(f"lr sweep: arm {arm!r} has no validation loss to choose by (no held-out text?)")
-                losses[factor] = loss if math.isfinite(loss) else math.inf
             except NonFiniteError as e:
                 print(f"lr sweep: {arm} at {factor:g} x lr diverged ({e}); it loses", file=sys.stderr, flush=True)
-                losses[factor] = math.inf
-        best = min(factors, key=lambda f: (losses[f], abs(math.log(f))))
+                return math.inf
+            loss = result["eval"].get("loss")
+            if loss is None:
+                raise ValueError(f"lr sweep: arm {arm!r} has no validation loss to choose by (no held-out text?)")
+            return loss if math.isfinite(loss) else math.inf
+
+        losses = {f: loss_at(f) for f in factors}
+        for _ in range(EXTEND):
+            best, tried = _best(losses), sorted(losses)
+            if len(tried) < 2 or math.isinf(losses[best]) or best not in (tried[0], tried[-1]):
+                break
+            new = best * tried[0] / tried[1] if best == tried[0] else best * tried[-1] / tried[-2]
+            losses[new] = loss_at(new)
+        best = _best(losses)
         if math.isinf(losses[best]):
             raise ValueError(f"lr sweep: every learning rate tried for arm {arm!r} diverged; try smaller factors")
         chosen[arm] = cfg.train.lr * best
-        finite = {f"{f:g}": None if math.isinf(losses[f]) else losses[f] for f in factors}  # None: diverged
+        finite = {f"{f:g}": None if math.isinf(v) else v for f, v in sorted(losses.items())}  # None: diverged
         table[arm] = {"base_lr": cfg.train.lr, "losses": finite, "factor": best, "lr": chosen[arm]}
-    _write(table, factors, fraction, out_dir)
+    _write(table, sorted({f for row in table.values() for f in map(float, row["losses"])}), fraction, out_dir)
     return chosen
+
+
+def _best(losses: dict[float, float]) -> float:
+    """The factor with the lowest loss; ties to the one nearest 1."""
+    return min(losses, key=lambda f: (losses[f], abs(math.log(f))))
 
 
 def _write(table: dict, factors: list[float], fraction: float, out_dir: str) -> None:
@@ -74,8 +88,8 @@ def _write(table: dict, factors: list[float], fraction: float, out_dir: str) -> 
     for arm, row in table.items():
         cells = []
         for f in factors:
-            loss = row["losses"][f"{f:g}"]
-            text = "diverged" if loss is None else f"{loss:.4f}"
+            loss = row["losses"].get(f"{f:g}", "-")  # "-": not tried for this arm
+            text = "diverged" if loss is None else loss if loss == "-" else f"{loss:.4f}"
             cells.append(f"**{text}**" if f == row["factor"] else text)
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {row['lr']:.3g} |")
     text = json.dumps({"fraction": fraction, "factors": factors, "arms": table}, indent=1)

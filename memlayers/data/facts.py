@@ -46,6 +46,7 @@ QA of held-out people, or any probe of a format missing from ``formats``.
 
 import math
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -233,6 +234,9 @@ class Probe:
     person: index into ``FactsDataset.people``; attribute: one of ``ATTRIBUTES``;
     prompt: token ids starting with bos, ending right before the value; answer: the value's token ids;
     heldout: True if ``prompt + answer`` is not in the training documents (held-out QA, untrained format).
+    prior_bits: the entropy in bits of this attribute's values over all people (log2 of ``choices`` when
+    every value is used equally often): what the answer tells a model that knows only which values occur
+    how often, so what storing the fact adds. None when unknown (a user's probes file).
     """
 
     person: int
@@ -240,6 +244,13 @@ class Probe:
     prompt: list[int]
     answer: list[int]
     heldout: bool
+    prior_bits: float | None = None
+
+
+def _entropy_bits(values: list) -> float:
+    """Entropy in bits of the empirical distribution of ``values``."""
+    n = len(values)
+    return -sum(c / n * math.log2(c / n) for c in Counter(values).values())
 
 
 def _rng(seed: int, purpose: str) -> random.Random:
@@ -420,6 +431,7 @@ class FactsDataset(PackedDataset):
     def _make_probes(self, fmt: str) -> list[Probe]:
         bos = [self.tokenizer.bos_id]
         untrained = fmt not in self.formats
+        prior = [_entropy_bits([person.values[a] for person in self.people]) for a in ATTRIBUTES]
         out = []
         for p in range(len(self.people)):
             if fmt == "bios":
@@ -431,7 +443,7 @@ class FactsDataset(PackedDataset):
                     ids, start = (self._record if fmt == "records" else self._qa)(p, a)
                     end = len(ids)
                 heldout = untrained or (fmt == "qa" and p in self._heldout_set)
-                out.append(Probe(p, attr, bos + ids[:start], ids[start:end], heldout))
+                out.append(Probe(p, attr, bos + ids[:start], ids[start:end], heldout, prior[a]))
         return out
 
     # -- summary -----------------------------------------------------------------------------------------

@@ -205,6 +205,25 @@ class Pools(nn.Module):
         return self._modules.items()
 
 
+def read_pool(spec, block: int, n_layers: int, mc, pools: dict) -> tuple[str | None, ValueStore | None]:
+    """(name, store) of the pool (or a window onto it) that ``spec``'s memory at ``block`` reads, the pool
+    created in ``pools`` (name -> store) on first use, so the init draws from the RNG in build order; (None,
+    None) without a pool. mc: the layer's config (``spec.memory_config``); n_layers: the model's depth."""
+    if spec.pool is None:
+        return None, None
+    layers = parse_placement(spec.layers, n_layers)
+    j, L, N = layers.index(block), len(layers), mc.num_slots
+    how, arg = parse_share(spec.share)
+    name, rows = spec.pool, None
+    if how == "block":
+        name = f"{spec.pool}_{j // arg}"
+    elif how == "ring":
+        rows = max(N, round(L * arg * N))
+    if name not in pools:
+        pools[name] = mc.make_pool(rows)
+    return name, RingWindow(pools[name], round(j * arg * N), N) if how == "ring" else pools[name]
+
+
 @dataclass
 class ModelOutput:
     """logits (B, T, V) float; loss: scalar mean CE over targets != -100 (None without targets);
@@ -269,22 +288,10 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def _pool_for(self, block: int, spec, mc, pools: dict) -> ValueStore | None:
-        """The pool (or a window onto it) the memory at ``block`` reads, created on first use (so the init
-        draws from the RNG in build order); None without a pool."""
-        if spec.pool is None:
-            return None
-        layers = parse_placement(spec.layers, self.config.n_layers)
-        j, L, N = layers.index(block), len(layers), mc.num_slots
-        how, arg = parse_share(spec.share)
-        name, rows = spec.pool, None
-        if how == "block":
-            name = f"{spec.pool}_{j // arg}"
-        elif how == "ring":
-            rows = max(N, round(L * arg * N))
-        if name not in pools:
-            pools[name] = mc.make_pool(rows)
-        self.pool_of[block] = name
-        return RingWindow(pools[name], round(j * arg * N), N) if how == "ring" else pools[name]
+        name, store = read_pool(spec, block, self.config.n_layers, mc, pools)
+        if name is not None:
+            self.pool_of[block] = name
+        return store
 
     def _own_modules(self, module: nn.Module | None = None):
         """Every submodule except memory layers, pools and everything inside them (they keep their own init)."""

@@ -1,0 +1,1 @@
+"""Integrations with other libraries: ``memlayers.integrations.hf`` (Hugging Face transformers)."""

@@ -1,0 +1,183 @@
+"""memlayers.integrations.hf: memory layers in small randomly initialised transformers models (Llama, Qwen2,
+Qwen3, GPT-2; no downloads): training, padding masks, generation with and without the cache, the auxiliary losses,
+save_pretrained / from_pretrained round trips, transformers' Trainer, and bad input."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from memlayers import build_optimizer  # noqa: E402
+from memlayers.integrations.hf import (  # noqa: E402
+    MemoryMLP,
+    add_memory_layers,
+    after_step_callback,
+    from_pretrained,
+    memory_layers,
+)
+
+V = 97
+
+
+def tiny(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    common = dict(vocab_size=V, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "gpt2":
+        return transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=64, **common)
+        )
+    attn = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=64, **common)  # fmt: skip
+    if family == "qwen3":
+        return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=8, **attn))
+    if family == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**attn))
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(tie_word_embeddings=True, **attn))
+
+
+SMALL = dict(n_keys=8, heads=2, topk=4)
+
+
+def with_memories(family: str) -> torch.nn.Module:
+    model = tiny(family)
+    add_memory_layers(model, layers="1,3", preset="memory_plus", pool="values", query_norm="batchnorm", **SMALL)
+    return add_memory_layers(model, layers="2", preset="pkm", mode="beside", **SMALL)
+
+
+def batch():
+    x = torch.randint(3, V, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    return x, mask
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gpt2"])
+def test_memories_train_generate_and_round_trip(family, tmp_path):
+    model = with_memories(family)
+    layers = memory_layers(model)
+    assert [i for i, _ in layers] == [1, 2, 3] and list(model.memlayers_pools.names()) == ["values"]
+    assert layers[0][1].store is layers[2][1].store is model.memlayers_pools["values"]  # one shared pool
+    _, stack = next((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList))
+    assert stack[1].mlp.mlp is None and stack[2].mlp.mlp is not None  # replace, beside
+    x, mask = batch()
+    opt = build_optimizer(model, lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=x, attention_mask=mask, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        assert model.memlayers_pools["values"].weight.grad.abs().sum() > 0
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+    model.eval()
+    out = model.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert out.shape == (2, 16)
+    model.save_pretrained(tmp_path)
+    loaded = from_pretrained(tmp_path)
+    assert [i for i, _ in memory_layers(loaded)] == [1, 2, 3] and len(loaded.config.memlayers) == 2
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.equal(loaded.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False), out)
+
+
+def test_the_memory_sees_the_padding_mask_and_decoding_steps(monkeypatch):
+    model = with_memories("llama").eval()
+    seen = []
+    layer = memory_layers(model)[0][1]
+    forward = type(layer).forward
+
+    def spy(self, x, mask=None, token_ids=None, state=None):
+        if self is layer:
+            seen.append((x.shape[1], None if mask is None else mask.clone(), token_ids))
+        return forward(self, x, mask, token_ids, state)
+
+    monkeypatch.setattr(type(layer), "forward", spy)
+    x, mask = batch()
+    model.generate(x, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert [s[0] for s in seen] == [10, 1, 1]  # the prompt, then one token at a time
+    assert torch.equal(seen[0][1], mask.bool()) and torch.equal(seen[0][2], x)
+    assert all(s[1].tolist() == [[True], [True]] for s in seen[1:])
+
+
+def test_ngram_memory_decodes_with_the_cache_as_without():
+    model = tiny("qwen3")
+    add_memory_layers(model, layers="1", preset="engram", mode="beside", hash_heads=2, d_ngram=16, table_size=64)
+    with torch.no_grad():
+        for p in memory_layers(model)[0][1].parameters():  # an untrained engram's output is tiny: make it count
+            p.normal_(0, 0.5)
+    model.eval()
+    x, mask = batch()
+    cached = model.generate(x, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    full = model.generate(x, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(cached, full)
+
+
+def test_auxiliary_losses_join_the_training_loss():
+    model = tiny("llama")
+    add_memory_layers(model, layers="1", preset="memory", balance_loss=0.5, **SMALL)
+    x, _ = batch()
+
+    def next_token_ce(logits):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), x[:, 1:].reshape(-1)).item()
+
+    model.train()
+    out = model(input_ids=x, labels=x)
+    aux = memory_layers(model)[0][1].aux_loss().item()
+    assert aux > 0 and out.loss.item() == pytest.approx(next_token_ce(out.logits) + aux, rel=1e-5)
+    model.eval()  # no auxiliary loss in evaluation
+    out = model(input_ids=x, labels=x)
+    assert out.loss.item() == pytest.approx(next_token_ce(out.logits), rel=1e-5)
+
+
+def test_transformers_trainer_trains_the_memories(tmp_path):
+    model = tiny("gpt2")
+    add_memory_layers(model, layers="1", preset="memory", key_restart=0.1, restart_every=2, **SMALL)
+    x, _ = batch()
+    data = [{"input_ids": row, "labels": row} for row in x.repeat(4, 1)]
+    before = memory_layers(model)[0][1].store.weight.detach().clone()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, report_to=[], save_strategy="no",
+        use_cpu=True, logging_steps=1, disable_tqdm=True,
+    )  # fmt: skip
+    opt = build_optimizer(model, lr=1e-2)
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=data, optimizers=(opt, None), callbacks=[after_step_callback()]
+    )
+    result = trainer.train()
+    assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(memory_layers(model)[0][1].store.weight, before)
+    restart = memory_layers(model)[0][1].addressing.restarts
+    assert restart is not None and int(restart.steps) == 4  # after_step ran after every optimizer step
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="no list of decoder layers"):
+        add_memory_layers(torch.nn.Linear(3, 3))
+    model = with_memories("llama")
+    with pytest.raises(ValueError, match=r"decoder layer\(s\) \[1\] already have a memory layer"):
+        add_memory_layers(model, layers="1", preset="pkm", **SMALL)
+    with pytest.raises(ValueError, match="unknown"):
+        add_memory_layers(model, layers="0", preset="pkm", no_such_option=1)
+    with pytest.raises(ValueError, match="out of range"):
+        add_memory_layers(model, layers="9", preset="pkm")
+    plain = tiny("llama")
+    plain.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="no 'memlayers' entry"):
+        from_pretrained(tmp_path / "plain")
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        from_pretrained(tmp_path / "nothing")
+    assert isinstance(dict(model.named_modules())["model.layers.1.mlp"], MemoryMLP)
+
+
+def test_gradient_checkpointing_recomputes_with_the_same_mask():
+    x, mask = batch()
+    grads = []
+    for checkpointing in (False, True):
+        model = with_memories("llama").train()
+        if checkpointing:  # transformers 5.24 renamed gradient_checkpointing_enable
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        model(input_ids=x, attention_mask=mask, labels=x).loss.backward()
+        grads.append(model.memlayers_pools["values"].weight.grad)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-8)
