@@ -2,6 +2,8 @@
 Qwen3, GPT-2; no downloads): training, padding masks, generation with and without the cache, the auxiliary losses,
 save_pretrained / from_pretrained round trips, transformers' Trainer, and bad input."""
 
+import copy
+
 import pytest
 import torch
 
@@ -77,6 +79,7 @@ def test_memories_train_generate_and_round_trip(family, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = from_pretrained(tmp_path)
     assert [i for i, _ in memory_layers(loaded)] == [1, 2, 3] and len(loaded.config.memlayers) == 2
+    assert list(model.state_dict()) == list(loaded.state_dict())
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
     assert torch.equal(loaded.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False), out)
@@ -114,6 +117,52 @@ def test_ngram_memory_decodes_with_the_cache_as_without():
     assert torch.equal(cached, full)
 
 
+def test_an_ngram_memory_refuses_a_cache_it_did_not_see_grow():
+    model = tiny("qwen3")
+    add_memory_layers(model, layers="1", preset="engram", mode="beside", hash_heads=2, d_ngram=16, table_size=64)
+    model.eval()
+    x, _ = batch()
+    cache = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=x[:, :6], cache=cache, use_cache=True)
+        model(input_ids=x[:, 6:7], cache=cache, use_cache=True)  # in order: fine
+        cache.crop(-3)  # back to 4 tokens, as assisted decoding does: the memory's history no longer matches
+        with pytest.raises(ValueError, match="the cache holds 4 tokens but the memory's decoding state 7"):
+            model(input_ids=x[:, 4:5], cache=cache, use_cache=True)
+
+
+def test_a_deep_copy_runs_its_own_memories():
+    model = with_memories("llama").eval()
+    twin = copy.deepcopy(model)
+    x, mask = batch()
+    twin(input_ids=x, attention_mask=mask)
+    assert torch.equal(memory_layers_mlp(twin, 1).mask, mask.bool()) and memory_layers_mlp(model, 1).mask is None
+    assert torch.equal(twin(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def memory_layers_mlp(model, i):
+    return dict(model.named_modules())[f"model.layers.{i}.mlp"]
+
+
+def test_mlps_returning_tuples_cannot_be_replaced():
+    class TupleMLP(torch.nn.Module):  # like MoE blocks returning router logits too
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, h):
+            return self.inner(h), None
+
+    model = tiny("llama")
+    for layer in model.model.layers:
+        layer.mlp = TupleMLP(layer.mlp)
+    with pytest.raises(ValueError, match="return tuples .* use mode='beside'"):
+        add_memory_layers(model, layers="1", preset="pkm", **SMALL)
+    add_memory_layers(model, layers="1", preset="pkm", mode="beside", **SMALL)
+    out, extra = model.model.layers[1].mlp(torch.randn(2, 3, 32))
+    assert out.shape == (2, 3, 32) and extra is None
+
+
 def test_auxiliary_losses_join_the_training_loss():
     model = tiny("llama")
     add_memory_layers(model, layers="1", preset="memory", balance_loss=0.5, **SMALL)
@@ -126,6 +175,9 @@ def test_auxiliary_losses_join_the_training_loss():
     out = model(input_ids=x, labels=x)
     aux = memory_layers(model)[0][1].aux_loss().item()
     assert aux > 0 and out.loss.item() == pytest.approx(next_token_ce(out.logits) + aux, rel=1e-5)
+    n = int((x[:, 1:] != -100).sum())  # Trainer with gradient accumulation: this batch is half of the tokens
+    half = model(input_ids=x, labels=x, num_items_in_batch=torch.tensor(2 * n))
+    assert half.loss.item() == pytest.approx((next_token_ce(half.logits) + aux) / 2, rel=1e-5)
     model.eval()  # no auxiliary loss in evaluation
     out = model(input_ids=x, labels=x)
     assert out.loss.item() == pytest.approx(next_token_ce(out.logits), rel=1e-5)
@@ -153,7 +205,7 @@ def test_transformers_trainer_trains_the_memories(tmp_path):
 
 
 def test_bad_input(tmp_path):
-    with pytest.raises(ValueError, match="no list of decoder layers"):
+    with pytest.raises(ValueError, match="found no list"):
         add_memory_layers(torch.nn.Linear(3, 3))
     model = with_memories("llama")
     with pytest.raises(ValueError, match=r"decoder layer\(s\) \[1\] already have a memory layer"):

@@ -65,6 +65,7 @@ def sweep_lrs(
             if len(tried) < 2 or math.isinf(losses[best]) or best not in (tried[0], tried[-1]):
                 break
             new = best * tried[0] / tried[1] if best == tried[0] else best * tried[-1] / tried[-2]
+            new = float(f"{new:.6g}")  # as the run directory and the tables name it
             losses[new] = loss_at(new)
         best = _best(losses)
         if math.isinf(losses[best]):

@@ -19,7 +19,7 @@ memories) and a decoding state per sequence (n-gram memories under ``generate``;
 the sequences, is not supported for them), and in training add the memories' auxiliary losses to the loss.
 """
 
-import glob
+import json
 import os
 
 import torch
@@ -39,21 +39,25 @@ class MemoryMLP(nn.Module):
 
     The model's hook sets, at every forward of the model, ``mask`` (B, S) bool (True = real token) and
     ``token_ids`` (B, S) (either None), S >= T: the last T positions are these (they stay set until the next
-    forward, so that gradient checkpointing recomputes with them); and ``state``: None in training, else the
-    decoding state, a fresh dict when the forward starts without a cache or from an empty one, kept while the
-    cache grows.
+    forward, so that gradient checkpointing recomputes with them); and ``state``: None without a KV cache, else
+    the decoding state, a fresh dict when the cache is empty, kept while it grows (``seen`` tokens).
     """
 
     def __init__(self, memory: MemoryLayer, mlp: nn.Module | None = None):
         super().__init__()
         self.memory = memory
         self.mlp = mlp
-        self.mask = self.token_ids = self.state = None
+        self.mask = self.token_ids = self.state = self.seen = None
 
     def forward(self, h: torch.Tensor, *args, **kwargs):
         batch, seq = h.shape[0], h.shape[-2]
-        mask, ids = (t[:, -seq:] if t is not None and t.shape[0] == batch and t.shape[1] >= seq else None
-                     for t in (self.mask, self.token_ids))  # fmt: skip
+        for name, t in (("attention_mask", self.mask), ("input_ids", self.token_ids)):
+            if t is not None and (t.shape[0] != batch or t.shape[1] < seq):
+                raise ValueError(
+                    f"memory layer: the model's {name} is {tuple(t.shape)} but the layer's input is {tuple(h.shape)}; "
+                    "call the model itself (its hooks hand the memory these), not its decoder layers"
+                )
+        mask, ids = (None if t is None else t[:, -seq:] for t in (self.mask, self.token_ids))
         m = self.memory(h, mask=mask, token_ids=ids, state=self.state)
         if self.mlp is None:
             return m
@@ -62,15 +66,23 @@ class MemoryMLP(nn.Module):
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(dotted path, list) of the model's decoder layers: the first ``nn.ModuleList`` whose every layer has an
-    ``mlp`` (``model.layers`` in Llama/Qwen, ``transformer.h`` in GPT-2)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and all(hasattr(layer, "mlp") for layer in module):
-            return name, module
-    raise ValueError(
-        f"add_memory_layers: found no list of decoder layers with an `mlp` in {type(model).__name__}; "
-        "it supports causal LMs built like Llama, Qwen or GPT-2 (model.layers[i].mlp or transformer.h[i].mlp)"
-    )
+    """(dotted path in ``model``, list) of the model's decoder layers: the one ``nn.ModuleList`` of layers that
+    all have an ``mlp`` inside its decoder (``model.get_decoder()``: ``model.layers`` in Llama/Qwen,
+    ``transformer.h`` in GPT-2; a vision tower's layers are not searched)."""
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError):
+        decoder = model
+    names = {id(m): n for n, m in model.named_modules()}
+    found = [m for m in (decoder or model).modules()
+             if isinstance(m, nn.ModuleList) and len(m) and all(hasattr(layer, "mlp") for layer in m)]  # fmt: skip
+    if len(found) != 1 or id(found[0]) not in names:
+        what = "no" if not found else f"{len(found)}"
+        raise ValueError(
+            f"add_memory_layers: found {what} list(s) of decoder layers with an `mlp` in {type(model).__name__}; "
+            "it supports causal LMs built like Llama, Qwen or GPT-2 (model.layers[i].mlp or transformer.h[i].mlp)"
+        )
+    return names[id(found[0])], found[0]
 
 
 def memory_layers(model: nn.Module) -> list[tuple[int, MemoryLayer]]:
@@ -109,52 +121,87 @@ def add_memory_layers(
     if taken:
         raise ValueError(f"add_memory_layers: decoder layer(s) {taken} already have a memory layer; pick others")
     embedding = model.get_input_embeddings()
-    where = dict(device=embedding.weight.device, dtype=embedding.weight.dtype)
-    mc = spec.memory_config(embedding.embedding_dim, "add_memory_layers options", len(stack), embedding.num_embeddings)
+    dim, dtype = embedding.embedding_dim, embedding.weight.dtype
+    mc = spec.memory_config(dim, "add_memory_layers options", len(stack), embedding.num_embeddings)
+    if spec.mode == "replace" and _returns_tuple(stack[blocks[0]].mlp, dim, dtype):
+        raise ValueError(
+            f"add_memory_layers: the MLPs of {type(model).__name__} return tuples (e.g. router logits) that its "
+            "decoder layers unpack; a memory cannot replace them: use mode='beside'"
+        )
     if not hasattr(model, POOLS):
         model.add_module(POOLS, Pools({}))
     pools = getattr(model, POOLS)
-    current = dict(pools.items())  # read_pool adds the pools it creates
+    current, moved = dict(pools.items()), set()  # read_pool adds the pools it creates
     for i in blocks:
-        _, store = read_pool(spec, i, len(stack), mc, current)
-        stack[i].mlp = MemoryMLP(MemoryLayer(mc, store).to(**where), stack[i].mlp if spec.mode == "beside" else None)
+        name, store = read_pool(spec, i, len(stack), mc, current)
+        device = next(stack[i].parameters(), embedding.weight).device  # the layer's (device_map may spread them)
+        if name is not None and name not in pools and name not in moved:  # a new pool, placed with its first reader
+            current[name].to(device=device, dtype=dtype)  # in place: the layers' references stay valid
+            moved.add(name)
+        memory = MemoryLayer(mc, store).to(device=device, dtype=dtype)
+        stack[i].mlp = MemoryMLP(memory, stack[i].mlp if spec.mode == "beside" else None)
     for name, store in current.items():
         if name not in pools:
-            pools.add_module(name, store.to(**where))  # in place: the layers' references stay valid
+            pools.add_module(name, store)
     if not getattr(model, "_memlayers_hooks", False):
-        _install_hooks(model, model.get_submodule(path.rpartition(".")[0]), stack)
+        base, _, rel = path.rpartition(".")
+        _install_hooks(model, model.get_submodule(base), rel)
     config = getattr(model, "config", None)
     if config is not None:
         setattr(config, CONFIG_KEY, [*(getattr(config, CONFIG_KEY, None) or []), entry])
     return model
 
 
-def _install_hooks(model: nn.Module, base: nn.Module, stack: nn.ModuleList) -> None:
-    """A hook on ``base`` (the module running the decoder layers) setting the memories' mask, token ids and
-    decoding state, and one on ``model`` adding the memories' auxiliary losses to its training loss."""
+def _returns_tuple(mlp: nn.Module, dim: int, dtype: torch.dtype) -> bool:
+    """Whether ``mlp`` returns a tuple (MoE blocks that also return router logits), tried on one token."""
+    weight = next(mlp.parameters(), None)
+    if weight is None or weight.is_meta:
+        return False
+    with torch.no_grad():
+        return isinstance(mlp(torch.zeros(1, 1, dim, device=weight.device, dtype=dtype)), tuple)
 
-    def wrappers():
-        return [layer.mlp for layer in stack if isinstance(layer.mlp, MemoryMLP)]
+
+def _install_hooks(model: nn.Module, base: nn.Module, rel: str) -> None:
+    """A hook on ``base`` (the module running the decoder layers, ``rel`` the path of their list in it) setting the
+    memories' mask, token ids and decoding state, and one on ``model`` adding the memories' auxiliary losses to
+    its training loss. The hooks find the layers from the module they are called on, so a deep copy of the
+    model works on its own layers."""
 
     def set_context(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = ids if isinstance(ids, torch.Tensor) else None
         mask = kwargs.get("attention_mask")
         mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None  # else: no padding
         past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.24 calls it "cache"
-        fresh = past is None or not hasattr(past, "get_seq_length") or past.get_seq_length() == 0
-        for w in wrappers():
-            w.mask, w.token_ids = mask, ids if isinstance(ids, torch.Tensor) else None
-            if module.training:
-                w.state = None
-            elif fresh or w.state is None:
-                w.state = {}
+        seen = past.get_seq_length() if hasattr(past, "get_seq_length") else 0
+        for layer in module.get_submodule(rel):
+            w = layer.mlp
+            if not isinstance(w, MemoryMLP):
+                continue
+            w.mask, w.token_ids = mask, ids
+            if past is None:  # no decoding (training, a plain forward): no state
+                w.state = w.seen = None
+            elif seen == 0:  # a cached sequence starts
+                w.state, w.seen = {}, 0
+            elif w.seen != seen and w.memory.needs_token_ids:  # n-gram memories keep a history of the tokens
+                raise ValueError(
+                    f"memory layer: the cache holds {seen} tokens but the memory's decoding state {w.seen}; an n-gram "
+                    "memory needs every token through the model in order (no cache reuse, assisted decoding or "
+                    "beam search): use greedy or sampled generate"
+                )
+            if w.seen is not None and ids is not None:
+                w.seen += ids.shape[-1]
 
     def add_aux_loss(module, args, kwargs, output):
         loss = getattr(output, "loss", None)
         if module.training and loss is not None:
             aux = [a for _, layer in memory_layers(module) if (a := layer.aux_loss()) is not None]
             if aux:
-                output.loss = loss + sum(aux)
+                aux = sum(aux)
+                labels, total = kwargs.get("labels"), kwargs.get("num_items_in_batch")
+                if labels is not None and total is not None:  # the loss is a share of an accumulated batch's
+                    aux = aux * (labels[..., 1:] != -100).sum() / total
+                output.loss = loss + aux
         return output
 
     base.register_forward_pre_hook(set_context, with_kwargs=True)
@@ -166,7 +213,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     """The causal LM ``save_pretrained`` wrote to ``path`` after ``add_memory_layers``: built from its
     ``config.json`` (transformers' ``AutoModelForCausalLM.from_config``), its memory layers added again from
     the config's ``memlayers`` entry, then every weight loaded from the directory's safetensors files (one
-    or sharded) and checked: a weight missing (other than one tied to a loaded one) or left over is an error.
+    or sharded) and checked, and its ``generation_config.json`` read: a weight missing (other than one tied to a loaded one) or left over is an error.
     dtype: None = the checkpoint's floating dtype.
     """
     from .._extras import require
@@ -175,10 +222,15 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     load_file = require("safetensors.torch", "hf").load_file
 
     path = os.fspath(path)
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):  # sharded
+        with open(index) as f:
+            files = sorted({os.path.join(path, name) for name in json.load(f)["weight_map"].values()})
+    else:
+        files = [f for f in [os.path.join(path, "model.safetensors")] if os.path.isfile(f)]
     if not os.path.isfile(os.path.join(path, "config.json")) or not files:
         raise FileNotFoundError(
-            f"{path!r} holds no config.json and *.safetensors; give the directory model.save_pretrained wrote"
+            f"{path!r} holds no config.json and model.safetensors; give the directory model.save_pretrained wrote"
         )
     config = transformers.AutoConfig.from_pretrained(path)
     entries = getattr(config, CONFIG_KEY, None)
@@ -204,8 +256,11 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     if missing or unexpected:
         raise ValueError(
             f"{path}: the weights do not match the model its config describes (missing {missing[:5]}, unexpected "
-            f"{list(unexpected)[:5]}); was it saved from a model changed after add_memory_layers?"
+            f"{list(unexpected)[:5]}); was it saved from a model changed after add_memory_layers, or from a model "
+            "whose transformers class converts its weights when loading (MoE models such as Mixtral: not supported)?"
         )
+    if os.path.isfile(os.path.join(path, "generation_config.json")):  # eos ids, sampling defaults
+        model.generation_config = transformers.GenerationConfig.from_pretrained(path)
     floating = [t.dtype for t in state.values() if t.is_floating_point()]
     return model.to(dtype or max(set(floating), key=floating.count)).eval()
 
