@@ -145,7 +145,7 @@ def add_memory_layers(
             pools.add_module(name, store)
     if not getattr(model, "_memlayers_hooks", False):
         base, _, rel = path.rpartition(".")
-        _install_hooks(model, model.get_submodule(base), rel)
+        _install_hooks(model, model.get_submodule(base), rel, path)
     config = getattr(model, "config", None)
     if config is not None:
         setattr(config, CONFIG_KEY, [*(getattr(config, CONFIG_KEY, None) or []), entry])
@@ -161,9 +161,9 @@ def _returns_tuple(mlp: nn.Module, dim: int, dtype: torch.dtype) -> bool:
         return isinstance(mlp(torch.zeros(1, 1, dim, device=weight.device, dtype=dtype)), tuple)
 
 
-def _install_hooks(model: nn.Module, base: nn.Module, rel: str) -> None:
+def _install_hooks(model: nn.Module, base: nn.Module, rel: str, path: str) -> None:
     """A hook on ``base`` (the module running the decoder layers, ``rel`` the path of their list in it) setting the
-    memories' mask, token ids and decoding state, and one on ``model`` adding the memories' auxiliary losses to
+    memories' mask, token ids and decoding state, and one on ``model`` (``path``: the list's in it) adding the memories' auxiliary losses to
     its training loss. The hooks find the layers from the module they are called on, so a deep copy of the
     model works on its own layers."""
 
@@ -195,7 +195,8 @@ def _install_hooks(model: nn.Module, base: nn.Module, rel: str) -> None:
     def add_aux_loss(module, args, kwargs, output):
         loss = getattr(output, "loss", None)
         if module.training and loss is not None:
-            aux = [a for _, layer in memory_layers(module) if (a := layer.aux_loss()) is not None]
+            mlps = [layer.mlp for layer in module.get_submodule(path)]  # not memory_layers: no module walk per step
+            aux = [a for m in mlps if isinstance(m, MemoryMLP) and (a := m.memory.aux_loss()) is not None]
             if aux:
                 aux = sum(aux)
                 labels, total = kwargs.get("labels"), kwargs.get("num_items_in_batch")
