@@ -1,8 +1,10 @@
 """Optional dependencies ("extras"): ``pip install memlayers`` is the layer library and needs only torch.
 
     pip install 'memlayers[train]'   # tqdm, omegaconf, pyyaml, matplotlib, safetensors: train/eval/export/...
-    pip install 'memlayers[hf]'      # transformers, accelerate, safetensors: memlayers.integrations.hf
-    pip install 'memlayers[all]'     # train + hf + tensorboard
+    pip install 'memlayers[hf]'      # transformers, accelerate, safetensors, peft: memlayers.integrations.hf,
+                                     # the LoRA arm of memlayers experiment continual
+    pip install 'memlayers[lmeval]'  # lm-evaluation-harness: memlayers lm-eval, memlayers.integrations.lmeval
+    pip install 'memlayers[all]'     # train + hf + lmeval + tensorboard
 
 Code that needs one of those modules imports it through ``require`` (or lets ``missing_extra`` turn the
 ImportError into one), so that a missing extra is one clear message naming the extra to install.
@@ -21,6 +23,8 @@ EXTRA_OF = {
     "tensorboard": "all",
     "transformers": "hf",
     "accelerate": "hf",
+    "peft": "hf",
+    "lm_eval": "lmeval",
 }
 
 

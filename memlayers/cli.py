@@ -11,7 +11,9 @@ Subcommands:
     memlayers eval runs/a                  # recall, QA, loss and memory usage of a checkpoint
     memlayers eval runs/a --probes facts.jsonl   # + recall of your own {"prompt", "answer"} lines
     memlayers generate runs/a "prompt"     # sample a continuation (KV cache; --temperature, --top-k, --top-p)
+    memlayers lm-eval runs/a --tasks my_task --include-path my_tasks/   # lm-evaluation-harness tasks
     memlayers export runs/a model.safetensors    # the model (of any checkpoint) as one safetensors file
+    memlayers experiment continual         # learning new facts: full / LoRA / memory / sparse memory finetuning
     memlayers demo                         # a lone memory layer memorises 4096 Zipf-sampled facts (~30 s)
     memlayers --version
 """
@@ -137,6 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True,
                      help="stop at the end-of-document token")  # fmt: skip
 
+    le = sub.add_parser(
+        "lm-eval",
+        help="run lm-evaluation-harness tasks (lm-eval's own or yours) on a checkpoint (the 'lmeval' extra)",
+        description="Evaluate a run directory, checkpoint or exported .safetensors file with lm-evaluation-harness "
+        "(memlayers.integrations.lmeval.MemlayersLM: the run's model and tokenizer) and print lm-eval's table. "
+        "Tasks are lm-eval task names; your own tasks are YAML files in --include-path (datasets from local files).",
+    )
+    le.add_argument("checkpoint", help="a run directory, its checkpoint.pt, or an exported .safetensors file")
+    le.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    le.add_argument("--include-path", metavar="DIR", help="a folder of your own lm-eval task YAML files")
+    le.add_argument("--limit", type=pos_int, default=None, help="at most this many examples per task")
+    le.add_argument("--batch-size", type=pos_int, default=16, help="rows per forward pass")
+    le.add_argument("--device", default="cpu", help="where to run (cpu, cuda, cuda:1, ...)")
+    le.add_argument("--json", metavar="PATH", help="also write the per-task metrics as JSON to PATH")
+
     exp = sub.add_parser(
         "export",
         help="write a checkpoint's model (one process's or a sharded one of many) to one safetensors file",
@@ -172,19 +189,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser(
         "experiment",
-        help="run a packaged experiment: utilisation (sub-key collapse and its remedies)",
+        help="run a packaged experiment: utilisation (sub-key collapse and its remedies) or continual (learning "
+        "new facts without forgetting: full finetuning, LoRA, memory-only and sparse memory finetuning)",
         description="utilisation: train a baseline product-key memory, each sub-key remedy and all of them "
         "together over several seeds, on a skewed synthetic regression and on a byte-level language model of local "
         "text (this Python's standard library); write <out>/<task>/results.{json,md} and usage.png and print the "
-        "tables with the default rule's verdict. Finished runs are reused.",
+        "tables with the default rule's verdict. continual: pretrain a Memory+ model on some synthetic people's "
+        "facts, finetune it on new people's in four ways and compare new-fact recall, old-fact recall and held-out "
+        "loss at matched learning; write <out>/results.{json,md} and learning_vs_forgetting.png. "
+        "Finished runs are reused.",
     )
-    ex.add_argument("name", choices=["utilisation"], help="which experiment")
-    ex.add_argument("--preset", default="cpu", help="cpu (minutes per arm) or gpu (one H100/H200)")
-    ex.add_argument("--tasks", default="skewed,text", help="comma-separated: skewed, text")
+    ex.add_argument("name", choices=["utilisation", "continual"], help="which experiment")
+    ex.add_argument("--preset", default="cpu", help="cpu (minutes per arm) or gpu (one H100/H200; utilisation only)")
+    ex.add_argument("--tasks", default="skewed,text", help="utilisation: comma-separated: skewed, text")
     ex.add_argument("--arms", default=None, help="comma-separated subset of the arms (default: all)")
     ex.add_argument("--seeds", type=pos_int, default=3, help="seeds per arm (default 3)")
-    ex.add_argument("--steps", type=pos_int, default=None, help="training steps of every run (default: the preset's)")
-    ex.add_argument("--out", metavar="DIR", default=None, help="output directory (default: runs/utilisation-PRESET)")
+    ex.add_argument("--steps", type=pos_int, default=None,
+                    help="utilisation: training steps of every run (default: the preset's)")  # fmt: skip
+    ex.add_argument("--out", metavar="DIR", default=None, help="output directory (default: runs/NAME-PRESET)")
     ex.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -228,6 +250,24 @@ def _eval(args) -> int:
     return 0
 
 
+def _lm_eval(args) -> int:
+    from .integrations.lmeval import evaluate_tasks
+
+    _check_json_path(args.json)
+    if args.include_path and not os.path.isdir(args.include_path):
+        raise ValueError(f"--include-path {args.include_path}: not a folder; give the folder of your task YAML files")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = evaluate_tasks(args.checkpoint, tasks, include_path=args.include_path, limit=args.limit,
+                             device=args.device, batch_size=args.batch_size)  # fmt: skip
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results["results"], f, indent=2, default=str)
+    return 0
+
+
 def _export(args) -> int:
     from .train.export import export_safetensors
 
@@ -268,14 +308,21 @@ def _compare(args) -> int:
 
 
 def _experiment(args) -> int:
+    names = lambda text: [a.strip() for a in text.split(",") if a.strip()]  # noqa: E731
+    out = args.out or f"runs/{args.name}-{args.preset}"
+    arms = None if args.arms is None else names(args.arms)
+    if args.name == "continual":
+        from .experiments.continual import run_continual
+
+        if args.steps is not None or args.tasks != "skewed,text":
+            raise ValueError("experiment continual: --steps and --tasks are options of utilisation; continual's "
+                             "settings come from its preset")  # fmt: skip
+        run_continual(out, arms=arms, seeds=args.seeds, preset=args.preset, show=not args.quiet)
+        return 0
     from .experiments.utilisation import run_utilisation
 
-    names = lambda text: [a.strip() for a in text.split(",") if a.strip()]  # noqa: E731
-    run_utilisation(
-        args.out or f"runs/utilisation-{args.preset}", tasks=names(args.tasks),
-        arms=None if args.arms is None else names(args.arms), seeds=args.seeds, preset=args.preset,
-        show=not args.quiet, steps=args.steps,
-    )  # fmt: skip
+    run_utilisation(out, tasks=names(args.tasks), arms=arms, seeds=args.seeds, preset=args.preset,
+                    show=not args.quiet, steps=args.steps)  # fmt: skip
     return 0
 
 
@@ -321,6 +368,7 @@ def _run(args) -> int:
         "compare": _compare,
         "experiment": _experiment,
         "generate": generate_command,
+        "lm-eval": _lm_eval,
     }
     if args.command in commands:
         try:

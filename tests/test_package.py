@@ -116,8 +116,8 @@ def test_ci_pins_satisfy_the_dependencies_and_extras():
             pins[canonicalize_name(name)] = version
     project = _pyproject()["project"]
     extras = project["optional-dependencies"]
-    assert set(extras) == {"train", "hf", "all", "test"}
-    for text in project["dependencies"] + extras["train"] + extras["hf"] + extras["test"]:
+    assert set(extras) == {"train", "hf", "lmeval", "all", "test"}
+    for text in project["dependencies"] + extras["train"] + extras["hf"] + extras["lmeval"] + extras["test"]:
         req = Requirement(text)
         if req.name == "memlayers":  # an extra naming another (test -> train)
             assert req.extras <= set(extras)

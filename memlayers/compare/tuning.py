@@ -59,14 +59,8 @@ def sweep_lrs(
                 raise ValueError(f"lr sweep: arm {arm!r} has no validation loss to choose by (no held-out text?)")
             return loss if math.isfinite(loss) else math.inf
 
-        losses = {f: loss_at(f) for f in factors}
-        for _ in range(EXTEND):
-            best, tried = _best(losses), sorted(losses)
-            if len(tried) < 2 or math.isinf(losses[best]) or best not in (tried[0], tried[-1]):
-                break
-            new = best * tried[0] / tried[1] if best == tried[0] else best * tried[-1] / tried[-2]
-            new = float(f"{new:.6g}")  # as the run directory and the tables name it
-            losses[new] = loss_at(new)
+        losses = extend_grid({f: loss_at(f) for f in factors}, loss_at,
+                             lambda r: None if math.isinf(r[_best(r)]) else _best(r))  # fmt: skip
         best = _best(losses)
         if math.isinf(losses[best]):
             raise ValueError(f"lr sweep: every learning rate tried for arm {arm!r} diverged; try smaller factors")
@@ -75,6 +69,21 @@ def sweep_lrs(
         table[arm] = {"base_lr": cfg.train.lr, "losses": finite, "factor": best, "lr": chosen[arm]}
     _write(table, sorted({f for row in table.values() for f in map(float, row["losses"])}), fraction, out_dir)
     return chosen
+
+
+def extend_grid(results: dict, measure, best, extend: int = EXTEND) -> dict:
+    """Extend a sweep past a winning edge: while ``best(results)`` (the winning value of ``{value: result}``, or None
+    to stop) is the smallest or largest value tried, add ``measure(value)`` one grid step further (the ratio of the
+    two outermost values, rounded to 6 significant digits, as run directories and tables name it), at most
+    ``extend`` times. Returns ``results``."""
+    for _ in range(extend):
+        winner, tried = best(results), sorted(results)
+        if winner is None or len(tried) < 2 or winner not in (tried[0], tried[-1]):
+            break
+        new = winner * tried[0] / tried[1] if winner == tried[0] else winner * tried[-1] / tried[-2]
+        new = float(f"{new:.6g}")
+        results[new] = measure(new)
+    return results
 
 
 def _best(losses: dict[float, float]) -> float:

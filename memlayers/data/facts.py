@@ -400,14 +400,21 @@ class FactsDataset(PackedDataset):
             ids += self._values[p][a] + self._dot
         return ids, spans
 
-    def _format_documents(self, fmt: str) -> list[list[int]]:
+    def _format_documents(self, fmt: str, people=None) -> list[list[int]]:
         bos, eos = [self.tokenizer.bos_id], [self.tokenizer.eos_id]
-        people, attrs = range(len(self.people)), range(len(ATTRIBUTES))
+        people, attrs = range(len(self.people)) if people is None else people, range(len(ATTRIBUTES))
         if fmt == "records":
             return [bos + self._record(p, a)[0] + eos for p in people for a in attrs]
         if fmt == "bios":
             return [bos + self._bio(p)[0] + eos for p in people]
         return [bos + self._qa(p, a)[0] + eos for p in people if p not in self._heldout_set for a in attrs]
+
+    def documents_of(self, people, format: str = "records") -> list[list[int]]:
+        """The training documents of the persons ``people`` (indices into ``self.people``) in ``format``, whether
+        or not ``format`` is trained (QA: none for held-out people): e.g. to train on a subset of the world."""
+        if format not in FORMATS:
+            raise ValueError(f"FactsDataset.documents_of: unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+        return self._format_documents(format, people)
 
     def text(self, ids: list[int]) -> str:
         """Readable text of a document or probe (special tokens dropped)."""

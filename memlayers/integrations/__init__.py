@@ -1,1 +1,2 @@
-"""Integrations with other libraries: ``memlayers.integrations.hf`` (Hugging Face transformers)."""
+"""Integrations with other libraries: ``memlayers.integrations.hf`` (Hugging Face transformers) and
+``memlayers.integrations.lmeval`` (lm-evaluation-harness)."""

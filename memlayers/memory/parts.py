@@ -84,6 +84,8 @@ class ValueStore(MemoryPart):
     signature(): what layers sharing this store must agree on (shown in errors).
     root(): the store that holds the tables: itself, or for a wrapper (a window, a per-layer input
     projection around a shared pool) the wrapped pool's root. Wrappers hold the pool by reference.
+    rows(ids): ids (...) int64 slot ids -> (...) int64 rows of ``root()``'s "values" tables they read (what a
+    batch touches, for sparse memory finetuning); default: the ids themselves.
     set_value_grad_sink(param, sink): read ``param`` (one of its "values" tables) so that the backward hands
     the bag's ``(ids, weights, grad_out)`` to ``sink`` instead of giving ``param`` a gradient (the fused
     optimizer update, ``memlayers.optim.FusedRowOptimizer``); None restores gradients. Stores that read a
@@ -95,6 +97,9 @@ class ValueStore(MemoryPart):
 
     def root(self) -> "ValueStore":
         return self
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids
 
     def read_params(self, reads: int) -> int:
         return 0

@@ -137,6 +137,9 @@ class ImplicitValueExpansion(ValueStore):
     def param_roles(self) -> dict[str, list[nn.Parameter]]:
         return {"values": [self.weight], "dense": [self.proj]}
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.perm[ids] % self.num_values  # the physical row of each virtual slot (see ``slots``)
+
     def read_params(self, reads: int) -> int:
         return reads * self.value_dim
 

@@ -31,6 +31,9 @@ class ProjectedInput(ValueStore):
     def param_roles(self) -> dict:
         return {"dense": [self.proj.weight]}  # the inner store declares its own
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.rows(ids)
+
     def read_params(self, reads: int) -> int:
         return self.inner.read_params(reads)
 

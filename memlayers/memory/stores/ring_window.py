@@ -26,6 +26,9 @@ class RingWindow(ValueStore):
     def param_roles(self) -> dict:
         return {}  # the pool declares its own
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.rows((ids + self.offset) % self.inner.num_slots)
+
     def read_params(self, reads: int) -> int:
         return self.inner.read_params(reads)
 
