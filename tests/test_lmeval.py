@@ -112,7 +112,19 @@ def test_a_local_task_runs_end_to_end(run, tmp_path, capsys):
                  "--json", str(tmp_path / "m.json")]) == 0  # fmt: skip
     assert "facts_recall" in capsys.readouterr().out
     assert "acc,none" in json.loads((tmp_path / "m.json").read_text())["facts_recall"]
-    assert main(["lm-eval", str(out), "--tasks", "no_such_task", "--include-path", str(tmp_path)]) == 2
+
+
+def test_an_unknown_task_is_one_line(run, tmp_path, capsys, monkeypatch):
+    import lm_eval.tasks
+
+    class NoTasks:  # indexing lm-eval's own thousands of task files takes tens of seconds: not needed here
+        all_tasks = []
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", NoTasks)
+    assert main(["lm-eval", str(run[0]), "--tasks", "no_such_task", "--include-path", str(tmp_path)]) == 2
     assert "unknown task(s) 'no_such_task'" in capsys.readouterr().err
 
 

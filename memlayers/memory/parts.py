@@ -86,6 +86,8 @@ class ValueStore(MemoryPart):
     projection around a shared pool) the wrapped pool's root. Wrappers hold the pool by reference.
     rows(ids): ids (...) int64 slot ids -> (...) int64 rows of ``root()``'s "values" tables they read (what a
     batch touches, for sparse memory finetuning); default: the ids themselves.
+    quantize_(fmt): store the values in 8 bits with one scale per row ("int8", "fp8"), in place, for serving
+    (``memlayers.serving.quantize_values``); only stores with ``quantizable`` True can (others raise ValueError).
     set_value_grad_sink(param, sink): read ``param`` (one of its "values" tables) so that the backward hands
     the bag's ``(ids, weights, grad_out)`` to ``sink`` instead of giving ``param`` a gradient (the fused
     optimizer update, ``memlayers.optim.FusedRowOptimizer``); None restores gradients. Stores that read a
@@ -94,12 +96,16 @@ class ValueStore(MemoryPart):
 
     sparse_grad = False
     lr_decay: tuple[float, float] | None = None
+    quantizable = False  # quantize_ works
 
     def root(self) -> "ValueStore":
         return self
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return ids
+
+    def quantize_(self, fmt: str) -> None:
+        raise ValueError(f"{type(self).__name__} cannot store its values in 8 bits yet (value tables read as bags can)")
 
     def read_params(self, reads: int) -> int:
         return 0
