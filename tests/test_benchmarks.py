@@ -236,12 +236,13 @@ def test_gpu_checks_sections(tmp_path):
         capture_output=True, text=True, env=dict(os.environ, OUT=str(tmp_path)), timeout=60, check=True,
     ).stdout  # fmt: skip
     sections = [line.split(" (timeout ")[0][3:] for line in out.splitlines() if line.startswith("== ")]
-    assert sections == ["env", "tests", "layer_gpu", "train", "kernels"]
+    assert sections == ["env", "tests", "layer_gpu", "train", "kernels", "serving"]
     limits = [int(line.split("(timeout ")[1].split(" s)")[0]) for line in out.splitlines() if line.startswith("== ")]
     assert sum(limits) <= 8 * 60
     assert "tests/test_embedding_bag_triton.py" in out and "tests/test_product_key_topk_triton.py" in out
     assert "benchmarks/kernels.py --select-budget 30 --sweep" in out
     assert "benchmarks/layer_gpu.py --sections train" in out
+    assert "tests/test_serving.py" in out and "benchmarks/offloaded_values.py --device cuda" in out
     assert not list(tmp_path.iterdir())  # a dry run writes no logs
 
 

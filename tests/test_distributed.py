@@ -3,9 +3,11 @@ the same thing, and the example under torchrun. Every process builds the same ta
 the single-process reference itself."""
 
 import copy
+import queue
 import socket
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -31,18 +33,61 @@ def free_port() -> int:
 
 
 def run(world: int, fn, *args) -> None:
-    """fn(rank, world, *args) in ``world`` gloo processes; a failure in any of them fails the test."""
-    mp.spawn(_worker, args=(world, free_port(), fn, args), nprocs=world, join=True)
+    """fn(rank, world, *args) on each of ``world`` gloo processes; a failure in any of them fails the test.
+
+    The processes (a group per world size) serve every test of the session: starting them (importing torch,
+    joining the group) costs more than most tests do. A group in which a test failed is replaced."""
+    group = _GROUPS.get(world)
+    if group is None or not group.alive():
+        group = _GROUPS[world] = _Group(world)
+    group.run(fn, args)
 
 
-def _worker(rank, world, port, fn, args):
+class _Group:
+    def __init__(self, world: int):
+        ctx = mp.get_context("spawn")
+        self.world, self.tasks, self.done = world, [ctx.SimpleQueue() for _ in range(world)], ctx.Queue()
+        port = free_port()
+        self.procs = [
+            ctx.Process(target=_serve, args=(r, world, port, self.tasks[r], self.done), daemon=True)
+            for r in range(world)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def alive(self) -> bool:
+        return all(p.is_alive() for p in self.procs)
+
+    def run(self, fn, args: tuple, timeout: float = 600) -> None:
+        for tasks in self.tasks:
+            tasks.put((fn, args))
+        for _ in range(self.world):
+            try:
+                rank, error = self.done.get(timeout=timeout)
+            except queue.Empty:
+                rank, error = "?", f"no answer in {timeout} s"
+            if error is not None:  # the other ranks may be stuck in a collective: start afresh next time
+                for p in self.procs:
+                    p.kill()
+                    p.join()
+                raise AssertionError(f"rank {rank} of {self.world} failed:\n{error}")
+
+
+_GROUPS: dict[int, _Group] = {}
+
+
+def _serve(rank, world, port, tasks, done):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-        dist.barrier()  # every rank done before any tears its connections down (gloo may abort otherwise)
-    finally:
-        dist.destroy_process_group()
+    while True:
+        fn, args = tasks.get()
+        try:
+            fn(rank, world, *args)
+            dist.barrier()  # every rank done before the next task
+        except BaseException:  # noqa: BLE001 (reported to the test, which fails)
+            done.put((rank, traceback.format_exc()))
+            return
+        done.put((rank, None))
 
 
 def rank_inputs(r: int, tokens: int = T, rows: int = N):

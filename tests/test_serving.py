@@ -1,16 +1,19 @@
-"""8-bit value tables for serving: the quantised read against a full-precision read of the dequantised table,
-the quantisation error bound, whole models (shared pools, generation) and bad input."""
+"""Serving memories. 8-bit value tables: the quantised read against a full-precision read of the dequantised table,
+the quantisation error bound. Offloaded tables (host memory, memory-mapped files): reads exactly those of the table
+in place. Both: whole models (shared pools, generation, state dicts) and bad input."""
 
 import copy
+import os
 
 import pytest
 import torch
 
 from memlayers import build_optimizer
+from memlayers.memory.parts import ValueStore
 from memlayers.memory.stores.value_table import ValueTable
 from memlayers.model import Transformer
 from memlayers.model.config import MemorySpec, ModelConfig
-from memlayers.serving import quantize_values
+from memlayers.serving import offload_values, quantize_values
 
 # the largest relative error of one element: int8 rounds to half a step of absmax/127; e4m3 keeps 3 mantissa bits
 BOUND = {"int8": 0.5 / 127, "fp8": 2.0**-4}
@@ -27,16 +30,27 @@ def test_the_quantised_read_is_the_bag_of_the_dequantised_rows(fmt, T):
     ids, weights = torch.randint(0, 101, (T, 9)), torch.randn(T, 9)
     ids[:, :2] = 5
     table.quantize_(fmt)
-    dequantised = table.qweight.float() * table.scale[:, None]  # (N, d)
+    dequantised = table.qweight.float() * table.weight_scale[:, None]  # (N, d)
     out = torch.full((T, 24), float("nan"))
     out[:] = table.bag(ids, weights)
     expected = torch.einsum("tl,tld->td", weights, dequantised[ids])
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6) and not out.isnan().any()
     error = (dequantised - original).abs()
     assert (error <= BOUND[fmt] * original.abs().amax(1, keepdim=True) + 1e-7).all()
-    assert table.qweight.element_size() == 1 and table.scale.dtype == torch.float32
+    assert table.qweight.element_size() == 1 and table.weight_scale.dtype == torch.float32
     assert table.param_roles() == {"values": []} and "weight" not in dict(table.named_parameters())
     assert "quantized=" + fmt in repr(table)
+
+
+class Unservable(ValueStore):
+    """A store of a kind memlayers.serving does not know (like one sharded over processes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.zeros(4, 2))
+
+    def param_roles(self):
+        return {"values": [self.table]}
 
 
 def model() -> Transformer:
@@ -58,7 +72,7 @@ def test_a_model_serves_from_8_bit_tables(fmt):
     with torch.no_grad():
         for store, ref in ((m.pools["values"], reference.pools["values"]),
                            (m.blocks[1].memory.store, reference.blocks[1].memory.store)):  # fmt: skip
-            ref.weight.copy_(store.qweight.float() * store.scale[:, None])
+            ref.weight.copy_(store.qweight.float() * store.weight_scale[:, None])
         before = reference(x).logits
     assert summary["tables"] == 2  # the pool once, engram's table
     assert summary["bytes_before"] == sum(4 * n * d for n, d in shapes)  # float32
@@ -78,19 +92,11 @@ def test_a_model_serves_from_8_bit_tables(fmt):
 def test_bad_input():
     with pytest.raises(ValueError, match="fmt must be one of"):
         quantize_values(model(), "int4")
-    peer = Transformer(
-        ModelConfig(
-            vocab_size=50,
-            dim=32,
-            n_layers=2,
-            n_heads=2,
-            memories=[MemorySpec(layers="1", preset="peer", options={"n_keys": 8, "topk": 4})],
-        )  # fmt: skip
-    )
-    state = {k: v.clone() for k, v in peer.state_dict().items()}
-    with pytest.raises(ValueError, match="PEERExperts cannot keep its values in 8 bits yet"):
-        quantize_values(peer)
-    assert all(torch.equal(v, state[k]) for k, v in peer.state_dict().items())  # nothing changed
+    unservable = Unservable()
+    with pytest.raises(ValueError, match="Unservable cannot .*nothing was changed"):
+        quantize_values(unservable)
+    with pytest.raises(ValueError, match="Unservable cannot .*nothing was changed"):
+        offload_values(unservable)
     table = ValueTable(8, 4)
     table.quantize_("int8")
     with pytest.raises(ValueError, match="already int8"):
@@ -117,3 +123,174 @@ def test_the_benchmark_measures_every_format(tmp_path):
     assert [r[1] for r in rows] == ["float32", "int8", "fp8"]
     size = {r[1]: float(r[4].split()[0]) for r in rows}
     assert size["int8"] == size["fp8"] < 0.4 * size["float32"]
+
+
+@pytest.mark.parametrize("fmt", [None, "int8"])
+@pytest.mark.parametrize("where", ["host", "disk"])
+@pytest.mark.parametrize("T", [0, 1, 37])
+def test_an_offloaded_read_is_the_read_in_place(where, fmt, T, tmp_path):
+    torch.manual_seed(0)
+    table = ValueTable(101, 24)
+    if fmt:
+        table.quantize_(fmt)
+    ids, weights = torch.randint(0, 101, (T, 9)), torch.randn(T, 9)
+    ids[:, :3] = 7  # rows read twice and by several tokens
+    expected = table.bag(ids, weights)
+    values = {k: v.clone() for k, v in table.state_dict().items()}
+    table.offload_(where, str(tmp_path / "t.") if where == "disk" else None)
+    out = torch.full_like(expected, float("nan"))
+    out[:] = table.bag(ids, weights)
+    assert torch.equal(out, expected)
+    assert not list(table.parameters()) and not list(table.buffers())  # nothing .to() would move
+    assert table.param_roles() == {"values": []} and f"offloaded={where}" in repr(table)
+    state = table.state_dict()
+    assert state.keys() == values.keys() and all(torch.equal(state[k], values[k]) for k in values)
+    if where == "disk":
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"t.{k}.bin" for k in values)
+
+
+def test_a_model_serves_offloaded_tables_and_keeps_its_state_dict(tmp_path):
+    m, fresh = model().eval(), model().eval()
+    x = torch.randint(0, 50, (3, 12))
+    with torch.no_grad():
+        before, generated = m(x).logits, m.generate(x[:, :4], 5)
+    quantize_values(m, "int8")
+    with torch.no_grad():
+        quantized = m(x).logits
+    shapes = [tuple(s.qweight.shape) for s in (m.pools["values"], m.blocks[1].memory.store)]
+    summary = offload_values(m, "disk", str(tmp_path / "tables"))
+    assert summary["tables"] == 2 and summary["bytes"] == sum(n * (d + 4) for n, d in shapes)
+    assert sorted(os.path.basename(f) for f in summary["files"]) == [
+        "blocks.1.memory.store.qweight.bin", "blocks.1.memory.store.weight_scale.bin",
+        "pools.values.qweight.bin", "pools.values.weight_scale.bin"]  # fmt: skip
+    with torch.no_grad():
+        assert torch.equal(m(x).logits, quantized)
+    state = m.state_dict()
+    assert "pools.values.qweight" in state and "pools.values.weight_scale" in state
+    # a load writes through to the files: here the in-place float32 model's tables, offloaded to host memory
+    offload_values(fresh, "host")
+    fresh.load_state_dict({k: v for k, v in model().state_dict().items()})
+    with torch.no_grad():
+        assert torch.equal(fresh(x).logits, before)
+        assert torch.equal(fresh.generate(x[:, :4], 5), generated)
+    scale = m.pools["values"].host["weight_scale"]
+    doubled = 2 * scale
+    m.load_state_dict({**state, "pools.values.weight_scale": doubled})
+    on_disk = torch.from_file(summary["files"][-1], shared=False, size=scale.numel(), dtype=torch.float32)
+    assert [os.path.basename(f) for f in summary["files"]][-1] == "pools.values.weight_scale.bin"
+    assert torch.equal(scale, doubled) and torch.equal(on_disk, doubled)
+    with pytest.raises(RuntimeError, match="Missing key.*pools.values.weight"):
+        fresh.load_state_dict({k: v for k, v in fresh.state_dict().items() if k != "pools.values.weight"})
+    with pytest.raises(ValueError, match="no value tables left in place"):
+        offload_values(m, "host")
+    with pytest.raises(ValueError, match="left to quantise"):
+        quantize_values(fresh, "int8")
+
+
+def test_offload_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="where must be one of"):
+        offload_values(model(), "gpu")
+    with pytest.raises(ValueError, match="give a directory"):
+        offload_values(model(), "disk")
+    with pytest.raises(ValueError, match="give a directory"):
+        offload_values(model(), "host", str(tmp_path))
+    m = model()
+    (tmp_path / "pools.values.weight.bin").write_text("mine")
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(FileExistsError, match="pools.values.weight.bin exists"):
+        offload_values(m, "disk", str(tmp_path))
+    assert (tmp_path / "pools.values.weight.bin").read_text() == "mine"  # a user's file is never touched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pools.values.weight.bin"]
+    assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())  # nothing changed
+    table = ValueTable(8, 4)
+    table.offload_("host")
+    with pytest.raises(ValueError, match="already offloaded"):
+        table.offload_("host")
+    with pytest.raises(ValueError, match="before offloading"):
+        table.quantize_("int8")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_offloaded_tables_serve_a_model_on_the_gpu():
+    m = model().eval()
+    x = torch.randint(0, 50, (3, 12))
+    with torch.no_grad():
+        expected = m.cuda()(x.cuda()).logits
+        offload_values(m.cpu(), "host")
+        m.cuda()
+        assert all(t.device.type == "cpu" for t in m.pools["values"].host.values())
+        assert torch.allclose(m(x.cuda()).logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_hashed_n_gram_rows_are_prefetched_before_the_layer_reads_them(monkeypatch):
+    from memlayers.memory.stores import servable
+
+    torch.manual_seed(0)
+    memories = [MemorySpec(layers="1", preset="engram", options={"table_size": 64})]
+    m = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, max_seq_len=16, memories=memories)).eval()
+    x = torch.randint(0, 50, (3, 12))
+    with torch.no_grad():
+        expected, generated = m(x).logits, m.generate(x[:, :4], 6)
+    offload_values(m, "host")
+    fetches = []
+    fetch = servable.fetch_rows
+    monkeypatch.setattr(servable, "fetch_rows", lambda table, rows: fetches.append(rows) or fetch(table, rows))
+    layer, store = m.blocks[1].memory, m.blocks[1].memory.store
+    with torch.no_grad():
+        layer.prefetch(x)
+        assert len(fetches) == 1 and store.prefetched is not None  # fetched before block 0 runs
+        fetches.clear()
+        layer._prefetched = store.prefetched = None
+        assert torch.equal(m(x).logits, expected) and len(fetches) == 1  # once per forward: in the prefetch
+        assert store.prefetched is None and layer._prefetched is None  # taken by the read
+        assert torch.equal(m.generate(x[:, :4], 6), generated)  # the n-gram history advances once per step
+        layer.prefetch(x)
+        with pytest.raises(ValueError, match="same token_ids"):
+            layer(torch.randn(3, 12, 32), token_ids=x.clone())
+
+
+def test_the_offload_benchmark_decodes_the_same_tokens_wherever_the_values_are(monkeypatch):
+    import argparse
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
+    bench = importlib.import_module("offloaded_values")
+    args = argparse.Namespace(n_keys=32, dim=16, batches=[1, 2], new_tokens=2, repeats=1, device="cpu")
+    rows = {where: bench.measure(args, "int8", where) for where in ("in place", "disk")}
+    assert rows["disk"]["tokens"] == rows["in place"]["tokens"] and len(rows["disk"]["tokens"]) == 2
+    assert all(r["tok/s@2"] > 0 and set(r["rss"]) == {"anon", "file"} for r in rows.values())
+
+
+KINDS = {
+    "peer": {"n_keys": 8, "topk": 4},
+    "ultramem": {"n_keys": 8, "topk": 4},
+    "ultramem_v2": {"n_keys": 8, "topk": 4},
+    "memory": {"n_keys": 8, "topk": 4},
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_serves_8_bit_and_offloaded(kind, tmp_path):
+    """The 8-bit model is the model holding the dequantised tables; offloaded, it reads exactly the same."""
+    from memlayers.optim import value_stores
+
+    torch.manual_seed(0)
+    memories = [MemorySpec(layers="1", preset=kind, options=KINDS[kind])]
+    m = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, max_seq_len=16, memories=memories)).eval()
+    reference, in_place = copy.deepcopy(m), copy.deepcopy(m)
+    x = torch.randint(0, 50, (3, 12))
+    offload_values(in_place, "host")
+    with torch.no_grad():
+        assert torch.equal(in_place(x).logits, m(x).logits)
+    quantize_values(m, "int8")
+    (store,), (ref,) = ([s for s in value_stores(model) if s.root() is s] for model in (m, reference))
+    assert len(store.served_tables) == (2 if kind in ("peer", "ultramem_v2") else 1)  # v2's store is PEER's
+    with torch.no_grad():
+        for name in store.served_tables:
+            getattr(ref, name).copy_(getattr(store, f"q{name}").float() * getattr(store, f"{name}_scale")[:, None])
+        quantized = m(x).logits
+        assert torch.allclose(quantized, reference(x).logits, rtol=1e-5, atol=1e-5)
+        offload_values(m, "disk", str(tmp_path))
+        assert torch.equal(m(x).logits, quantized)
+        assert m.generate(x[:, :4], 3).shape == (3, 7)

@@ -61,7 +61,9 @@ class Addressing(MemoryPart):
         heads, topk: each token reads heads*topk slots, returned as (T, heads, topk);
         num_slots: slot ids are in [0, num_slots);
         grid: n when slot ids are product-structured ``i*n + j`` (per-half sub-key usage metrics), else None;
-        needs_token_ids: True when forward needs the token ids (hashed n-grams).
+        needs_token_ids: True when forward needs the token ids (hashed n-grams);
+        ids_from_tokens: True when the ids depend on the token ids (and decoding state) alone, not on x, so that
+            they are known before the layer's input is (forward then takes x=None): offloaded rows are prefetched.
     forward(x (T, dim), mask (T,) bool or None, token_ids (...) int64 or None, state dict or None)
         -> ids (T, heads, topk) int64, weights (T, heads, topk) or (T, heads, topk, C).
         token_ids has the layer input's leading shape (e.g. (B, S), T = B*S) so that an addressing can look
@@ -69,6 +71,7 @@ class Addressing(MemoryPart):
     """
 
     needs_token_ids = False
+    ids_from_tokens = False
 
 
 class ValueStore(MemoryPart):
@@ -86,8 +89,12 @@ class ValueStore(MemoryPart):
     projection around a shared pool) the wrapped pool's root. Wrappers hold the pool by reference.
     rows(ids): ids (...) int64 slot ids -> (...) int64 rows of ``root()``'s "values" tables they read (what a
     batch touches, for sparse memory finetuning); default: the ids themselves.
-    quantize_(fmt): store the values in 8 bits with one scale per row ("int8", "fp8"), in place, for serving
-    (``memlayers.serving.quantize_values``); only stores with ``quantizable`` True can (others raise ValueError).
+    quantize_(fmt), offload_(where, prefix): for serving (``memlayers.serving``), keep the values in 8 bits with
+    one scale per row, or off the compute device, in place; stores with ``quantizable`` / ``offloadable`` True
+    can (``stores.servable.ServableStore``), others raise ValueError. ``offloaded`` says where the values went
+    (None: in place).
+    prefetch(ids): start bringing the rows that the next read of ``ids`` needs to ids' device (offloaded values);
+    default nothing.
     set_value_grad_sink(param, sink): read ``param`` (one of its "values" tables) so that the backward hands
     the bag's ``(ids, weights, grad_out)`` to ``sink`` instead of giving ``param`` a gradient (the fused
     optimizer update, ``memlayers.optim.FusedRowOptimizer``); None restores gradients. Stores that read a
@@ -97,6 +104,8 @@ class ValueStore(MemoryPart):
     sparse_grad = False
     lr_decay: tuple[float, float] | None = None
     quantizable = False  # quantize_ works
+    offloadable = False  # offload_ works
+    offloaded: str | None = None
 
     def root(self) -> "ValueStore":
         return self
@@ -105,7 +114,13 @@ class ValueStore(MemoryPart):
         return ids
 
     def quantize_(self, fmt: str) -> None:
-        raise ValueError(f"{type(self).__name__} cannot store its values in 8 bits yet (value tables read as bags can)")
+        raise ValueError(f"{type(self).__name__} cannot store its values in 8 bits")
+
+    def offload_(self, where: str, prefix: str | None = None) -> None:
+        raise ValueError(f"{type(self).__name__} cannot keep its values off the device")
+
+    def prefetch(self, ids: torch.Tensor) -> None:
+        pass
 
     def read_params(self, reads: int) -> int:
         return 0

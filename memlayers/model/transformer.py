@@ -381,6 +381,9 @@ class Transformer(nn.Module):
         aux_loss = torch.zeros((), device=idx.device)
         sources = set(self.memory_reads.values())
         saved = {}  # block -> its FFN input, for the later memories that read it
+        for i, block in enumerate(self.blocks):  # memories that know their rows from the tokens start fetching them
+            if block.memory is not None:
+                block.memory.prefetch(idx, None if cache is None else cache[i].memory)
         for i, block in enumerate(self.blocks):
             x, aux, h = block(x, None if cache is None else cache[i], idx, saved.get(self.memory_reads.get(i)))
             if i in sources:

@@ -100,7 +100,7 @@ class HashedNGrams(Addressing):
     ``set_canonical_ids`` fills it, maps token ids before hashing (the paper's tokenizer compression).
     """
 
-    needs_token_ids = True
+    needs_token_ids = ids_from_tokens = True
 
     def __init__(self, max_n: int, hash_heads: int, table_size: int, seed: int = 0, vocab_size: int | None = None):
         super().__init__()

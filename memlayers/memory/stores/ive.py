@@ -5,7 +5,7 @@ from torch import nn
 
 from ...ops import embedding_bag
 from ...ops.dispatch import use_triton
-from ..parts import ValueStore
+from .servable import ServableStore
 
 
 class RowSlices(torch.autograd.Function):
@@ -58,7 +58,7 @@ def pool(
     return out.view(T, E, d)
 
 
-class ImplicitValueExpansion(ValueStore):
+class ImplicitValueExpansion(ServableStore):
     """E·N virtual values from N physical rows: virtual value (p, r) is ``V[r] W_p``.
 
     Virtual slot id ``v`` (what the addressing chooses, in [0, E·N)) goes through a fixed random
@@ -135,7 +135,7 @@ class ImplicitValueExpansion(ValueStore):
         nn.init.normal_(self.proj, std=(self.expansion * self.value_dim) ** -0.5)
 
     def param_roles(self) -> dict[str, list[nn.Parameter]]:
-        return {"values": [self.weight], "dense": [self.proj]}
+        return {"values": self.value_tables(), "dense": [self.proj]}
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self.perm[ids] % self.num_values  # the physical row of each virtual slot (see ``slots``)
@@ -170,6 +170,9 @@ class ImplicitValueExpansion(ValueStore):
     def pooled(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """ids (T, H, k) virtual, weights (T, H, k[, C]) -> (T, E, d_v): each block's weighted sum of its rows."""
         block, row = self.slots(ids)
+        if self.served:  # quantised or offloaded: the distinct rows read, dequantised, on ids' device
+            tables, row = self.served_rows(row)
+            return pool(tables["weight"], block, row, self.core_weights(ids, weights), self.expansion, False)
         return pool(self.weight, block, row, self.core_weights(ids, weights), self.expansion, self.sparse_grad)
 
     def forward(self, ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
@@ -179,5 +182,5 @@ class ImplicitValueExpansion(ValueStore):
     def extra_repr(self) -> str:
         return (
             f"num_values={self.num_values} (x{self.expansion} = {self.num_slots} virtual), value_dim={self.value_dim}, "
-            f"out_dim={self.out_dim}, cores={self.cores}, sparse_grad={self.sparse_grad}"
+            f"out_dim={self.out_dim}, cores={self.cores}, sparse_grad={self.sparse_grad}{self.served_repr()}"
         )

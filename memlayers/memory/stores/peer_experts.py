@@ -6,12 +6,12 @@ from torch import nn
 
 from ...ops import embedding_bag
 from ...ops.gather_dot import gather_dot
-from ..parts import ValueStore
+from .servable import ServableStore
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "identity": lambda h: h}
 
 
-class PEERExperts(ValueStore):
+class PEERExperts(ServableStore):
     """Two (N, ·) row tables ``u`` (N, in_dim) and ``v`` (N, out_dim): expert i is ``act(u_i · x) v_i``.
 
     ``forward(ids (T, H, k), weights (T, H, k), x (T, in_dim)) -> (T, out_dim)``:
@@ -34,6 +34,8 @@ class PEERExperts(ValueStore):
             N(0, 1) for both, which puts u_i · x at O(sqrt(in_dim)), deep in the activation's tails).
         lr_decay: see ``ValueStore``.
     """
+
+    served_tables = ("u", "v")
 
     def __init__(
         self,
@@ -66,7 +68,7 @@ class PEERExperts(ValueStore):
         nn.init.normal_(self.v, std=self.out_dim**-0.5 if self.init_std is None else self.init_std)
 
     def param_roles(self) -> dict[str, list[nn.Parameter]]:
-        return {"values": [self.u, self.v]}
+        return {"values": self.value_tables()}
 
     def read_params(self, reads: int) -> int:
         return reads * (self.in_dim + self.out_dim)
@@ -87,12 +89,17 @@ class PEERExperts(ValueStore):
                 f"got {tuple(weights.shape)}"
             )
         ids = ids.flatten(1)  # (T, H*k)
-        h = gather_dot(self.u, ids, x, self.sparse_grad)  # (T, H*k) float32 (float64 for float64)
+        if self.served:  # quantised or offloaded: the distinct experts read, dequantised, on ids' device
+            (tables, ids), sparse = self.served_rows(ids), False
+            u, v = tables["u"], tables["v"]
+        else:
+            u, v, sparse = self.u, self.v, self.sparse_grad
+        h = gather_dot(u, ids, x, sparse)  # (T, H*k) float32 (float64 for float64)
         gates = weights.flatten(1) * ACTIVATIONS[self.activation](h)
-        return embedding_bag(self.v, ids, gates, sparse_grad=self.sparse_grad)  # (T, out_dim) in v's dtype
+        return embedding_bag(v, ids, gates, sparse_grad=sparse)  # (T, out_dim) in v's dtype
 
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, in_dim={self.in_dim}, out_dim={self.out_dim}, "
-            f"activation={self.activation!r}, sparse_grad={self.sparse_grad}"
+            f"activation={self.activation!r}, sparse_grad={self.sparse_grad}{self.served_repr()}"
         )

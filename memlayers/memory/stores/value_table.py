@@ -4,10 +4,10 @@ import torch
 from torch import nn
 
 from ...ops import embedding_bag
-from ..parts import ValueStore
+from .servable import ServableStore
 
 
-class ValueTable(ValueStore):
+class ValueTable(ServableStore):
     """A trainable (num_values, dim) table read as a weighted embedding bag.
 
     ``forward(ids (T, H, k), weights (T, H, k), x) -> (T, dim)``: ``sum_{h,k} weights * V[ids]``.
@@ -26,9 +26,6 @@ class ValueTable(ValueStore):
         init_std: N(0, init_std) init; None: dim^-1/2, as in the paper.
         lr_decay: see ``ValueStore``.
     """
-
-    quantizable = True
-    quantized: str | None = None  # the 8-bit format after quantize_
 
     def __init__(
         self,
@@ -58,7 +55,7 @@ class ValueTable(ValueStore):
         nn.init.normal_(self.weight, std=self.dim**-0.5 if self.init_std is None else self.init_std)
 
     def param_roles(self) -> dict[str, list[nn.Parameter]]:
-        return {"values": [] if self.quantized else [self.weight]}
+        return {"values": self.value_tables()}
 
     def read_params(self, reads: int) -> int:
         return reads * self.dim
@@ -76,36 +73,15 @@ class ValueTable(ValueStore):
 
     def bag(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """ids (T, L) in [0, N), weights (T, L) -> (T, dim): the plain weighted bag."""
-        if self.quantized is not None:  # the rows read, in float32 (T, L, dim); their scales go into the weights
-            return torch.einsum("tl,tld->td", weights.float() * self.scale[ids], self.qweight[ids].float())
+        if self.served:  # quantised or offloaded: the distinct rows read, dequantised, on ids' device
+            tables, ids = self.served_rows(ids)
+            return embedding_bag(tables["weight"], ids, weights)
         return embedding_bag(
             self.weight, ids, weights, sparse_grad=self.sparse_grad, value_grad_sink=self.value_grad_sink
         )
-
-    @torch.no_grad()
-    def quantize_(self, fmt: str) -> None:
-        """Keep the table in 8 bits, one float32 scale per row (its largest magnitude over the format's largest
-        value): "int8" (rounded to the nearest of -127..127) or "fp8" (float8_e4m3fn). In place and for serving:
-        ``weight`` becomes the buffers ``qweight`` (N, dim) and ``scale`` (N,), so the table no longer trains and
-        its state dict has those instead; a read dequantises only the rows it reads."""
-        formats = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
-        if fmt not in formats:
-            raise ValueError(f"{type(self).__name__}.quantize_: fmt must be one of {tuple(formats)}, got {fmt!r}")
-        if self.quantized is not None:
-            raise ValueError(f"{type(self).__name__}.quantize_: the values are already {self.quantized}")
-        dtype, largest = formats[fmt]
-        w = self.weight.detach().float()
-        scale = w.abs().amax(dim=1) / largest  # (N,)
-        q = w / scale.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-        q = q.round().clamp(-largest, largest) if fmt == "int8" else q
-        del self.weight
-        self.register_buffer("qweight", q.to(dtype))
-        self.register_buffer("scale", scale)
-        self.quantized = fmt
 
     def forward(self, ids: torch.Tensor, weights: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         return self.bag(ids.flatten(1), weights.flatten(1))
 
     def extra_repr(self) -> str:
-        quantized = f", quantized={self.quantized}" if self.quantized else ""
-        return f"num_values={self.num_values}, dim={self.dim}, sparse_grad={self.sparse_grad}{quantized}"
+        return f"num_values={self.num_values}, dim={self.dim}, sparse_grad={self.sparse_grad}{self.served_repr()}"
