@@ -15,7 +15,7 @@ PLACES = ("host", "disk")
 def _tables(model: nn.Module) -> dict[str, nn.Module]:
     """{module name: store} of the stores of ``model`` that hold value tables (a shared pool once)."""
     names = {id(m): name for name, m in model.named_modules()}
-    return {names[id(s)]: s for s in value_stores(model) if s.root() is s}
+    return {names[id(s)] or "store": s for s in value_stores(model) if s.root() is s}
 
 
 def _refuse(stores, able: str, what: str) -> None:
@@ -64,7 +64,8 @@ def offload_values(model: nn.Module, where: str = "host", directory: str | None 
 
     Returns {"tables", "bytes" (of the tables moved), "files" (for "disk")}. Raises ValueError (FileExistsError
     for a file that exists), before changing anything, on a bad ``where``/``directory``, a store that cannot (one
-    sharded over processes), or no table left in place."""
+    sharded over processes), or no table left in place. A file that cannot be written (a full disk) raises OSError
+    naming it; the stores offloaded before it stay offloaded (their reads are exact), the rest stay in place."""
     if where not in PLACES:
         raise ValueError(f"offload_values: where must be one of {PLACES}, got {where!r}")
     if (where == "disk") != (directory is not None):

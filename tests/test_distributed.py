@@ -7,6 +7,7 @@ import queue
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -61,11 +62,15 @@ class _Group:
     def run(self, fn, args: tuple, timeout: float = 600) -> None:
         for tasks in self.tasks:
             tasks.put((fn, args))
-        for _ in range(self.world):
+        deadline, answers = time.monotonic() + timeout, 0
+        while answers < self.world:
             try:
-                rank, error = self.done.get(timeout=timeout)
+                rank, error = self.done.get(timeout=1)
+                answers += 1
             except queue.Empty:
-                rank, error = "?", f"no answer in {timeout} s"
+                if self.alive() and time.monotonic() < deadline:
+                    continue
+                rank, error = "?", "a process died" if not self.alive() else f"no answer in {timeout} s"
             if error is not None:  # the other ranks may be stuck in a collective: start afresh next time
                 for p in self.procs:
                     p.kill()

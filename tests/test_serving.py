@@ -13,6 +13,7 @@ from memlayers.memory.parts import ValueStore
 from memlayers.memory.stores.value_table import ValueTable
 from memlayers.model import Transformer
 from memlayers.model.config import MemorySpec, ModelConfig
+from memlayers.optim import value_stores
 from memlayers.serving import offload_values, quantize_values
 
 # the largest relative error of one element: int8 rounds to half a step of absmax/127; e4m3 keeps 3 mantissa bits
@@ -210,9 +211,37 @@ def test_offload_bad_input(tmp_path):
         table.quantize_("int8")
 
 
+def test_a_full_disk_is_one_clear_error_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    m = model()
+    with pytest.raises(OSError, match=r"cannot write .*\.weight\.bin \(26,016 bytes\): No space left on device; free"):
+        offload_values(m, "disk", str(tmp_path))
+    assert not list(tmp_path.iterdir())  # no file, no temporary file
+    assert all(s.offloaded is None and "weight" in dict(s.named_parameters()) for s in value_stores(m))
+
+
+def test_an_8_bit_state_dict_saved_with_the_scale_named_scale_loads():
+    table = ValueTable(10, 4)
+    table.quantize_("int8")
+    state = {k: v.clone() for k, v in table.state_dict().items()}
+    fresh = ValueTable(10, 4)
+    fresh.quantize_("int8")
+    fresh.load_state_dict({"qweight": state["qweight"], "scale": state["weight_scale"]})
+    assert torch.equal(fresh.weight_scale, state["weight_scale"]) and torch.equal(fresh.qweight, state["qweight"])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_offloaded_tables_serve_a_model_on_the_gpu():
+@pytest.mark.parametrize("fmt", [None, "int8"])
+def test_offloaded_tables_serve_a_model_on_the_gpu(fmt):
+    """Pinned copies and the n-gram prefetch on a side stream: the pool, engram's table (8-bit too)."""
     m = model().eval()
+    if fmt:
+        quantize_values(m, fmt)
     x = torch.randint(0, 50, (3, 12))
     with torch.no_grad():
         expected = m.cuda()(x.cuda()).logits
@@ -237,16 +266,17 @@ def test_hashed_n_gram_rows_are_prefetched_before_the_layer_reads_them(monkeypat
     monkeypatch.setattr(servable, "fetch_rows", lambda table, rows: fetches.append(rows) or fetch(table, rows))
     layer, store = m.blocks[1].memory, m.blocks[1].memory.store
     with torch.no_grad():
-        layer.prefetch(x)
-        assert len(fetches) == 1 and store.prefetched is not None  # fetched before block 0 runs
+        ids, _ = layer.prefetch(x)
+        assert len(fetches) == 1 and len(store.prefetched) == 1  # fetched before block 0 runs
+        assert torch.equal(store.prefetched[0][0], torch.unique(ids))
+        store.prefetched = ()
         fetches.clear()
-        layer._prefetched = store.prefetched = None
         assert torch.equal(m(x).logits, expected) and len(fetches) == 1  # once per forward: in the prefetch
-        assert store.prefetched is None and layer._prefetched is None  # taken by the read
+        assert store.prefetched == ()  # taken by the read
         assert torch.equal(m.generate(x[:, :4], 6), generated)  # the n-gram history advances once per step
         layer.prefetch(x)
-        with pytest.raises(ValueError, match="same token_ids"):
-            layer(torch.randn(3, 12, 32), token_ids=x.clone())
+        m.load_state_dict(m.state_dict())
+        assert store.prefetched == ()  # rows fetched before a load are not read after it
 
 
 def test_the_offload_benchmark_decodes_the_same_tokens_wherever_the_values_are(monkeypatch):
@@ -273,7 +303,6 @@ KINDS = {
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_kind_serves_8_bit_and_offloaded(kind, tmp_path):
     """The 8-bit model is the model holding the dequantised tables; offloaded, it reads exactly the same."""
-    from memlayers.optim import value_stores
 
     torch.manual_seed(0)
     memories = [MemorySpec(layers="1", preset=kind, options=KINDS[kind])]

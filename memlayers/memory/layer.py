@@ -48,7 +48,6 @@ class MemoryLayer(nn.Module):
         self.usage = (
             UsageTracker(a.grid, a.heads, window=c.usage_window, num_slots=a.num_slots) if c.track_usage else None
         )
-        self._prefetched = None  # (token_ids, ids, weights) from prefetch, for the next forward
         self.register_load_state_dict_pre_hook(_upgrade_legacy_keys)
 
     def _check_pool(self, pool) -> None:
@@ -153,15 +152,17 @@ class MemoryLayer(nn.Module):
         )
         return ids.view(*lead, *ids.shape[1:]), weights.view(*lead, *weights.shape[1:])
 
-    def prefetch(self, token_ids: torch.Tensor, state: dict | None = None) -> None:
-        """Start bringing the value rows that ``token_ids`` will read to the device before the layer's input
-        exists, where the slots depend on the token ids alone (hashed n-grams) and the values are offloaded
-        (``memlayers.serving.offload_values``); otherwise nothing. The next forward must be given the same
-        ``token_ids`` tensor (and ``state``): it reads those rows. ``Transformer.forward`` calls this first."""
-        if self.addressing.ids_from_tokens and self.store.root().offloaded:
-            ids, weights = self.addressing(None, None, token_ids, state)
-            self.store.prefetch(ids)
-            self._prefetched = (token_ids, ids, weights)
+    def prefetch(self, token_ids: torch.Tensor, state: dict | None = None) -> tuple | None:
+        """Where the slots depend on the token ids alone (hashed n-grams) and the values are offloaded
+        (``memlayers.serving.offload_values``), address ``token_ids`` now, before the layer's input exists, and
+        start bringing the rows they read to the device; return (ids, weights), to pass to the forward on these
+        tokens as ``addressed`` (``state`` has then advanced already). Otherwise None. ``Transformer.forward``
+        calls this for every memory before its first block."""
+        if not (self.addressing.ids_from_tokens and self.store.root().offloaded):
+            return None
+        ids, weights = self.addressing(None, None, token_ids, state)
+        self.store.prefetch(ids)
+        return ids, weights
 
     def forward(
         self,
@@ -169,6 +170,7 @@ class MemoryLayer(nn.Module):
         mask: torch.Tensor | None = None,
         token_ids: torch.Tensor | None = None,
         state: dict | None = None,
+        addressed: tuple | None = None,
     ) -> torch.Tensor:
         """x (..., dim) -> (..., dim).
 
@@ -176,17 +178,16 @@ class MemoryLayer(nn.Module):
         token_ids (...) int64: the tokens at x's positions, for kinds addressed by token ids (engram).
         state: a dict kept across incremental decoding calls (x then holds the next positions of the
         same sequences), for kinds that look back along the sequence; None otherwise.
+        addressed: what ``prefetch`` returned for these tokens (the addressing is not run again).
         """
         self._check_input(x, mask, token_ids)
         lead, dim = x.shape[:-1], self.config.dim
         x = self.input_dropout(x.reshape(-1, dim))  # (T, dim)
         flat_mask = None if mask is None else mask.reshape(-1)
-        if self._prefetched is None:
+        if addressed is None:
             ids, weights = self.addressing(x, flat_mask, token_ids, state)  # (T, H, k), (T, H, k[, C])
         else:
-            (prefetched_for, ids, weights), self._prefetched = self._prefetched, None
-            if prefetched_for is not token_ids:
-                raise ValueError("MemoryLayer: after prefetch(token_ids), call the layer with the same token_ids")
+            ids, weights = addressed
         if self.usage is not None and self.training:
             self.usage.update(ids, weights.abs().sum(-1) if weights.dim() == 4 else weights, flat_mask)
         y = self.store(ids, weights, x)  # (T, d_v)

@@ -136,8 +136,8 @@ class Block(nn.Module):
     (mode "replace": instead of the FFN; "beside": added to the FFN's output) or None. The memory reads
     ``m = h``, or the ``memory_input`` given (an earlier block's h: UltraMem's skip-layer).
     forward: x (B, T, dim), cache (this block's KVCache or None), token_ids (B, T) (for memories addressed
-    by token ids), memory_input (B, T, dim) or None -> (x (B, T, dim), aux: scalar unweighted MoE
-    load-balancing loss or None, h (B, T, dim)).
+    by token ids), memory_input (B, T, dim) or None, addressed (what ``MemoryLayer.prefetch`` returned, or
+    None) -> (x (B, T, dim), aux: scalar unweighted MoE load-balancing loss or None, h (B, T, dim)).
     """
 
     def __init__(self, cfg: ModelConfig, ffn: nn.Module | None, memory: MemoryLayer | None = None):
@@ -155,6 +155,7 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         token_ids: torch.Tensor | None = None,
         memory_input: torch.Tensor | None = None,
+        addressed: tuple | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         x = x + self.drop(self.attn(self.attn_norm(x), cache))
         h = self.ffn_norm(x)
@@ -169,6 +170,7 @@ class Block(nn.Module):
                 h if memory_input is None else memory_input,
                 token_ids=ids,
                 state=None if cache is None else cache.memory,
+                addressed=addressed,
             )
             out = m if out is None else out + m
         return x + self.drop(out), aux, h
@@ -381,11 +383,15 @@ class Transformer(nn.Module):
         aux_loss = torch.zeros((), device=idx.device)
         sources = set(self.memory_reads.values())
         saved = {}  # block -> its FFN input, for the later memories that read it
-        for i, block in enumerate(self.blocks):  # memories that know their rows from the tokens start fetching them
-            if block.memory is not None:
-                block.memory.prefetch(idx, None if cache is None else cache[i].memory)
+        # memories that know their rows from the tokens alone address them now and start fetching offloaded rows
+        addressed = [
+            None if block.memory is None else block.memory.prefetch(idx, None if cache is None else cache[i].memory)
+            for i, block in enumerate(self.blocks)
+        ]
         for i, block in enumerate(self.blocks):
-            x, aux, h = block(x, None if cache is None else cache[i], idx, saved.get(self.memory_reads.get(i)))
+            x, aux, h = block(
+                x, None if cache is None else cache[i], idx, saved.get(self.memory_reads.get(i)), addressed[i]
+            )
             if i in sources:
                 saved[i] = h
             if aux is not None:

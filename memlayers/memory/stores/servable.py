@@ -1,6 +1,7 @@
 """ServableStore: a value store whose row tables can be kept in 8 bits or off the compute device, for serving."""
 
 import os
+import tempfile
 from contextlib import nullcontext
 
 import torch
@@ -8,6 +9,7 @@ import torch
 from ..parts import ValueStore
 
 FORMATS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}  # 8-bit dtype, its largest value
+PREFETCHES = 8  # prefetched row sets kept per store until read
 
 
 class ServableStore(ValueStore):
@@ -25,7 +27,7 @@ class ServableStore(ValueStore):
     quantizable = offloadable = True
     quantized: str | None = None  # the 8-bit format after quantize_
     offloaded: str | None = None  # "host" or "disk" after offload_
-    prefetched = None  # (rows, {name: rows fetched}, side stream or None), for the next read
+    prefetched: tuple = ()  # (rows, {name: rows fetched}, side stream or None) per prefetch not yet read
 
     @property
     def served(self) -> bool:
@@ -60,6 +62,7 @@ class ServableStore(ValueStore):
             delattr(self, name)
             self.register_buffer(f"q{name}", (q.round().clamp(-largest, largest) if fmt == "int8" else q).to(dtype))
             self.register_buffer(f"{name}_scale", scale)
+        self.register_load_state_dict_pre_hook(_rename_legacy_scale)
         self.quantized = fmt
 
     @torch.no_grad()
@@ -90,8 +93,10 @@ class ServableStore(ValueStore):
         self.offloaded = where
 
     def prefetch(self, ids: torch.Tensor) -> None:
-        """Start fetching the distinct rows that slot ids ``ids`` (any shape) read, for the next read, when
-        offloaded: on a side stream on a GPU, so that the copy overlaps the work queued before the read."""
+        """Start fetching the distinct rows that slot ids ``ids`` (any shape) read, for the read of those ids,
+        when offloaded. The host waits for the ids and gathers the rows; on a GPU the copy to the device runs on a
+        side stream, so that it overlaps the work queued before the read. At most ``PREFETCHES`` wait at once (one
+        per reader of a shared table); an older one is dropped."""
         if self.offloaded is None:
             return
         rows = torch.unique(self.rows(ids))
@@ -99,7 +104,8 @@ class ServableStore(ValueStore):
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(rows.device))
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            self.prefetched = (rows, {name: fetch_rows(t, rows) for name, t in self.host.items()}, stream)
+            fetched = (rows, {name: fetch_rows(t, rows) for name, t in self.host.items()}, stream)
+        self.prefetched = (*self.prefetched[1 - PREFETCHES :], fetched)
 
     def served_rows(self, rows: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """rows (...) int64 rows of the tables -> ({name: (R, ·) the R distinct rows, dequantised (float32) when
@@ -113,11 +119,12 @@ class ServableStore(ValueStore):
         return {n: held[f"q{n}"].float() * held[f"{n}_scale"].unsqueeze(1) for n in self.served_tables}, rows
 
     def _take_prefetched(self, distinct: torch.Tensor) -> dict[str, torch.Tensor] | None:
-        """The prefetched rows if they are ``distinct`` (then made safe to use on the current stream), else None."""
-        prefetched, self.prefetched = self.prefetched, None
-        if prefetched is None or not torch.equal(prefetched[0], distinct):
+        """The prefetched rows if some are ``distinct`` (then made safe to use on the current stream), else None."""
+        found = next((i for i, p in enumerate(self.prefetched) if torch.equal(p[0], distinct)), None)
+        if found is None:
             return None
-        _, held, stream = prefetched
+        _, held, stream = self.prefetched[found]
+        self.prefetched = self.prefetched[:found] + self.prefetched[found + 1 :]
         if stream is not None:
             current = torch.cuda.current_stream(distinct.device)
             current.wait_stream(stream)
@@ -142,17 +149,27 @@ def fetch_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def map_to_file(tensor: torch.Tensor, path: str) -> torch.Tensor:
-    """Write ``tensor`` to the new file ``path`` (via a temporary file, renamed when complete) and return it
-    memory-mapped from there (MAP_SHARED: writes go to the file)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.truncate(tensor.numel() * tensor.element_size())
+    """Write ``tensor`` to the new file ``path`` and return it memory-mapped from there (MAP_SHARED: writes go to
+    the file). The bytes go to a temporary file of our own first, with its space reserved (a full disk is an
+    OSError here, not a crash on a write through the mapping), synced, then linked as ``path``, which fails
+    rather than replace a file that appeared meanwhile."""
+    nbytes = tensor.numel() * tensor.element_size()
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
     try:
+        try:
+            if nbytes and hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, nbytes)
+            else:
+                os.ftruncate(fd, nbytes)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write {path} ({nbytes:,} bytes): {e.strerror}; free space or offload "
+                          "to another directory") from None  # fmt: skip
         torch.from_file(tmp, shared=True, size=tensor.numel(), dtype=tensor.dtype).copy_(tensor.reshape(-1))
-        os.replace(tmp, path)
+        os.fsync(fd)
+        os.link(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        os.close(fd)
+        os.unlink(tmp)
     # a fresh mapping: none of its pages resident until read
     return torch.from_file(path, shared=True, size=tensor.numel(), dtype=tensor.dtype).view(tensor.shape)
 
@@ -163,6 +180,7 @@ def _save_host_tensors(module: ServableStore, state_dict: dict, prefix: str, loc
 
 
 def _load_host_tensors(module: ServableStore, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    module.prefetched = ()  # fetched before the values change
     for name, t in module.host.items():
         if prefix + name in state_dict:
             value = state_dict.pop(prefix + name)
@@ -172,3 +190,13 @@ def _load_host_tensors(module: ServableStore, state_dict, prefix, local_metadata
                 t.copy_(value)
         elif strict:
             missing.append(prefix + name)
+
+
+def _rename_legacy_scale(module: ServableStore, state_dict, prefix, *args) -> None:
+    """A ValueTable quantised before the scales were named per table kept its scale as ``scale``."""
+    if (
+        module.served_tables == ("weight",)
+        and prefix + "scale" in state_dict
+        and prefix + "weight_scale" not in state_dict
+    ):
+        state_dict[prefix + "weight_scale"] = state_dict.pop(prefix + "scale")
