@@ -18,8 +18,8 @@ def _tables(model: nn.Module) -> dict[str, nn.Module]:
     return {names[id(s)] or "store": s for s in value_stores(model) if s.root() is s}
 
 
-def _refuse(stores, able: str, what: str) -> None:
-    refused = sorted({type(s).__name__ for s in stores if not getattr(s, able)})
+def _refuse(stores, what: str) -> None:
+    refused = sorted({type(s).__name__ for s in stores if not s.servable})
     if refused:
         raise ValueError(
             f"{what}: {', '.join(refused)} cannot (every memory kind's own store can; a store sharded over processes "
@@ -46,7 +46,7 @@ def quantize_values(model: nn.Module, fmt: str = "int8") -> dict:
         raise ValueError(
             "quantize_values: the model has no value tables left to quantise (none, done already, or offloaded)"
         )
-    _refuse(stores, "quantizable", "quantize_values")
+    _refuse(stores, "quantize_values")
     before = _bytes(stores)
     for store in stores:
         store.quantize_(fmt)
@@ -73,7 +73,7 @@ def offload_values(model: nn.Module, where: str = "host", directory: str | None 
     tables = {name: s for name, s in _tables(model).items() if not s.offloaded}
     if not tables:
         raise ValueError("offload_values: the model has no value tables left in place (none, or offloaded already)")
-    _refuse(tables.values(), "offloadable", "offload_values")
+    _refuse(tables.values(), "offload_values")
     prefixes = {name: None for name in tables}
     if where == "disk":
         prefixes = {name: os.path.join(directory, f"{name}.") for name in tables}

@@ -90,8 +90,8 @@ class ValueStore(MemoryPart):
     rows(ids): ids (...) int64 slot ids -> (...) int64 rows of ``root()``'s "values" tables they read (what a
     batch touches, for sparse memory finetuning); default: the ids themselves.
     quantize_(fmt), offload_(where, prefix): for serving (``memlayers.serving``), keep the values in 8 bits with
-    one scale per row, or off the compute device, in place; stores with ``quantizable`` / ``offloadable`` True
-    can (``stores.servable.ServableStore``), others raise ValueError. ``offloaded`` says where the values went
+    one scale per row, or off the compute device, in place; stores with ``servable`` True can
+    (``stores.servable.ServableStore``), others raise ValueError. ``offloaded`` says where the values went
     (None: in place).
     prefetch(ids): start bringing the rows that the next read of ``ids`` needs to ids' device (offloaded values);
     default nothing.
@@ -103,8 +103,7 @@ class ValueStore(MemoryPart):
 
     sparse_grad = False
     lr_decay: tuple[float, float] | None = None
-    quantizable = False  # quantize_ works
-    offloadable = False  # offload_ works
+    servable = False  # quantize_ and offload_ work
     offloaded: str | None = None
 
     def root(self) -> "ValueStore":

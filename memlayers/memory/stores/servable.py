@@ -24,9 +24,8 @@ class ServableStore(ValueStore):
     """
 
     served_tables: tuple[str, ...] = ("weight",)
-    quantizable = offloadable = True
-    quantized: str | None = None  # the 8-bit format after quantize_
-    offloaded: str | None = None  # "host" or "disk" after offload_
+    servable = True
+    quantized: str | None = None  # the 8-bit format after quantize_ (``offloaded``: "host" or "disk" after offload_)
     prefetched: tuple = ()  # (rows, {name: rows fetched}, side stream or None) per prefetch not yet read
 
     @property
@@ -141,8 +140,8 @@ class ServableStore(ValueStore):
 def fetch_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """table[rows] on rows' device, for a table anywhere. From the CPU to a GPU, the rows are gathered into pinned
     memory and copied without blocking the host."""
-    if table.device == rows.device or rows.device.type == "cpu":
-        return table.index_select(0, rows.to(table.device)).to(rows.device)
+    if table.device == rows.device:
+        return table.index_select(0, rows)
     staging = torch.empty((rows.numel(), *table.shape[1:]), dtype=table.dtype, pin_memory=True)
     torch.index_select(table, 0, rows.cpu(), out=staging)
     return staging.to(rows.device, non_blocking=True)
