@@ -1,8 +1,11 @@
 """Exact product-key top-k: ``(q1, q2, K1, K2, k) -> (scores, indices)`` per head.
 
-CUDA tensors go to the fused Triton selection (``triton_select.py``) when Triton is installed,
-everything else to the plain-PyTorch reference; both return the same indices and scores.
+CUDA tensors go to the fused Triton selection (``triton_select.py``) when Triton is installed, float32 CPU
+tensors to the reference with its selection compiled by numba (``cpu_select.py``) when numba is installed,
+everything else to the plain-PyTorch reference; all return the same indices and scores.
 """
+
+import functools
 
 import torch
 
@@ -42,7 +45,9 @@ def product_key_topk(
     q1, q2 (T, H, h); keys1, keys2 (H, n, h) -> scores (T, H, k) best first, indices (T, H, k) int64.
     See ``reference.py`` for the tie rule (lower flat index wins). ``impl``: "auto" (Triton
     selection for CUDA tensors when available and ``triton_unsupported`` has no objection, else the
-    reference), "reference", or "triton" (on CPU only under ``TRITON_INTERPRET=1``).
+    reference, its selection by numba for float32 CPU scores when numba is installed and
+    ``MEMLAYERS_CPU_KERNELS`` is not "0"), "reference" (plain torch only), or "triton" (on CPU only under
+    ``TRITON_INTERPRET=1``).
     """
     if q1.dim() != 3 or q1.shape != q2.shape:
         raise ValueError(
@@ -67,4 +72,5 @@ def product_key_topk(
         from .triton_select import product_key_topk_triton  # imported lazily: CPU installs need no Triton
 
         return product_key_topk_triton(q1, q2, keys1, keys2, k)
-    return product_key_topk_reference(q1, q2, keys1, keys2, k, select=library.select)
+    select = functools.partial(library.select, impl="reference" if impl == "reference" else "auto")
+    return product_key_topk_reference(q1, q2, keys1, keys2, k, select=select)

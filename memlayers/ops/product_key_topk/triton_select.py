@@ -488,7 +488,7 @@ def product_key_topk_triton(
     if s1.dtype not in (torch.float32, torch.bfloat16):
         return product_key_topk_reference(q1, q2, keys1, keys2, k, select=library.select)  # (rare dtypes only)
     if config is None:  # the default configuration, as the custom op torch.compile sees as one node
-        indices = library.select(s1, s2, k, use_kernel=True)
+        indices = library.select(s1, s2, k, impl="triton")
     else:
         indices = product_key_select_triton(s1, s2, k, config)
     i = torch.div(indices, n, rounding_mode="floor")

@@ -1,0 +1,144 @@
+"""The numba selection (``ops/product_key_topk/cpu_select.py``) against the plain-torch reference, id for id.
+
+The reference itself is checked against brute force in ``test_product_key_topk.py`` (whose tests, on float32 CPU
+scores, now also run this kernel through ``product_key_topk``'s default dispatch).
+"""
+
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+from memlayers.ops import product_key_topk
+from memlayers.ops.product_key_topk import library
+from memlayers.ops.product_key_topk.cpu_select import (
+    _select,
+    _select_rows_in_parallel,
+    product_key_select_cpu,
+    threshold_z,
+)
+from memlayers.ops.product_key_topk.reference import product_key_select
+
+POISON = -(2**62)
+
+
+def assert_same(s1, s2, k):
+    """The kernel's ids equal the reference's, through the wrapper and through both kernels on a poisoned output."""
+    want = product_key_select(s1, s2, k)
+    assert torch.equal(product_key_select_cpu(s1, s2, k), want)
+    rows, n = s1.shape[0] * s1.shape[1], s1.shape[-1]
+    a, b = s1.contiguous().view(rows, n).numpy(), s2.contiguous().view(rows, n).numpy()
+    for chunks in (None, 1, 3):
+        out = torch.full((rows, k), POISON, dtype=torch.int64)
+        if chunks is None:
+            _select(a, b, k, threshold_z(n, k), out.numpy())
+        else:
+            _select_rows_in_parallel(a, b, k, threshold_z(n, k), out.numpy(), chunks)
+        assert torch.equal(out.view_as(want), want)
+
+
+@pytest.mark.parametrize(
+    "T,H,n,k",
+    [(1, 1, 1, 1), (7, 1, 16, 1), (33, 4, 50, 8), (5, 2, 9, 9), (64, 3, 128, 32), (300, 4, 128, 16), (20, 2, 300, 128),
+     (9, 2, 1000, 33), (3, 1, 64, 64)],
+)  # fmt: skip
+def test_random_scores(T, H, n, k):
+    assert_same(torch.randn(T, H, n), torch.randn(T, H, n), k)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ties_go_to_the_lower_id(seed):
+    g = torch.Generator().manual_seed(seed)
+    s1, s2 = torch.randint(-2, 3, (2, 200, 4, 40), generator=g).float().unbind(0)
+    assert_same(s1, s2, 12)
+
+
+@pytest.mark.parametrize("n", [30, 300])
+def test_all_scores_equal(n):
+    """Every row's threshold keeps every score (more than 64: the full-sort path); the lowest ids win."""
+    z = torch.zeros(20, 3, n)
+    assert torch.equal(product_key_select_cpu(z, -z, 7), torch.arange(7).expand(20, 3, 7))
+    assert_same(z, -z, 7)
+
+
+def test_signed_zeros_infinities_and_nans():
+    """-0.0 ties +0.0; inf + -inf and NaN inputs of both signs rank by their bits, as in the reference."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-38, float("inf"), -float("inf"), float("nan"), -float("nan"), 3.0])
+    s1, s2 = values[torch.randint(0, len(values), (2, 50, 4, 40), generator=g)].unbind(0)
+    assert_same(s1, s2, 10)
+
+
+def test_rows_the_spread_threshold_misjudges():
+    """One outlier per row puts mean + z std above all but one score: the group-maxima bound takes over."""
+    s1, s2 = torch.randn(2, 100, 2, 256).unbind(0)
+    s1[..., 5] = 1e6
+    s2[..., 200] = -1e6
+    assert_same(s1, s2, 16)
+    huge = torch.randn(2, 30, 2, 64) * 1e30  # squares overflow: no spread threshold at all
+    assert_same(*huge.unbind(0), 8)
+
+
+def test_empty_batch_and_strided_scores():
+    assert product_key_select_cpu(torch.randn(0, 4, 16), torch.randn(0, 4, 16), 4).shape == (0, 4, 4)
+    s1, s2 = torch.randn(2, 4, 700, 64).transpose(1, 2).unbind(0)  # (700, 4, 64), rows not contiguous
+    assert not s1.is_contiguous()
+    assert_same(s1, s2, 8)
+
+
+def test_one_thread_and_many_give_the_same_ids():
+    s1, s2 = torch.randn(2, 1500, 4, 64).unbind(0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = product_key_select_cpu(s1, s2, 16)
+        torch.set_num_threads(2)
+        two = product_key_select_cpu(s1, s2, 16)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert torch.equal(one, product_key_select(s1, s2, 16))
+
+
+def test_dispatch(monkeypatch):
+    """float32 CPU scores take the kernel under impl="auto"; impl="reference", MEMLAYERS_CPU_KERNELS=0 and other
+    dtypes take the reference; every way gives the same ids."""
+    calls = []
+    real = product_key_select_cpu
+    module = sys.modules["memlayers.ops.product_key_topk.cpu_select"]  # (the package's name is also a function's)
+    monkeypatch.setattr(module, "product_key_select_cpu", lambda *a: calls.append(a[0].dtype) or real(*a))
+    q1, q2 = torch.randn(2, 40, 2, 6).unbind(0)
+    k1, k2 = torch.randn(2, 2, 30, 6).unbind(0)
+    auto = product_key_topk(q1, q2, k1, k2, 5)
+    assert calls == [torch.float32]
+    reference = product_key_topk(q1, q2, k1, k2, 5, impl="reference")
+    monkeypatch.setenv("MEMLAYERS_CPU_KERNELS", "0")
+    off = product_key_topk(q1, q2, k1, k2, 5)
+    monkeypatch.delenv("MEMLAYERS_CPU_KERNELS")
+    product_key_topk(q1.double(), q2.double(), k1.double(), k2.double(), 5)
+    product_key_topk(q1.bfloat16(), q2.bfloat16(), k1.bfloat16(), k2.bfloat16(), 5)
+    assert calls == [torch.float32]
+    for scores, ids in (reference, off):
+        assert torch.equal(ids, auto[1]) and torch.equal(scores, auto[0])
+    assert library.cpu_kernel_usable(q1) and not library.cpu_kernel_usable(q1.double())
+
+
+def test_threshold_z():
+    assert threshold_z(16, 8) == -float("inf")  # 1.5 k + 8 >= n: every score is kept
+    z = threshold_z(1024, 32)
+    assert 1.5 < z < 1.7  # ~56 of 1,024 above mean + z std
+
+
+def test_numba_that_does_not_import_falls_back_to_the_reference(monkeypatch):
+    library._cpu_kernel.cache_clear()
+    monkeypatch.delattr(sys.modules["memlayers.ops.product_key_topk"], "cpu_select")
+    monkeypatch.setitem(sys.modules, "memlayers.ops.product_key_topk.cpu_select", None)  # its import fails
+    s1, s2 = torch.randn(2, 30, 2, 20).unbind(0)
+    try:
+        with pytest.warns(UserWarning, match="numba is installed but does not import.*MEMLAYERS_CPU_KERNELS=0"):
+            ids = library.select(s1, s2, 4)
+    finally:
+        library._cpu_kernel.cache_clear()
+    assert torch.equal(ids, product_key_select(s1, s2, 4))
