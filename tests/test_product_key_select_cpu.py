@@ -1,4 +1,5 @@
-"""The numba selection (``ops/product_key_topk/cpu_select.py``) against the plain-torch reference, id for id.
+"""The numba selections (``ops/product_key_topk/cpu_select.py``) against the plain-torch references: the exact
+product-key selection id for id, UltraMem's Tucker selection cell for cell.
 
 The reference itself is checked against brute force in ``test_product_key_topk.py`` (whose tests, on float32 CPU
 scores, now also run this kernel through ``product_key_topk``'s default dispatch).
@@ -14,12 +15,15 @@ pytest.importorskip("numba")
 from memlayers.ops import product_key_topk
 from memlayers.ops.product_key_topk import library
 from memlayers.ops.product_key_topk.cpu_select import (
+    _head_major,
     _select,
-    _select_rows_in_parallel,
+    _select_in_parallel,
     product_key_select_cpu,
     threshold_z,
+    tucker_select_cpu,
 )
 from memlayers.ops.product_key_topk.reference import product_key_select
+from memlayers.ops.product_key_topk.tucker import tucker_select
 
 POISON = -(2**62)
 
@@ -28,15 +32,14 @@ def assert_same(s1, s2, k):
     """The kernel's ids equal the reference's, through the wrapper and through both kernels on a poisoned output."""
     want = product_key_select(s1, s2, k)
     assert torch.equal(product_key_select_cpu(s1, s2, k), want)
-    rows, n = s1.shape[0] * s1.shape[1], s1.shape[-1]
-    a, b = s1.contiguous().view(rows, n).numpy(), s2.contiguous().view(rows, n).numpy()
+    a, b, z = _head_major(s1), _head_major(s2), threshold_z(s1.shape[-1], k)
     for chunks in (None, 1, 3):
-        out = torch.full((rows, k), POISON, dtype=torch.int64)
+        out = torch.full(want.shape, POISON, dtype=torch.int64)
         if chunks is None:
-            _select(a, b, k, threshold_z(n, k), out.numpy())
+            _select(a, b, k, z, out.numpy(), 0)
         else:
-            _select_rows_in_parallel(a, b, k, threshold_z(n, k), out.numpy(), chunks)
-        assert torch.equal(out.view_as(want), want)
+            _select_in_parallel(a, b, k, z, out.numpy(), chunks)
+        assert torch.equal(out, want)
 
 
 @pytest.mark.parametrize(
@@ -142,3 +145,67 @@ def test_numba_that_does_not_import_falls_back_to_the_reference(monkeypatch):
     finally:
         library._cpu_kernel.cache_clear()
     assert torch.equal(ids, product_key_select(s1, s2, 4))
+
+
+def tucker_cell_scores(s_row, s_col, core, i, j):
+    """Σ_b (Σ_a S_row[a, i] core[a, b]) S_col[b, j] in float64 for the cells (i, j) (T, H, k)."""
+    sr = s_row.double().gather(3, i.unsqueeze(2).expand(-1, -1, s_row.shape[2], -1))  # (T, H, r, k)
+    sc = s_col.double().gather(3, j.unsqueeze(2).expand(-1, -1, s_col.shape[2], -1))
+    return torch.einsum("thak,hab,thbk->thk", sr, core.double(), sc)
+
+
+def assert_tucker_same(a, b, s_row, s_col, core, m, k):
+    """The kernel's cells are the reference's, except in rows where the reference's own float32 sums could order
+    near-ties otherwise (its grid is a matmul): there the chosen cells' scores agree to 1e-6."""
+    want_i, want_j = tucker_select(a, b, s_row, s_col, core, m, k)
+    got_i, got_j = tucker_select_cpu(a, b, s_row, s_col, core, m, k)
+    differ = ~((got_i == want_i) & (got_j == want_j)).all(-1)
+    assert differ.float().mean() <= 0.01
+    got, want = (tucker_cell_scores(s_row, s_col, core, i, j)[differ] for i, j in ((got_i, got_j), (want_i, want_j)))
+    torch.testing.assert_close(got.sort(-1).values, want.sort(-1).values, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "T,H,n,r,m,k", [(300, 2, 256, 2, 16, 16), (200, 1, 112, 2, 16, 16), (50, 3, 20, 3, 5, 4), (40, 2, 8, 2, 8, 4),
+                    (30, 2, 12, 1, 7, 3), (20, 2, 9, 2, 6, 6), (3, 1, 1, 1, 1, 1)],
+)  # fmt: skip
+def test_tucker_random_scores(T, H, n, r, m, k):
+    """Both blocks (m < n; with n < 2m the bottom block overlaps the top one), one block (m = n), rank 1 to 3."""
+    a, b = torch.randn(2, T, H, n).unbind(0)
+    s_row, s_col = torch.randn(2, T, H, r, n).unbind(0)
+    assert_tucker_same(a, b, s_row, s_col, torch.randn(H, r, r), m, k)
+
+
+def test_tucker_empty_batch_strided_scores_and_threads():
+    a, b = torch.randn(2, 0, 2, 16).unbind(0)
+    i, j = tucker_select_cpu(a, b, torch.randn(0, 2, 2, 16), torch.randn(0, 2, 2, 16), torch.randn(2, 2, 2), 4, 4)
+    assert i.shape == j.shape == (0, 2, 4)
+    a, b = torch.randn(2, 2, 600, 64).transpose(1, 2).unbind(0)  # (600, 2, 64), not contiguous
+    s_row, s_col = torch.randn(2, 600, 2, 2, 64).unbind(0)
+    core = torch.randn(2, 2, 2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = tucker_select_cpu(a, b, s_row, s_col, core, 8, 8)
+    finally:
+        torch.set_num_threads(threads)
+    two = tucker_select_cpu(a, b, s_row, s_col, core, 8, 8)
+    assert all(torch.equal(x, y) for x, y in zip(one, two))
+    assert_tucker_same(a, b, s_row, s_col, core, 8, 8)
+
+
+def test_tucker_dispatch(monkeypatch):
+    """The Tucker addressing's selection: float32 CPU through the kernel, MEMLAYERS_CPU_KERNELS=0 through the
+    reference; the layer's ids agree."""
+    import memlayers
+
+    layer = memlayers.MemoryLayer.from_preset("ultramem", 32, n_keys=16, topk=4, heads=2).eval()
+    x = torch.randn(50, 32)
+    module = sys.modules["memlayers.ops.product_key_topk.cpu_select"]
+    calls = []
+    real = module.tucker_select_cpu
+    monkeypatch.setattr(module, "tucker_select_cpu", lambda *a: calls.append(1) or real(*a))
+    ids = layer.addressing(x)[0]
+    assert calls == [1]
+    monkeypatch.setenv("MEMLAYERS_CPU_KERNELS", "0")
+    assert torch.equal(layer.addressing(x)[0], ids) and calls == [1]

@@ -20,6 +20,8 @@ from torch.autograd.function import once_differentiable
 
 from ...ops.dispatch import full_precision
 from ...ops.gather_dot.library import gather_dot_backward
+from ...ops.product_key_topk.library import tucker_select
+from ...ops.product_key_topk.tucker import gather_sides
 from ..parts import Addressing
 from .product_keys import SCORE_FNS, apply_score_fn, score_fn_flops
 
@@ -51,11 +53,6 @@ def filter_scores(q: torch.Tensor, keys: torch.Tensor, u: torch.Tensor) -> torch
     if q.shape[2] == 1:
         return torch.einsum("thd,hid->thi", q[:, :, 0], torch.einsum("ha,haid->hid", u, keys))
     return torch.einsum("thad,haid->thi", q * u[:, :, None], keys)
-
-
-def gather_sides(s: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-    """s (T, H, r, n), i (T, H, m) -> (T, H, r, m): every rank's scores at the chosen sub-keys."""
-    return s.gather(3, i.unsqueeze(2).expand(-1, -1, s.shape[2], -1))
 
 
 class SelectedScores(torch.autograd.Function):
@@ -277,26 +274,10 @@ class TuckerProductKeys(Addressing):
     def select(self, s_row: torch.Tensor, s_col: torch.Tensor, q: torch.Tensor, keys: torch.Tensor):
         """S_row, S_col (T, H, r, n), q (T, H, Q, 2, d) and keys (H, 2, r, n, d) (``queries_and_keys``) -> the
         rows and columns (T, H, k) int64 of each head's k best candidates under ``C_sum``, best first."""
-        n, m = self.n_keys, self.prefilter
         with full_precision(q.device):
             a = filter_scores(q[:, :, :, 0], keys[:, 0], self.u.to(q.dtype))  # (T, H, n)
             b = filter_scores(q[:, :, :, 1], keys[:, 1], self.v.to(q.dtype))
-            blocks = (True, False) if m < n else (True,)  # top x top, and bottom x bottom
-            i = torch.cat([a.topk(m, dim=-1, largest=largest).indices for largest in blocks], -1)  # (T, H, B*m)
-            j = torch.cat([b.topk(m, dim=-1, largest=largest).indices for largest in blocks], -1)
-            sr = gather_sides(s_row, i).unflatten(-1, (len(blocks), m))  # (T, H, r, B, m)
-            sc = gather_sides(s_col, j).unflatten(-1, (len(blocks), m))
-            core = self.cores.sum(0).to(sr.dtype)[..., None, None]  # (H, r, r, 1, 1)
-            row_core = (sr.unsqueeze(3) * core).sum(2)  # (T, H, r, B, m); a matmul of inner size r is slower
-            grid = torch.einsum("thbBi,thbBj->thBij", row_core, sc)  # (T, H, B, m, m)
-        if len(blocks) == 2:  # a cell whose row and column are both in the top block is there already
-            top_i = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, i[..., :m], True)
-            top_j = torch.zeros_like(b, dtype=torch.bool).scatter_(-1, j[..., :m], True)
-            seen = top_i.gather(-1, i[..., m:]).unsqueeze(-1) & top_j.gather(-1, j[..., m:]).unsqueeze(-2)
-            grid[:, :, 1].masked_fill_(seen, float("-inf"))
-        best = grid.flatten(2).topk(self.topk, dim=-1).indices  # (T, H, k) in [0, B*m*m)
-        block, cell = best // (m * m), best % (m * m)
-        return i.gather(-1, block * m + cell // m), j.gather(-1, block * m + cell % m)
+            return tucker_select(a, b, s_row, s_col, self.cores.sum(0).to(s_row.dtype), self.prefilter, self.topk)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, token_ids=None, state=None):
         """x (T, dim) -> ids (T, H, k) int64, weights (T, H, k) (cores == 1) or (T, H, k, C)."""

@@ -1,6 +1,7 @@
-"""The exact selection as a ``torch.library`` custom op, ``memlayers::product_key_select``: sub-key scores in,
-flat ids of the top k product keys out. ``torch.compile`` sees one node with a known output shape (the
-reference's data-dependent steps and the kernels stay inside), so a memory layer traces whole."""
+"""The selections as ``torch.library`` custom ops: ``memlayers::product_key_select`` (sub-key scores in, flat ids
+of the exact top k product keys out) and ``memlayers::tucker_select`` (UltraMem's). ``torch.compile`` sees one
+node with a known output shape (the reference's data-dependent steps and the kernels stay inside), so a memory
+layer traces whole."""
 
 import functools
 import importlib.util
@@ -10,13 +11,14 @@ import warnings
 import torch
 from torch import Tensor
 
+from . import tucker
 from .reference import product_key_select
 
 CPU_KERNELS_ENV = "MEMLAYERS_CPU_KERNELS"  # "0": no numba kernel, the reference on CPU
 
 
 def cpu_kernel_usable(s1: Tensor) -> bool:
-    """Whether the numba selection (``cpu_select.py``) takes these scores: float32 on the CPU, numba installed,
+    """Whether the numba selections (``cpu_select.py``) take these scores: float32 on the CPU, numba installed,
     ``MEMLAYERS_CPU_KERNELS`` not "0"."""
     return (
         s1.device.type == "cpu"
@@ -55,3 +57,20 @@ def _cpu_kernel():
 @select.register_fake
 def _(s1, s2, k, impl="auto"):
     return s1.new_empty(*s1.shape[:2], k, dtype=torch.int64)
+
+
+@torch.library.custom_op("memlayers::tucker_select", mutates_args=())
+def tucker_select(
+    a: Tensor, b: Tensor, s_row: Tensor, s_col: Tensor, core: Tensor, m: int, k: int, impl: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    """``tucker.tucker_select``: filter scores a, b (T, H, n), side scores (T, H, r, n), summed cores (H, r, r) ->
+    rows and columns (T, H, k) int64. ``impl``: "reference", or "auto" (the numba kernel where
+    ``cpu_kernel_usable``, else the reference)."""
+    if impl == "auto" and cpu_kernel_usable(a) and (kernel := _cpu_kernel()) is not None:
+        return kernel.tucker_select_cpu(a, b, s_row, s_col, core, m, k)
+    return tucker.tucker_select(a, b, s_row, s_col, core, m, k)
+
+
+@tucker_select.register_fake
+def _(a, b, s_row, s_col, core, m, k, impl="auto"):
+    return a.new_empty(*a.shape[:2], k, dtype=torch.int64), a.new_empty(*a.shape[:2], k, dtype=torch.int64)
