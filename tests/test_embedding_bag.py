@@ -279,3 +279,16 @@ def test_keyed_bags_out_of_range(bad):
     bags[2, 1] = bad
     with pytest.raises(IndexError, match=r"bags must be in \[0, 5\)"):
         embedding_bag(v, i, w, bags=bags, num_bags=5)
+
+
+@pytest.mark.parametrize("n", [0, 5, 8191, 8192, 24576, 32767, 32768, 40000])
+@pytest.mark.parametrize("bound", [None, 100, 2**40])
+def test_sort_ids_is_a_stable_sort(n, bound):
+    """Padded up to torch's radix sort or not, the same sorted ids and order as a stable sort (ties by position)."""
+    from memlayers.ops.embedding_bag.reference import sort_ids
+
+    ids = torch.randint(0, 100 if bound is None else min(bound, 100), (n,))
+    ids[: n // 7] = torch.iinfo(torch.int32).max  # the padding's value among the ids: still before the padding
+    got, order = sort_ids(ids, bound)
+    want, want_order = torch.sort(ids, stable=True)
+    assert torch.equal(got.long(), want) and torch.equal(order, want_order)

@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..embedding_bag.reference import sort_ids
 from ..row_update.reference import ROW_CHUNK_ELEMENTS
 
 
@@ -36,7 +37,7 @@ def row_grads(ids: torch.Tensor, weights: torch.Tensor, src_rows: torch.Tensor, 
     """ids (E,), weights (E,), src_rows (E,), src (S, d) -> rows (U,) sorted unique int64, grads (U, d) float32.
 
     Each row's entries are summed in their order in ``ids``."""
-    order = torch.argsort(ids, stable=True)
+    order = sort_ids(ids)[1]
     rows, counts = torch.unique_consecutive(ids[order].long(), return_counts=True)
     offsets = torch.cumsum(counts, 0) - counts
     grads = F.embedding_bag(

@@ -50,6 +50,24 @@ def _narrow(ids: torch.Tensor, bound: int | None) -> torch.Tensor:
     return ids.int() if bound is not None and bound <= torch.iinfo(torch.int32).max else ids
 
 
+RADIX_SORT_MIN = 32768  # torch sorts a 1-D integer CPU tensor of this many elements by a parallel radix sort
+
+
+def sort_ids(ids: torch.Tensor, bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.sort(ids, stable=True)`` of ids (n,) (int32 when ``bound`` fits, see ``_narrow``): (sorted, order).
+
+    On CPU torch sorts fewer than 32,768 integers by ``std::stable_sort``, ~4x slower than its radix sort of
+    32,768 (1.4 vs 0.37 ms at 24,576 int32 ids on 2 cores): from 8,192 ids up the ids are padded with the dtype's
+    largest value to 32,768, which the stable sort puts after every id, and the padding is cut off again."""
+    ids = _narrow(ids, bound)
+    n = ids.numel()
+    if ids.device.type != "cpu" or not 8192 <= n < RADIX_SORT_MIN:
+        return torch.sort(ids, stable=True)
+    padding = ids.new_full((RADIX_SORT_MIN - n,), torch.iinfo(ids.dtype).max)
+    sorted_ids, order = torch.sort(torch.cat([ids, padding]), stable=True)
+    return sorted_ids[:n], order[:n]
+
+
 def _bag_of_entry(indices: torch.Tensor, bags: torch.Tensor | None) -> torch.Tensor:
     """The output row (T*L,) each entry adds into: ``bags`` flattened, or t for a plain bag."""
     if bags is not None:
@@ -58,7 +76,7 @@ def _bag_of_entry(indices: torch.Tensor, bags: torch.Tensor | None) -> torch.Ten
 
 
 def _keyed_bag_forward(values, indices, weights, bags: torch.Tensor, num_bags: int) -> torch.Tensor:
-    sorted_bags, order = torch.sort(_narrow(bags.reshape(-1), num_bags), stable=True)
+    sorted_bags, order = sort_ids(bags.reshape(-1), num_bags)
     if sorted_bags.numel() and (sorted_bags[0] < 0 or sorted_bags[-1] >= num_bags):
         raise IndexError(f"embedding_bag: bags must be in [0, {num_bags}), got [{sorted_bags[0]}, {sorted_bags[-1]}]")
     starts = torch.searchsorted(sorted_bags, torch.arange(num_bags, dtype=sorted_bags.dtype, device=bags.device))
@@ -74,7 +92,7 @@ def _entries_by_row(indices, weights, grad_out, num_rows: int | None = None, bag
     dtype.
     """
     acc = _accumulation_dtype(grad_out.dtype)
-    sorted_rows, order = torch.sort(_narrow(indices.reshape(-1), num_rows), stable=True)
+    sorted_rows, order = sort_ids(indices.reshape(-1), num_rows)
     if bags is None:
         outputs = torch.div(order, indices.shape[1], rounding_mode="floor")
     else:
