@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("numba")
 
 from memlayers.ops import product_key_topk
+from memlayers.ops.dispatch import cpu_kernels, use_cpu_kernel
 from memlayers.ops.product_key_topk import library
 from memlayers.ops.product_key_topk.cpu_select import (
     _head_major,
@@ -125,7 +126,9 @@ def test_dispatch(monkeypatch):
     assert calls == [torch.float32]
     for scores, ids in (reference, off):
         assert torch.equal(ids, auto[1]) and torch.equal(scores, auto[0])
-    assert library.cpu_kernel_usable(q1) and not library.cpu_kernel_usable(q1.double())
+    assert (
+        use_cpu_kernel("auto", q1) and not use_cpu_kernel("auto", q1.double()) and not use_cpu_kernel("reference", q1)
+    )
 
 
 def test_threshold_z():
@@ -135,7 +138,7 @@ def test_threshold_z():
 
 
 def test_numba_that_does_not_import_falls_back_to_the_reference(monkeypatch):
-    library._cpu_kernel.cache_clear()
+    cpu_kernels.cache_clear()
     monkeypatch.delattr(sys.modules["memlayers.ops.product_key_topk"], "cpu_select")
     monkeypatch.setitem(sys.modules, "memlayers.ops.product_key_topk.cpu_select", None)  # its import fails
     s1, s2 = torch.randn(2, 30, 2, 20).unbind(0)
@@ -143,7 +146,7 @@ def test_numba_that_does_not_import_falls_back_to_the_reference(monkeypatch):
         with pytest.warns(UserWarning, match="numba is installed but does not import.*MEMLAYERS_CPU_KERNELS=0"):
             ids = library.select(s1, s2, 4)
     finally:
-        library._cpu_kernel.cache_clear()
+        cpu_kernels.cache_clear()
     assert torch.equal(ids, product_key_select(s1, s2, 4))
 
 

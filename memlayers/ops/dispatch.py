@@ -1,12 +1,16 @@
 """Choosing between an op's Triton kernel and its plain-PyTorch reference."""
 
 import contextlib
+import functools
+import importlib
 import importlib.util
 import os
+import warnings
 
 import torch
 
 IMPLS = ("auto", "reference", "triton")
+CPU_KERNELS_ENV = "MEMLAYERS_CPU_KERNELS"  # "0": no numba kernel, the references on CPU
 
 
 def full_precision(device: torch.device):
@@ -42,3 +46,26 @@ def use_triton(op: str, impl: str, tensor: torch.Tensor, problem: str | None = N
     if problem is not None:
         raise ValueError(f"{op}: impl='triton' cannot run: {problem}; use impl='auto' or 'reference'")
     return True
+
+
+def use_cpu_kernel(impl: str, *tensors: torch.Tensor) -> bool:
+    """Whether an op's numba kernel (``ops/<op>/cpu_*.py``) runs: ``impl`` "auto", every tensor float32 on the CPU,
+    numba installed, ``MEMLAYERS_CPU_KERNELS`` not "0"."""
+    return (
+        impl == "auto"
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and os.environ.get(CPU_KERNELS_ENV, "1") != "0"
+        and importlib.util.find_spec("numba") is not None
+    )
+
+
+@functools.cache
+def cpu_kernels(module: str):
+    """The numba kernels' module ``memlayers.ops.<module>``, or None (warned once) when numba is installed but
+    does not import: the callers then run their references."""
+    try:
+        return importlib.import_module(f"memlayers.ops.{module}")
+    except ImportError as e:
+        warnings.warn(f"memlayers: numba is installed but does not import ({e}); the CPU ops run their plain-torch "
+                      f"references (the same results, slower). Set {CPU_KERNELS_ENV}=0 to silence this.")  # fmt: skip
+        return None

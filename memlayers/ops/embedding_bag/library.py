@@ -9,10 +9,20 @@ Row-sparse value gradients and the fused update (gradients of data-dependent siz
 import torch
 from torch import Tensor
 
-from ..dispatch import use_triton
+from ..dispatch import cpu_kernels, use_cpu_kernel, use_triton
 from .reference import bag_forward, value_grad, weight_grad
 
 KEYED_BAGS_ON_TRITON = "keyed bags (bags=...) have no Triton kernel"
+
+
+def dense_value_grad(
+    indices: Tensor, weights: Tensor, grad_out: Tensor, num_rows: int, bags: Tensor | None = None, impl: str = "auto"
+) -> Tensor:
+    """``reference.value_grad`` (indices (T, L) int64, weights (T, L), grad_out (T, d) -> (num_rows, d)), by the numba
+    kernel (``cpu_bag_into.py``) for float32 CPU gradients under impl "auto"."""
+    if use_cpu_kernel(impl, weights, grad_out) and (kernels := cpu_kernels("embedding_bag.cpu_bag_into")):
+        return kernels.value_grad_cpu(indices, weights, grad_out, num_rows, bags)
+    return value_grad(indices, weights, grad_out, num_rows, bags)
 
 
 def _triton(impl: str, values: Tensor, bags: Tensor | None) -> bool:
@@ -29,6 +39,12 @@ def bag(
         from .triton_forward import bag_forward_triton
 
         return bag_forward_triton(values, indices, weights)
+    if (
+        bags is not None
+        and use_cpu_kernel(impl, values, weights)
+        and (kernels := cpu_kernels("embedding_bag.cpu_bag_into"))
+    ):
+        return kernels.keyed_bag_cpu(values, indices.long(), weights, bags.long(), num_bags)
     return bag_forward(values, indices.long(), weights, bags, num_bags)
 
 
@@ -54,7 +70,7 @@ def bag_backward(
     if need_weights:
         dw = weight_grad(values, indices, grad_out, bags).to(weights.dtype)
     if need_values:
-        dv = value_grad(indices, weights, grad_out, values.shape[0], bags).to(values.dtype)
+        dv = dense_value_grad(indices, weights, grad_out, values.shape[0], bags, impl).to(values.dtype)
     return dv, dw
 
 

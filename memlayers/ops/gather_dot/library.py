@@ -7,7 +7,8 @@ from torch import Tensor
 
 from ..dispatch import use_triton
 from ..embedding_bag import embedding_bag
-from .reference import accumulation_dtype, gather_dot_forward, table_grad
+from ..embedding_bag.library import dense_value_grad
+from .reference import accumulation_dtype, gather_dot_forward
 
 
 @torch.library.custom_op("memlayers::gather_dot", mutates_args=())
@@ -33,7 +34,9 @@ def gather_dot_backward(
     none = x.new_empty(0)
     bag_impl = "triton" if use_triton("gather_dot", impl, table) else "reference"
     grad_x = embedding_bag(table, ids, grad_out, impl=bag_impl).to(x.dtype) if need_x else none
-    grad_table = table_grad(ids.long(), grad_out, x, table.shape[0], False).to(table.dtype) if need_table else none
+    grad_table = none
+    if need_table:  # the bag's value gradient with weights grad_out and rows x
+        grad_table = dense_value_grad(ids.long(), grad_out, x, table.shape[0], impl=impl).to(table.dtype)
     return grad_table, grad_x
 
 

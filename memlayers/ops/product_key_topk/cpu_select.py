@@ -1,37 +1,30 @@
 """The selections on CPU, compiled by numba: ``reference.product_key_select``'s function, id for id, and
-``tucker.tucker_select``'s (UltraMem's; ties there go to the lower position).
+``tucker.tucker_select``'s (UltraMem's; ties there go to the lower position, where torch's ``topk`` breaks them
+its own way).
 
 Optional: numba comes with ``pip install 'memlayers[cpu]'`` (the ``train`` extra includes it). Without numba,
-with ``MEMLAYERS_CPU_KERNELS=0``, or for scores other than float32, the reference runs. The reference spends
-most of its time in torch's CPU ``topk`` (3 calls per selection, ~10 ns per score on this project's VM); this
-does each row (a token's head) in one pass of compiled code:
+with ``MEMLAYERS_CPU_KERNELS=0``, or for scores other than float32, the references run. They spend most of their
+time in torch's CPU ``topk`` (~10 ns per score on this project's VM); here each row (a token's head) is one pass of
+compiled code, and every top k of a row (``_top_k_row``) works so:
 
-* each half's top k: every score becomes the reference's ordering key (order-preserving float bits, ties to
-  the lower position); only the scores at or above a threshold that leaves at least k are sorted (insertion,
-  or a full sort for more than 64). The threshold is the larger of the lowest of k group maxima (k scores are
-  at or above it: always valid) and ``mean + z std`` of the row (z set for ~1.5 k + 8 survivors of normally
-  distributed scores); when the latter leaves fewer than k, the former is used;
-* the grid cells that can win (``reference.grid_candidates``), their float32 sums ranked by the same keys
-  (ties to the lower flat id), only those at or above the lowest sum of the k distinct cells (0, b) or (a, 0)
-  (the k-th best sum cannot be lower) sorted.
+* every score's key is the reference's ordering key (order-preserving float bits, ties to the lower position);
+* only the scores at or above a threshold that leaves at least k are sorted (insertion, or a full sort for more
+  than 64): ``mean + z std`` of the row, z set for ~1.5 k + 8 survivors of normally distributed scores; where
+  that keeps fewer than k (or is not finite), the lowest of k group maxima, which always keeps k.
 
-Rows are split over ``torch.get_num_threads()`` threads of numba's OpenMP layer, which shares torch's OpenMP
-runtime and pool. Like torch's own parallel ops, that pool does not survive a fork: a forked child that runs
-torch on one thread (as DataLoader workers do) runs this on its own thread.
+The product-key grid's cells that can win (``reference.grid_candidates``) are ranked by the same keys (ties to
+the lower flat id), only those at or above the k-th best of the 2k - 1 distinct cells (0, b) and (a, 0) sorted.
+Rows are split over torch's threads (``numba_threads``).
 """
 
 import math
-import os
 import statistics
 
 import numba
 import numpy as np
 import torch
 
-if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
-    # OpenMP first: numba's OpenMP layer then runs in torch's own libgomp thread pool (one runtime loaded once),
-    # instead of a second pool whose threads would compete with torch's spinning ones for the cores
-    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+from ..numba_threads import threads_for
 
 ROWS_PER_CHUNK = 128
 NO_BOUND = np.int64(2**62)
@@ -78,12 +71,10 @@ def _head_major(x: torch.Tensor):
 def _run(kernel, parallel_kernel, first, *args) -> None:
     """``kernel(first, *args, 0)`` over all rows (first.shape[0]) on this thread, or ``parallel_kernel`` over chunks of
     rows on min(torch's threads, rows / ROWS_PER_CHUNK) threads."""
-    rows = first.shape[0]
-    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, -(-rows // ROWS_PER_CHUNK))
-    if threads <= 1:  # no thread pool touched (a forked child with torch on one thread stays safe)
+    threads = threads_for(first.shape[0], ROWS_PER_CHUNK)
+    if threads == 1:
         kernel(first, *args, 0)
     else:
-        numba.set_num_threads(threads)
         parallel_kernel(first, *args, 4 * threads)
 
 

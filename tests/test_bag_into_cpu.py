@@ -1,0 +1,124 @@
+"""The numba bags by destination (``ops/embedding_bag/cpu_bag_into.py``) against the reference: the dense value
+gradient (``reference.value_grad``) and the keyed bag forward (``reference.bag_forward`` with ``bags``)."""
+
+import sys
+
+import pytest
+import torch
+from conftest import poison_allocations, rel_err
+
+pytest.importorskip("numba")
+
+from memlayers.ops import embedding_bag, gather_dot
+from memlayers.ops.embedding_bag.cpu_bag_into import keyed_bag_cpu, value_grad_cpu
+from memlayers.ops.embedding_bag.reference import bag_forward, value_grad
+
+
+def _set_threads(n: int) -> int:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return old
+
+
+@pytest.mark.parametrize(
+    "T,L,N,d", [(0, 4, 10, 8), (1, 1, 1, 1), (7, 3, 5, 33), (300, 64, 1000, 16), (513, 40, 97, 130)]
+)
+@pytest.mark.parametrize("keyed", [False, True])
+def test_matches_reference(T, L, N, d, keyed, monkeypatch):
+    """Random and repeated rows, plain and keyed bags, every output row written (allocations poisoned)."""
+    indices = torch.randint(0, N, (T, L))
+    weights = torch.randn(T, L)
+    bags = torch.randint(0, 11, (T, L)) if keyed else None
+    grad_out = torch.randn(11 if keyed else T, d)
+    want = value_grad(indices, weights, grad_out, N, bags)
+    poison_allocations(monkeypatch)
+    for threads in (1, 2):
+        old = _set_threads(threads)
+        try:
+            got = value_grad_cpu(indices, weights, grad_out, N, bags)
+        finally:
+            torch.set_num_threads(old)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert rel_err(got, want) < 1e-5 if want.abs().sum() > 0 else torch.equal(got, want)
+
+
+def test_deterministic_over_thread_counts():
+    indices, weights, grad_out = torch.randint(0, 50, (4000, 16)), torch.randn(4000, 16), torch.randn(4000, 24)
+    runs = []
+    for threads in (1, 2):
+        old = _set_threads(threads)
+        try:
+            runs.append(value_grad_cpu(indices, weights, grad_out, 50, None))
+        finally:
+            torch.set_num_threads(old)
+    assert torch.equal(*runs)
+
+
+def test_rows_outside_the_table_add_nowhere():
+    indices = torch.tensor([[0, 5, -1, 2]])
+    got = value_grad_cpu(indices, torch.ones(1, 4), torch.ones(1, 3), 3, None)
+    assert torch.equal(got, torch.tensor([[1.0] * 3, [0.0] * 3, [1.0] * 3]))
+
+
+def test_the_bag_and_gather_dot_backwards_use_it(monkeypatch):
+    """Dense gradients of float32 CPU bags and gather_dot go through the kernel; MEMLAYERS_CPU_KERNELS=0 and
+    impl="reference" through the reference; the gradients agree."""
+    module = sys.modules["memlayers.ops.embedding_bag.cpu_bag_into"]
+    calls = []
+    real = module.value_grad_cpu
+    monkeypatch.setattr(module, "value_grad_cpu", lambda *a: calls.append(1) or real(*a))
+    values = torch.randn(40, 8, requires_grad=True)
+    indices, weights, x = torch.randint(0, 40, (30, 5)), torch.randn(30, 5), torch.randn(30, 8)
+
+    def grads(**kw):
+        values.grad = None
+        (
+            embedding_bag(values, indices, weights, **kw).square().sum() + gather_dot(values, indices, x, **kw).sum()
+        ).backward()
+        return values.grad.clone()
+
+    auto = grads()
+    assert calls == [1, 1]
+    reference = grads(impl="reference")
+    monkeypatch.setenv("MEMLAYERS_CPU_KERNELS", "0")
+    off = grads()
+    assert calls == [1, 1]
+    assert rel_err(auto, reference) < 1e-5 and torch.equal(reference, off)
+
+
+@pytest.mark.parametrize(
+    "T,L,N,d,num_bags", [(0, 3, 5, 4, 6), (1, 1, 1, 1, 1), (40, 7, 30, 33, 90), (2000, 32, 500, 16, 8000)]
+)
+def test_keyed_bag_forward_matches_reference(T, L, N, d, num_bags, monkeypatch):
+    values, weights = torch.randn(N, d), torch.randn(T, L)
+    indices, bags = torch.randint(0, N, (T, L)), torch.randint(0, num_bags, (T, L))
+    want = bag_forward(values, indices, weights, bags, num_bags)
+    poison_allocations(monkeypatch)
+    got = keyed_bag_cpu(values, indices, weights, bags, num_bags)
+    assert got.shape == want.shape
+    assert rel_err(got, want) < 1e-5 if want.abs().sum() > 0 else torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bad", ["indices", "bags"])
+def test_keyed_bag_forward_refuses_ids_out_of_range(bad):
+    indices, bags = torch.randint(0, 4, (5, 3)), torch.randint(0, 6, (5, 3))
+    (indices if bad == "indices" else bags)[2, 1] = -1
+    with pytest.raises(IndexError, match=rf"{bad} must be in \[0, {4 if bad == 'indices' else 6}\), got \[-1, "):
+        keyed_bag_cpu(torch.randn(4, 2), indices, torch.randn(5, 3), bags, 6)
+    with pytest.raises(IndexError, match=r"bags must be in \[0, 6\)"):
+        embedding_bag(
+            torch.randn(4, 2), indices.clamp(min=0), torch.randn(5, 3), bags=bags.clamp(min=0) + 6, num_bags=6
+        )
+
+
+def test_keyed_bags_use_it(monkeypatch):
+    module = sys.modules["memlayers.ops.embedding_bag.cpu_bag_into"]
+    calls = []
+    real = module.keyed_bag_cpu
+    monkeypatch.setattr(module, "keyed_bag_cpu", lambda *a: calls.append(1) or real(*a))
+    values, weights = torch.randn(20, 4), torch.randn(9, 3)
+    indices, bags = torch.randint(0, 20, (9, 3)), torch.randint(0, 5, (9, 3))
+    got = embedding_bag(values, indices, weights, bags=bags, num_bags=5)
+    assert calls == [1]
+    want = embedding_bag(values, indices, weights, bags=bags, num_bags=5, impl="reference")
+    assert calls == [1] and rel_err(got, want) < 1e-5
