@@ -232,12 +232,7 @@ def _tucker(a, b, s_row, s_col, core, m, k, z_side, z_grid, out_i, out_j, first_
                     for e in range(1, r):
                         acc += s_row[row, e, i[blk * m + p]] * core[h, e, c]
                     row_core[c, p] = acc
-            for p in range(m):
-                for q in range(m):
-                    acc = row_core[0, p] * s_col[row, 0, j[blk * m + q]]
-                    for c in range(1, r):
-                        acc += row_core[c, p] * s_col[row, c, j[blk * m + q]]
-                    grid[(blk * m + p) * m + q] = acc
+            _grid_block(row_core, s_col[row], j[blk * m : (blk + 1) * m], grid[blk * m * m : (blk + 1) * m * m])
         if blocks == 2:  # a bottom cell whose row and column are both in the top block is there already
             for p in range(m):
                 top_i[i[p]] = True
@@ -255,3 +250,15 @@ def _tucker(a, b, s_row, s_col, core, m, k, z_side, z_grid, out_i, out_j, first_
             blk, cell = best[q] // (m * m), best[q] % (m * m)
             out_i[t, h, q] = i[blk * m + cell // m]
             out_j[t, h, q] = j[blk * m + cell % m]
+
+
+@numba.njit(cache=True, fastmath={"contract"})  # fused multiply-adds, as the reference's matmul: the same floats
+def _grid_block(row_core, s_col, j, grid):
+    """grid (m*m,) = row_core (r, m) times the side scores s_col (r, n) at the columns j (m,)."""
+    r, m = row_core.shape
+    for p in range(m):
+        for q in range(m):
+            acc = row_core[0, p] * s_col[0, j[q]]
+            for c in range(1, r):
+                acc += row_core[c, p] * s_col[c, j[q]]
+            grid[p * m + q] = acc
