@@ -62,10 +62,11 @@ def use_cpu_kernel(impl: str, *tensors: torch.Tensor) -> bool:
 @functools.cache
 def cpu_kernels(module: str):
     """The numba kernels' module ``memlayers.ops.<module>``, or None (warned once) when numba is installed but
-    does not import: the callers then run their references."""
+    the module does not load (numba does not import, or finds no writable directory for its on-disk cache): the
+    callers then run their references."""
     try:
         return importlib.import_module(f"memlayers.ops.{module}")
-    except ImportError as e:
-        warnings.warn(f"memlayers: numba is installed but does not import ({e}); the CPU ops run their plain-torch "
-                      f"references (the same results, slower). Set {CPU_KERNELS_ENV}=0 to silence this.")  # fmt: skip
+    except (ImportError, RuntimeError) as e:
+        warnings.warn(f"memlayers: numba is installed but the CPU kernels do not load ({e}); the CPU ops run their "
+                      f"plain-torch references (the same results, slower). Set {CPU_KERNELS_ENV}=0 to silence this.")  # fmt: skip
         return None
