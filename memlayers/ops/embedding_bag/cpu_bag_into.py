@@ -52,9 +52,10 @@ def keyed_bag_cpu(values, indices, weights, bags, num_bags: int) -> torch.Tensor
     """``reference.bag_forward`` with ``bags``: values (N, d), indices, weights, bags (T, L) -> (num_bags, d); ids
     outside the table or bags outside [0, num_bags) are refused, as the reference refuses them."""
     for name, ids, bound in (("indices", indices, values.shape[0]), ("bags", bags, num_bags)):
-        lo, hi = torch.aminmax(ids) if ids.numel() else (0, 0)
-        if ids.numel() and (lo < 0 or hi >= bound):
-            raise IndexError(f"embedding_bag: {name} must be in [0, {bound}), got [{lo}, {hi}]")
+        if ids.numel():
+            lo, hi = torch.aminmax(ids)
+            if lo < 0 or hi >= bound:
+                raise IndexError(f"embedding_bag: {name} must be in [0, {bound}), got [{lo}, {hi}]")
     return bag_into_cpu(bags, weights, indices, values, num_bags)
 
 
