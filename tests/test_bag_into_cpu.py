@@ -67,8 +67,8 @@ def test_the_bag_and_gather_dot_backwards_use_it(monkeypatch):
     calls = []
     real = module.value_grad_cpu
     monkeypatch.setattr(module, "value_grad_cpu", lambda *a: calls.append(1) or real(*a))
-    values = torch.randn(40, 8, requires_grad=True)
-    indices, weights, x = torch.randint(0, 40, (30, 5)), torch.randn(30, 5), torch.randn(30, 8)
+    values = torch.randn(40, 8, requires_grad=True)  # 2,000 x 40 entries: above CPU_KERNEL_MIN_ELEMENTS
+    indices, weights, x = torch.randint(0, 40, (2000, 40)), torch.randn(2000, 40), torch.randn(2000, 8)
 
     def grads(**kw):
         values.grad = None
@@ -116,8 +116,8 @@ def test_keyed_bags_use_it(monkeypatch):
     calls = []
     real = module.keyed_bag_cpu
     monkeypatch.setattr(module, "keyed_bag_cpu", lambda *a: calls.append(1) or real(*a))
-    values, weights = torch.randn(20, 4), torch.randn(9, 3)
-    indices, bags = torch.randint(0, 20, (9, 3)), torch.randint(0, 5, (9, 3))
+    values, weights = torch.randn(20, 4), torch.randn(3000, 25)  # 75,000 entries: above CPU_KERNEL_MIN_ELEMENTS
+    indices, bags = torch.randint(0, 20, (3000, 25)), torch.randint(0, 5, (3000, 25))
     got = embedding_bag(values, indices, weights, bags=bags, num_bags=5)
     assert calls == [1]
     want = embedding_bag(values, indices, weights, bags=bags, num_bags=5, impl="reference")

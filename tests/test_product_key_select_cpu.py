@@ -113,7 +113,7 @@ def test_dispatch(monkeypatch):
     real = product_key_select_cpu
     module = sys.modules["memlayers.ops.product_key_topk.cpu_select"]  # (the package's name is also a function's)
     monkeypatch.setattr(module, "product_key_select_cpu", lambda *a: calls.append(a[0].dtype) or real(*a))
-    q1, q2 = torch.randn(2, 40, 2, 6).unbind(0)
+    q1, q2 = torch.randn(2, 1200, 2, 6).unbind(0)  # 72,000 scores per half: above CPU_KERNEL_MIN_ELEMENTS
     k1, k2 = torch.randn(2, 2, 30, 6).unbind(0)
     auto = product_key_topk(q1, q2, k1, k2, 5)
     assert calls == [torch.float32]
@@ -126,9 +126,9 @@ def test_dispatch(monkeypatch):
     assert calls == [torch.float32]
     for scores, ids in (reference, off):
         assert torch.equal(ids, auto[1]) and torch.equal(scores, auto[0])
-    assert (
-        use_cpu_kernel("auto", q1) and not use_cpu_kernel("auto", q1.double()) and not use_cpu_kernel("reference", q1)
-    )
+    s1 = torch.randn(1200, 2, 30)
+    assert use_cpu_kernel("auto", s1) and not use_cpu_kernel("reference", s1)
+    assert not use_cpu_kernel("auto", s1.double()) and not use_cpu_kernel("auto", s1[:100])  # too few: the reference
 
 
 def test_threshold_z():
@@ -141,7 +141,7 @@ def test_numba_that_does_not_import_falls_back_to_the_reference(monkeypatch):
     cpu_kernels.cache_clear()
     monkeypatch.delattr(sys.modules["memlayers.ops.product_key_topk"], "cpu_select")
     monkeypatch.setitem(sys.modules, "memlayers.ops.product_key_topk.cpu_select", None)  # its import fails
-    s1, s2 = torch.randn(2, 30, 2, 20).unbind(0)
+    s1, s2 = torch.randn(2, 2000, 2, 20).unbind(0)  # above CPU_KERNEL_MIN_ELEMENTS
     try:
         with pytest.warns(
             UserWarning, match="numba is installed but the CPU kernels do not load.*MEMLAYERS_CPU_KERNELS=0"
@@ -205,7 +205,7 @@ def test_tucker_dispatch(monkeypatch):
     import memlayers
 
     layer = memlayers.MemoryLayer.from_preset("ultramem", 32, n_keys=16, topk=4, heads=2).eval()
-    x = torch.randn(50, 32)
+    x = torch.randn(2100, 32)  # 67,200 filter scores: above CPU_KERNEL_MIN_ELEMENTS
     module = sys.modules["memlayers.ops.product_key_topk.cpu_select"]
     calls = []
     real = module.tucker_select_cpu
@@ -214,3 +214,12 @@ def test_tucker_dispatch(monkeypatch):
     assert calls == [1]
     monkeypatch.setenv("MEMLAYERS_CPU_KERNELS", "0")
     assert torch.equal(layer.addressing(x)[0], ids) and calls == [1]
+
+
+@pytest.mark.parametrize("T,H,n,k", [(50, 3, 40, 8), (20, 2, 128, 32), (9, 1, 7, 7)])
+def test_matches_brute_force(T, H, n, k):
+    """Against every one of the n*n sums, ranked by (sum descending, flat id ascending)."""
+    s1, s2 = torch.randn(2, T, H, n).unbind(0)
+    sums = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (T, H, n*n), the same float32 sums
+    order = torch.sort(sums, dim=-1, descending=True, stable=True).indices[..., :k]
+    assert torch.equal(product_key_select_cpu(s1, s2, k), order)

@@ -21,11 +21,10 @@ def _random(T, H, n, h, dtype=torch.float32, device="cpu"):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", ["auto", "reference"])  # on CPU: the numba kernel (when installed), plain torch
 @pytest.mark.parametrize("T,H,n,h,k", [(7, 1, 16, 4, 1), (33, 4, 50, 6, 8), (5, 2, 9, 3, 9), (64, 3, 128, 16, 32)])
-def test_matches_brute_force(T, H, n, h, k, impl, device):
+def test_matches_brute_force(T, H, n, h, k, device):
     q1, q2, k1, k2 = _random(T, H, n, h, device=device)
-    scores, indices = product_key_topk(q1, q2, k1, k2, k, impl=impl)
+    scores, indices = product_key_topk(q1, q2, k1, k2, k)
     ref_scores, ref_indices = brute_force(q1, q2, k1, k2, k)
     assert scores.shape == indices.shape == (T, H, k) and indices.dtype == torch.int64
     assert torch.equal(indices, ref_indices)
@@ -47,16 +46,15 @@ def test_matches_full_key_scoring_float64():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", ["auto", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("seed", range(5))
-def test_ties_lower_index_wins(seed, dtype, impl, device):
+def test_ties_lower_index_wins(seed, dtype, device):
     torch.manual_seed(seed)
     T, H, n, h, k = 40, 2, 24, 3, 10
     # Small integers: exact float sums and many ties, at the per-half boundaries and in the grid.
     q1, q2 = torch.randint(-1, 2, (2, T, H, h), device=device).to(dtype).unbind(0)
     k1, k2 = torch.randint(-1, 2, (2, H, n, h), device=device).to(dtype).unbind(0)
-    scores, indices = product_key_topk(q1, q2, k1, k2, k, impl=impl)
+    scores, indices = product_key_topk(q1, q2, k1, k2, k)
     ref_scores, ref_indices = brute_force(q1, q2, k1, k2, k)
     assert torch.equal(indices, ref_indices) and torch.equal(scores, ref_scores)
 

@@ -48,11 +48,15 @@ def use_triton(op: str, impl: str, tensor: torch.Tensor, problem: str | None = N
     return True
 
 
+CPU_KERNEL_MIN_ELEMENTS = 16384  # smaller problems take the reference: not worth numba's ~2 s start in a process
+
+
 def use_cpu_kernel(impl: str, *tensors: torch.Tensor) -> bool:
     """Whether an op's numba kernel (``ops/<op>/cpu_*.py``) runs: ``impl`` "auto", every tensor float32 on the CPU,
-    numba installed, ``MEMLAYERS_CPU_KERNELS`` not "0"."""
+    the first of at least ``CPU_KERNEL_MIN_ELEMENTS`` elements, numba installed, ``MEMLAYERS_CPU_KERNELS`` not "0"."""
     return (
         impl == "auto"
+        and tensors[0].numel() >= CPU_KERNEL_MIN_ELEMENTS
         and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
         and os.environ.get(CPU_KERNELS_ENV, "1") != "0"
         and importlib.util.find_spec("numba") is not None

@@ -41,7 +41,7 @@ def bag(
         return bag_forward_triton(values, indices, weights)
     if (
         bags is not None
-        and use_cpu_kernel(impl, values, weights)
+        and use_cpu_kernel(impl, weights, values)
         and (kernels := cpu_kernels("embedding_bag.cpu_bag_into"))
     ):
         return kernels.keyed_bag_cpu(values, indices.long(), weights, bags.long(), num_bags)
