@@ -72,5 +72,5 @@ def product_key_topk(
         from .triton_select import product_key_topk_triton  # imported lazily: CPU installs need no Triton
 
         return product_key_topk_triton(q1, q2, keys1, keys2, k)
-    select = functools.partial(library.select, impl="reference" if impl == "reference" else "auto")
+    select = functools.partial(library.select, impl=impl)  # "auto" or "reference": "triton" returned above
     return product_key_topk_reference(q1, q2, keys1, keys2, k, select=select)
