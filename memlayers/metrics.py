@@ -258,8 +258,8 @@ class UsageTracker(nn.Module):
             i = torch.div(idx, n, rounding_mode="floor")  # (T, H, k) first-half sub-key id
             j = idx - i * n  # second-half sub-key id
             off = self._head_offsets  # (H, 1)
-            sub = torch.cat([(off + i).reshape(-1), (off + n + j).reshape(-1)])
-            self.subkey_counts.mul_(self.gamma).view(-1).index_add_(0, sub, torch.cat([ones, ones]))
+            sub = self.subkey_counts.mul_(self.gamma).view(-1)
+            sub.index_add_(0, (off + i).reshape(-1), ones).index_add_(0, (off + n + j).reshape(-1), ones)
         step = self._step.view(1, 1, 1)
         if mask is not None:  # a masked token writes -1, which amax ignores
             step = torch.where(mask.reshape(T, 1, 1), step, -1)

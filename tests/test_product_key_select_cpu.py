@@ -7,10 +7,11 @@ scores, now also run this kernel through ``product_key_topk``'s default dispatch
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("numba")
+numba = pytest.importorskip("numba")
 
 from memlayers.ops import product_key_topk
 from memlayers.ops.dispatch import cpu_kernels, use_cpu_kernel
@@ -19,6 +20,7 @@ from memlayers.ops.product_key_topk.cpu_select import (
     _head_major,
     _select,
     _select_in_parallel,
+    _top_and_bottom_k_row,
     product_key_select_cpu,
     threshold_z,
     tucker_select_cpu,
@@ -197,6 +199,38 @@ def test_tucker_empty_batch_strided_scores_and_threads():
     two = tucker_select_cpu(a, b, s_row, s_col, core, 8, 8)
     assert all(torch.equal(x, y) for x, y in zip(one, two))
     assert_tucker_same(a, b, s_row, s_col, core, 8, 8)
+
+
+@numba.njit
+def _top_and_bottom(x, k, z, top, bottom):
+    keys = np.empty(2 * x.shape[1], np.int64)
+    keys_low = np.empty(2 * x.shape[1], np.int64)
+    for r in range(x.shape[0]):
+        _top_and_bottom_k_row(x[r], k, z, keys, keys_low, top[r], bottom[r])
+
+
+def ordered_keys(x):
+    """float32 -> int64 in float order, -0.0 tying +0.0 and NaN above inf (what the kernels rank by)."""
+    bits = (x + 0.0).view(torch.int32).long()
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@pytest.mark.parametrize("n,k", [(112, 16), (256, 16), (20, 5), (9, 9), (300, 80)])
+def test_tucker_rows_top_and_bottom_k(n, k):
+    """The Tucker kernel's one-pass top and bottom k of each side: a stable sort's first k, descending and ascending
+    (ties to the lower position), on normal rows, rows of ties, signed zeros, infinities and NaNs (above inf, as in
+    torch's sorts), and rows with an outlier (the fallback bound)."""
+    g = torch.Generator().manual_seed(n)
+    values = torch.tensor([0.0, -0.0, 1.0, -1.0, 2.0, float("inf"), -float("inf"), float("nan")])
+    ties = values[torch.randint(0, len(values), (40, n), generator=g)]
+    outliers = torch.randn(40, n, generator=g)
+    outliers[:20, 3], outliers[20:, -1] = 1e6, -1e6
+    x = torch.cat([torch.randn(40, n, generator=g), ties, outliers, torch.zeros(3, n)])
+    top, bottom = (torch.full((x.shape[0], k), POISON, dtype=torch.int64) for _ in range(2))
+    _top_and_bottom(x.numpy(), k, threshold_z(n, k), top.numpy(), bottom.numpy())
+    for got, descending in ((top, True), (bottom, False)):
+        want = ordered_keys(x).sort(dim=-1, descending=descending, stable=True).indices[:, :k]
+        assert torch.equal(got, want)
 
 
 def test_tucker_dispatch(monkeypatch):

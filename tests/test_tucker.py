@@ -12,7 +12,7 @@ def set_cores(a: TuckerProductKeys, cores: torch.Tensor) -> None:
     """Give ``a`` these cores and the filter their (sum's) leading singular pair."""
     with torch.no_grad():
         a.cores.copy_(cores)
-        u, v = a.leading_pair(torch.ones_like(a.u), iters=500)
+        u, v = a.leading_pair(torch.ones_like(a.u), squarings=9)
         a.u.copy_(u)
         a.v.copy_(v)
 

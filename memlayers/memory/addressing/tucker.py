@@ -184,7 +184,7 @@ class TuckerProductKeys(Addressing):
         nn.init.zeros_(self.query_norm.bias)
         nn.init.zeros_(self.key_norm.bias)
         with torch.no_grad():  # the first pair, from a uniform start, converged
-            u, v = self.leading_pair(torch.ones_like(self.u), iters=64)
+            u, v = self.leading_pair(torch.ones_like(self.u), squarings=6)
             self.u.copy_(u)
             self.v.copy_(v)
             self.svd_step.zero_()
@@ -196,16 +196,18 @@ class TuckerProductKeys(Addressing):
         return {"keys": keys, "dense": [p for p in self.parameters() if all(p is not k for k in keys)]}
 
     @torch.no_grad()
-    def leading_pair(self, prev_u: torch.Tensor, iters: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-        """The leading singular vectors (u, v) (H, r) each of every head's ``C_sum``, by power iteration from
-        ``prev_u``: matmuls only (``torch.linalg.svd`` would sync a GPU with the host every step), and the new
-        u never points away from the previous one (``u·prev_u = prev_uᵀ C Cᵀ prev_u / norm >= 0``)."""
+    def leading_pair(self, prev_u: torch.Tensor, squarings: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+        """The leading singular vectors (u, v) (H, r) each of every head's ``C_sum``, by 2^squarings power iterations
+        from ``prev_u``: ``u ∝ (C Cᵀ)^p prev_u`` with the power made by squaring (normalised each time), ``v ∝ Cᵀ u``.
+        Small matmuls only (``torch.linalg.svd`` would sync a GPU with the host every step), and the new u never
+        points away from the previous one (``u·prev_u ∝ prev_uᵀ (C Cᵀ)^p prev_u >= 0``)."""
         core = self.cores.detach().float().sum(0)  # (H, r, r)
-        u = prev_u.float()
-        for _ in range(iters):
-            v = F.normalize(torch.einsum("hab,ha->hb", core, u), dim=-1)
-            u = F.normalize(torch.einsum("hab,hb->ha", core, v), dim=-1)
-        return u, v
+        power = core @ core.transpose(1, 2)
+        for _ in range(squarings):
+            power = power @ power
+            power = power / power.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, 1, 1)
+        u = F.normalize((power @ prev_u.float().unsqueeze(-1)).squeeze(-1), dim=-1)
+        return u, F.normalize((core.transpose(1, 2) @ u.unsqueeze(-1)).squeeze(-1), dim=-1)
 
     @torch.no_grad()
     def refresh_filter(self) -> None:

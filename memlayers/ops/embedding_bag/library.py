@@ -25,6 +25,15 @@ def dense_value_grad(
     return value_grad(indices, weights, grad_out, num_rows, bags)
 
 
+def entry_dots(table: Tensor, indices: Tensor, x: Tensor, bags: Tensor | None = None, impl: str = "auto") -> Tensor:
+    """``reference.weight_grad`` (table (N, d), indices (T, L) int64, x (T, d) or keyed (num_bags, d) -> (T, L)
+    ``table[indices[t, l]] · x[t or bags[t, l]]``), by the numba kernel (``cpu_dots.py``) for float32 CPU tensors
+    under impl "auto": the bag's weight gradient and ``gather_dot``'s forward."""
+    if use_cpu_kernel(impl, x, table) and (kernels := cpu_kernels("embedding_bag.cpu_dots")):
+        return kernels.dots_cpu(table, indices, x, bags)
+    return weight_grad(table, indices, x, bags)
+
+
 def _triton(impl: str, values: Tensor, bags: Tensor | None) -> bool:
     return use_triton("embedding_bag", impl, values, None if bags is None else KEYED_BAGS_ON_TRITON)
 
@@ -68,7 +77,7 @@ def bag_backward(
     indices = indices.long()
     dv = dw = none
     if need_weights:
-        dw = weight_grad(values, indices, grad_out, bags).to(weights.dtype)
+        dw = entry_dots(values, indices, grad_out, bags, impl).to(weights.dtype)
     if need_values:
         dv = dense_value_grad(indices, weights, grad_out, values.shape[0], bags, impl).to(values.dtype)
     return dv, dw

@@ -7,8 +7,8 @@ from torch import Tensor
 
 from ..dispatch import use_triton
 from ..embedding_bag import embedding_bag
-from ..embedding_bag.library import dense_value_grad
-from .reference import accumulation_dtype, gather_dot_forward
+from ..embedding_bag.library import dense_value_grad, entry_dots
+from .reference import accumulation_dtype
 
 
 @torch.library.custom_op("memlayers::gather_dot", mutates_args=())
@@ -18,7 +18,7 @@ def gather_dot_op(table: Tensor, ids: Tensor, x: Tensor, impl: str) -> Tensor:
         from .triton_kernel import gather_dot_triton
 
         return gather_dot_triton(table, ids, x)
-    return gather_dot_forward(table, ids.long(), x)
+    return entry_dots(table, ids.long(), x, impl=impl)  # the reference's forward, or its CPU kernel
 
 
 @gather_dot_op.register_fake

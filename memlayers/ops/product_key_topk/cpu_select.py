@@ -55,7 +55,10 @@ def tucker_select_cpu(
     T, H, n = a.shape
     out_i, out_j = (torch.empty(T, H, k, dtype=torch.int64) for _ in range(2))
     if out_i.numel():
-        a, b, s_row, s_col = (_head_major(x) for x in (a, b, s_row, s_col))
+        a, b = _head_major(a), _head_major(b)
+        # (H, r, T, n) views, no copy: the rows read are gathered anyway (a head-major copy of a per-rank einsum's
+        # (H, r, T, n) output costs more than the whole selection of a small layer)
+        s_row, s_col = (x.detach().permute(1, 2, 0, 3).numpy() for x in (s_row, s_col))
         z_side, z_grid = threshold_z(n, m), threshold_z((2 if m < n else 1) * m * m, k)
         core = core.detach().float().contiguous().numpy()
         _run(_tucker, _tucker_in_parallel, a, b, s_row, s_col, core, m, k, z_side, z_grid, out_i.numpy(), out_j.numpy())
@@ -86,6 +89,14 @@ def _ordered(x):
 
 
 @numba.njit(inline="always")
+def _rank_key(x, negate):
+    """``_ordered(x)``, or with negate its reverse, ``~_ordered(x)``: the lowest first, NaN last, -0.0 still tying
+    +0.0 (what ``topk(largest=False)`` ranks by)."""
+    o = _ordered(x)
+    return ~o if negate else o
+
+
+@numba.njit(inline="always")
 def _sort_descending(keys, c):
     """keys[:c] sorted in place, largest first (insertion for up to 64, else a full sort)."""
     if c > 64:
@@ -103,54 +114,97 @@ def _sort_descending(keys, c):
 
 @numba.njit(inline="always")
 def _best(keys, c, k, out):
-    """out[:k] = the ties (low 32 bits, inverted) of the k largest of keys[:c], c >= k, largest first."""
-    _sort_descending(keys, c)
+    """out[:k] = the ties (low 32 bits, inverted) of the k largest of keys[:c] (distinct), c >= k, largest first
+    (keys: scratch of at least 2c)."""
+    if c > 64:
+        _sort_descending(keys, c)
+        for q in range(k):
+            out[q] = LOW32 - (keys[q] & LOW32)
+        return
+    for q in range(c):  # each key placed at its rank, the count of larger keys: vectorised counts, no branches
+        key, rank = keys[q], np.int32(0)
+        for e in range(c):
+            rank += np.int32(keys[e] > key)
+        keys[c + rank] = key
     for q in range(k):
-        out[q] = LOW32 - (keys[q] & LOW32)
+        out[q] = LOW32 - (keys[c + q] & LOW32)
 
 
 @numba.njit(fastmath={"reassoc", "contract"})
-def _moments(x, sign):
+def _moments(x):
     s = np.float32(0.0)
     ss = np.float32(0.0)
     for j in range(x.shape[0]):
         s += x[j]
         ss += x[j] * x[j]
     mean = s / x.shape[0]
-    return sign * mean, ss / x.shape[0] - mean * mean
+    return mean, ss / x.shape[0] - mean * mean
 
 
 @numba.njit(inline="always")
-def _keep_at_or_above(x, sign, tau, keys):
-    """keys[:c] = the keys of the scores sign * x[j] at or above the ordered value tau, in position order; -> c."""
+def _keep_at_or_above(x, negate, tau, keys):
+    """keys[:c] = the keys of the scores x[j] whose rank key (``_rank_key``) is at or above tau, in position order;
+    -> c."""
     c = 0
     for j in range(x.shape[0]):  # branch-free: every key is written, c advances past the kept ones
-        o = _ordered(sign * x[j])
+        o = _rank_key(x[j], negate)
         keys[c] = (o << 32) | (LOW32 - j)
         c += o >= tau
     return c
 
 
 @numba.njit(inline="always")
-def _top_k_row(x, k, z, keys, out, sign=np.float32(1.0)):
-    """out[:k] = positions of the k best scores sign * x[j] of the row x (n,), best first, ties to the lower position
-    (keys: scratch of n); z: ``threshold_z(n, k)``."""
+def _spread_threshold(mean, var, z, negate):
+    """The rank key of ``mean + z std`` (negate: of ``mean - z std``), or NO_BOUND where that is not finite (NaN or
+    inf scores, a negative rounded var)."""
+    t = mean - np.float32(z) * np.sqrt(var) if negate else mean + np.float32(z) * np.sqrt(var)
+    return _rank_key(np.float32(t), negate) if np.isfinite(t) else NO_BOUND
+
+
+@numba.njit(inline="always")
+def _finish_top_k(x, k, negate, keys, c, out):
+    """out[:k] = the best k of keys[:c] (the scores kept); where fewer than k were kept, the scores at or above the
+    lowest of k group maxima (which always keeps at least k) instead."""
     n = x.shape[0]
-    c = 0
-    if z > -np.inf:
-        mean, var = _moments(x, sign)
-        t = mean + np.float32(z) * np.sqrt(var)  # NaN for NaN or inf scores, or a negative rounded var
-        if np.isfinite(t):
-            c = _keep_at_or_above(x, sign, _ordered(np.float32(t)), keys)
-    if c < k:  # no spread threshold, or it kept too few: the lowest of k group maxima keeps at least k
+    if c < k:
         bound = NO_BOUND
         for g in range(k):
-            top = _ordered(sign * x[g * n // k])
+            top = _rank_key(x[g * n // k], negate)
             for j in range(g * n // k + 1, (g + 1) * n // k):
-                top = max(top, _ordered(sign * x[j]))
+                top = max(top, _rank_key(x[j], negate))
             bound = min(bound, top)
-        c = _keep_at_or_above(x, sign, bound, keys)
+        c = _keep_at_or_above(x, negate, bound, keys)
     _best(keys, c, k, out)
+
+
+@numba.njit(inline="always")
+def _top_k_row(x, k, z, keys, out):
+    """out[:k] = positions of the k best scores of the row x (n,), best first, ties to the lower position
+    (keys: scratch of 2n); z: ``threshold_z(n, k)``."""
+    c = 0
+    if z > -np.inf:
+        mean, var = _moments(x)
+        c = _keep_at_or_above(x, False, _spread_threshold(mean, var, z, False), keys)
+    _finish_top_k(x, k, False, keys, c, out)
+
+
+@numba.njit(inline="always")
+def _top_and_bottom_k_row(x, k, z, keys, keys_low, top, bottom):
+    """``_top_k_row`` of x into top[:k], and the k lowest (ascending, ties to the lower position, NaN last) into
+    bottom[:k], from one pass over x."""
+    c = c_low = 0
+    if z > -np.inf:
+        mean, var = _moments(x)
+        tau, tau_low = _spread_threshold(mean, var, z, False), _spread_threshold(mean, var, z, True)
+        for j in range(x.shape[0]):  # both of _keep_at_or_above's loops in one
+            o = _ordered(x[j])
+            o_low = ~o
+            keys[c] = (o << 32) | (LOW32 - j)
+            keys_low[c_low] = (o_low << 32) | (LOW32 - j)
+            c += o >= tau
+            c_low += o_low >= tau_low
+    _finish_top_k(x, k, False, keys, c, top)
+    _finish_top_k(x, k, True, keys_low, c_low, bottom)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -167,7 +221,7 @@ def _select(s1, s2, k, z, out, first_row):
     (token, head): ``product_key_select_cpu``."""
     rows, n = s1.shape
     tokens = out.shape[0]
-    keys = np.empty(max(n, k * k), np.int64)
+    keys = np.empty(2 * max(n, k * k), np.int64)
     i = np.empty(k, np.int64)
     j = np.empty(k, np.int64)
     edge = np.empty(2 * k - 1, np.int64)
@@ -197,12 +251,12 @@ def _tucker_in_parallel(a, b, s_row, s_col, core, m, k, z_side, z_grid, out_i, o
     rows = a.shape[0]
     for c in numba.prange(chunks):
         lo, hi = rows * c // chunks, rows * (c + 1) // chunks
-        _tucker(a[lo:hi], b[lo:hi], s_row[lo:hi], s_col[lo:hi], core, m, k, z_side, z_grid, out_i, out_j, lo)
+        _tucker(a[lo:hi], b[lo:hi], s_row, s_col, core, m, k, z_side, z_grid, out_i, out_j, lo)
 
 
 @numba.njit(cache=True)
 def _tucker(a, b, s_row, s_col, core, m, k, z_side, z_grid, out_i, out_j, first_row):
-    """a, b (R, n), s_row, s_col (R, r, n): rows first_row + row of (H*T) (``_head_major``), core (H, r, r) ->
+    """a, b (R, n): rows first_row + row of (H*T) (``_head_major``), s_row, s_col (H, r, T, n), core (H, r, r) ->
     out_i, out_j (T, H, k) at those rows' (token, head): each head's top (and bottom) m rows and columns, its m x m
     grids, their best k cells (``tucker.tucker_select``, with its floats: the core applied to the rows first, sums
     over ranks in rank order)."""
@@ -210,29 +264,35 @@ def _tucker(a, b, s_row, s_col, core, m, k, z_side, z_grid, out_i, out_j, first_
     tokens, r = out_i.shape[0], core.shape[1]
     blocks = 2 if m < n else 1
     cells = blocks * m * m
-    keys = np.empty(max(n, cells), np.int64)
+    keys = np.empty(2 * max(n, cells), np.int64)
+    keys_low = np.empty(2 * n, np.int64)
     i = np.empty(blocks * m, np.int64)
     j = np.empty(blocks * m, np.int64)
     row_core = np.empty((r, m), np.float32)
+    columns = np.empty((r, m), np.float32)
     grid = np.empty(cells, np.float32)
     top_i = np.zeros(n, np.bool_)
     top_j = np.zeros(n, np.bool_)
     best = np.empty(k, np.int64)
     for row in range(rows):
         t, h = (first_row + row) % tokens, (first_row + row) // tokens
-        _top_k_row(a[row], m, z_side, keys, i[:m])
-        _top_k_row(b[row], m, z_side, keys, j[:m])
-        if blocks == 2:  # the bottom m: the top m of the negated scores (ascending, ties to the lower position)
-            _top_k_row(a[row], m, z_side, keys, i[m:], np.float32(-1.0))
-            _top_k_row(b[row], m, z_side, keys, j[m:], np.float32(-1.0))
+        if blocks == 2:  # and the bottom m (ascending, ties to the lower position)
+            _top_and_bottom_k_row(a[row], m, z_side, keys, keys_low, i[:m], i[m:])
+            _top_and_bottom_k_row(b[row], m, z_side, keys, keys_low, j[:m], j[m:])
+        else:
+            _top_k_row(a[row], m, z_side, keys, i)
+            _top_k_row(b[row], m, z_side, keys, j)
         for blk in range(blocks):
             for p in range(m):
                 for c in range(r):
-                    acc = s_row[row, 0, i[blk * m + p]] * core[h, 0, c]
+                    acc = s_row[h, 0, t, i[blk * m + p]] * core[h, 0, c]
                     for e in range(1, r):
-                        acc += s_row[row, e, i[blk * m + p]] * core[h, e, c]
+                        acc += s_row[h, e, t, i[blk * m + p]] * core[h, e, c]
                     row_core[c, p] = acc
-            _grid_block(row_core, s_col[row], j[blk * m : (blk + 1) * m], grid[blk * m * m : (blk + 1) * m * m])
+            for c in range(r):
+                for q in range(m):
+                    columns[c, q] = s_col[h, c, t, j[blk * m + q]]
+            _grid_block(row_core, columns, grid[blk * m * m : (blk + 1) * m * m])
         if blocks == 2:  # a bottom cell whose row and column are both in the top block is there already
             for p in range(m):
                 top_i[i[p]] = True
@@ -253,12 +313,13 @@ def _tucker(a, b, s_row, s_col, core, m, k, z_side, z_grid, out_i, out_j, first_
 
 
 @numba.njit(cache=True, fastmath={"contract"})  # fused multiply-adds, as the reference's matmul: the same floats
-def _grid_block(row_core, s_col, j, grid):
-    """grid (m*m,) = row_core (r, m) times the side scores s_col (r, n) at the columns j (m,)."""
+def _grid_block(row_core, columns, grid):
+    """grid (m*m,) = row_core (r, m) times the chosen columns' side scores (r, m)."""
     r, m = row_core.shape
     for p in range(m):
-        for q in range(m):
-            acc = row_core[0, p] * s_col[0, j[q]]
-            for c in range(1, r):
-                acc += row_core[c, p] * s_col[c, j[q]]
-            grid[p * m + q] = acc
+        g = grid[p * m : (p + 1) * m]
+        for q in range(m):  # a vectorised loop: the same operations per cell, in the same order
+            g[q] = row_core[0, p] * columns[0, q]
+        for c in range(1, r):
+            for q in range(m):
+                g[q] += row_core[c, p] * columns[c, q]
