@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import poison_allocations
 
 numba = pytest.importorskip("numba")
 
@@ -26,7 +27,7 @@ from memlayers.ops.product_key_topk.cpu_select import (
     tucker_select_cpu,
 )
 from memlayers.ops.product_key_topk.reference import product_key_select
-from memlayers.ops.product_key_topk.tucker import tucker_select
+from memlayers.ops.product_key_topk.tucker import filter_scores, tucker_select
 
 POISON = -(2**62)
 
@@ -39,9 +40,9 @@ def assert_same(s1, s2, k):
     for chunks in (None, 1, 3):
         out = torch.full(want.shape, POISON, dtype=torch.int64)
         if chunks is None:
-            _select(a, b, k, z, out.numpy(), 0)
+            _select(a, b, k, z, out.numpy(), 0, a.shape[0])
         else:
-            _select_in_parallel(a, b, k, z, out.numpy(), chunks)
+            _select_in_parallel(a, b, k, z, out.numpy(), a.shape[0], chunks)
         assert torch.equal(out, want)
 
 
@@ -161,11 +162,11 @@ def tucker_cell_scores(s_row, s_col, core, i, j):
     return torch.einsum("thak,hab,thbk->thk", sr, core.double(), sc)
 
 
-def assert_tucker_same(a, b, s_row, s_col, core, m, k):
+def assert_tucker_same(s_row, s_col, u, v, core, m, k):
     """The kernel's cells are the reference's, except in rows where the reference's own float32 sums could order
     near-ties otherwise (its grid is a matmul): there the chosen cells' scores agree to 1e-6."""
-    want_i, want_j = tucker_select(a, b, s_row, s_col, core, m, k)
-    got_i, got_j = tucker_select_cpu(a, b, s_row, s_col, core, m, k)
+    want_i, want_j = tucker_select(s_row, s_col, u, v, core, m, k)
+    got_i, got_j = tucker_select_cpu(s_row, s_col, u, v, core, m, k)
     differ = ~((got_i == want_i) & (got_j == want_j)).all(-1)
     assert differ.float().mean() <= 0.01
     got, want = (tucker_cell_scores(s_row, s_col, core, i, j)[differ] for i, j in ((got_i, got_j), (want_i, want_j)))
@@ -176,29 +177,42 @@ def assert_tucker_same(a, b, s_row, s_col, core, m, k):
     "T,H,n,r,m,k", [(300, 2, 256, 2, 16, 16), (200, 1, 112, 2, 16, 16), (50, 3, 20, 3, 5, 4), (40, 2, 8, 2, 8, 4),
                     (30, 2, 12, 1, 7, 3), (20, 2, 9, 2, 6, 6), (3, 1, 1, 1, 1, 1)],
 )  # fmt: skip
-def test_tucker_random_scores(T, H, n, r, m, k):
-    """Both blocks (m < n; with n < 2m the bottom block overlaps the top one), one block (m = n), rank 1 to 3."""
-    a, b = torch.randn(2, T, H, n).unbind(0)
+def test_tucker_random_scores(T, H, n, r, m, k, monkeypatch):
+    """Both blocks (m < n; with n < 2m the bottom block overlaps the top one), one block (m = n), rank 1 to 3; every
+    output written (allocations poisoned)."""
     s_row, s_col = torch.randn(2, T, H, r, n).unbind(0)
-    assert_tucker_same(a, b, s_row, s_col, torch.randn(H, r, r), m, k)
+    u, v = torch.randn(2, H, r).unbind(0)
+    poison_allocations(monkeypatch, int_fill=POISON)
+    assert_tucker_same(s_row, s_col, u, v, torch.randn(H, r, r), m, k)
+
+
+def test_tucker_filter_scores_choose_the_candidates():
+    """With m = k, every chosen row and column is among the top (or bottom) m by ``u·S_row``, ``v·S_col``: the
+    kernel's filter scores are the reference's (each row's top-m sets equal, ties aside)."""
+    s_row, s_col = torch.randn(2, 100, 2, 2, 64).unbind(0)
+    u, v = torch.randn(2, 2, 2).unbind(0)
+    i, j = tucker_select_cpu(s_row, s_col, u, v, torch.randn(2, 2, 2), 6, 6)
+    for chosen, s, w in ((i, s_row, u), (j, s_col, v)):
+        a = filter_scores(s, w)  # (T, H, n)
+        allowed = torch.cat([a.topk(6, -1).indices, a.topk(6, -1, largest=False).indices], -1)
+        assert (chosen.unsqueeze(-1) == allowed.unsqueeze(-2)).any(-1).all()
 
 
 def test_tucker_empty_batch_strided_scores_and_threads():
-    a, b = torch.randn(2, 0, 2, 16).unbind(0)
-    i, j = tucker_select_cpu(a, b, torch.randn(0, 2, 2, 16), torch.randn(0, 2, 2, 16), torch.randn(2, 2, 2), 4, 4)
+    u, v, core = torch.randn(2, 2), torch.randn(2, 2), torch.randn(2, 2, 2)
+    i, j = tucker_select_cpu(torch.randn(0, 2, 2, 16), torch.randn(0, 2, 2, 16), u, v, core, 4, 4)
     assert i.shape == j.shape == (0, 2, 4)
-    a, b = torch.randn(2, 2, 600, 64).transpose(1, 2).unbind(0)  # (600, 2, 64), not contiguous
-    s_row, s_col = torch.randn(2, 600, 2, 2, 64).unbind(0)
-    core = torch.randn(2, 2, 2)
+    s_row = torch.randn(2, 600, 2, 2, 64).transpose(0, 1)[:, 0]  # (600, 2, 2, 64), not contiguous
+    s_col = torch.randn(2, 2, 600, 64).permute(2, 0, 1, 3)  # laid out (H, r, T, n), as a per-rank einsum's output
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = tucker_select_cpu(a, b, s_row, s_col, core, 8, 8)
+        one = tucker_select_cpu(s_row, s_col, u, v, core, 8, 8)
     finally:
         torch.set_num_threads(threads)
-    two = tucker_select_cpu(a, b, s_row, s_col, core, 8, 8)
+    two = tucker_select_cpu(s_row, s_col, u, v, core, 8, 8)
     assert all(torch.equal(x, y) for x, y in zip(one, two))
-    assert_tucker_same(a, b, s_row, s_col, core, 8, 8)
+    assert_tucker_same(s_row, s_col, u, v, core, 8, 8)
 
 
 @numba.njit

@@ -47,14 +47,6 @@ def singular_values_2x2(m: torch.Tensor) -> torch.Tensor:
     return torch.stack(((p + q) / 2, (p - q).abs() / 2), dim=-1)
 
 
-def filter_scores(q: torch.Tensor, keys: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One side's rank-1 filter scores ``Σ_a u[h, a] S[t, h, a, i]``: q (T, H, Q, d), keys (H, r, n, d), u (H, r)
-    -> (T, H, n), with u folded into the keys (one query) or the queries (one per rank): one matmul."""
-    if q.shape[2] == 1:
-        return torch.einsum("thd,hid->thi", q[:, :, 0], torch.einsum("ha,haid->hid", u, keys))
-    return torch.einsum("thad,haid->thi", q * u[:, :, None], keys)
-
-
 class SelectedScores(torch.autograd.Function):
     """One side's scores at the chosen sub-keys, ``S[t, h, a, i[t, h, k]]`` (T, H, r, k), read from the scores
     S (T, H, r, n) already computed for the selection (the very floats it ranked), differentiable in the
@@ -273,13 +265,11 @@ class TuckerProductKeys(Addressing):
         return self.scores(*self.queries_and_keys(x))
 
     @torch.no_grad()
-    def select(self, s_row: torch.Tensor, s_col: torch.Tensor, q: torch.Tensor, keys: torch.Tensor):
-        """S_row, S_col (T, H, r, n), q (T, H, Q, 2, d) and keys (H, 2, r, n, d) (``queries_and_keys``) -> the
-        rows and columns (T, H, k) int64 of each head's k best candidates under ``C_sum``, best first."""
-        with full_precision(q.device):
-            a = filter_scores(q[:, :, :, 0], keys[:, 0], self.u.to(q.dtype))  # (T, H, n)
-            b = filter_scores(q[:, :, :, 1], keys[:, 1], self.v.to(q.dtype))
-            return tucker_select(a, b, s_row, s_col, self.cores.sum(0).to(s_row.dtype), self.prefilter, self.topk)
+    def select(self, s_row: torch.Tensor, s_col: torch.Tensor):
+        """S_row, S_col (T, H, r, n) -> the rows and columns (T, H, k) int64 of each head's k best candidates under
+        ``C_sum``, best first."""
+        core = self.cores.sum(0).to(s_row.dtype)
+        return tucker_select(s_row, s_col, self.u, self.v, core, self.prefilter, self.topk)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, token_ids=None, state=None):
         """x (T, dim) -> ids (T, H, k) int64, weights (T, H, k) (cores == 1) or (T, H, k, C)."""
@@ -288,7 +278,7 @@ class TuckerProductKeys(Addressing):
         q, keys = self.queries_and_keys(x)
         with torch.no_grad():
             s_row, s_col = self.scores(q, keys)  # (T, H, r, n) each
-        i, j = self.select(s_row, s_col, q, keys)  # (T, H, k) each
+        i, j = self.select(s_row, s_col)  # (T, H, k) each
         with full_precision(x.device):
             sr = SelectedScores.apply(s_row, q[:, :, :, 0], keys[:, 0], i)  # (T, H, r, k), with gradient
             sc = SelectedScores.apply(s_col, q[:, :, :, 1], keys[:, 1], j)

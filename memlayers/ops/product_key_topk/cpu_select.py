@@ -43,26 +43,33 @@ def product_key_select_cpu(s1: torch.Tensor, s2: torch.Tensor, k: int) -> torch.
     T, H, n = s1.shape
     out = torch.empty(T, H, k, dtype=torch.int64)
     if out.numel():
-        _run(_select, _select_in_parallel, _head_major(s1), _head_major(s2), k, threshold_z(n, k), out.numpy())
+        _run(_select, _select_in_parallel, H * T, _head_major(s1), _head_major(s2), k, threshold_z(n, k), out.numpy())
     return out
 
 
 def tucker_select_cpu(
-    a: torch.Tensor, b: torch.Tensor, s_row: torch.Tensor, s_col: torch.Tensor, core: torch.Tensor, m: int, k: int
+    s_row: torch.Tensor, s_col: torch.Tensor, u: torch.Tensor, v: torch.Tensor, core: torch.Tensor, m: int, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``tucker.tucker_select`` for float32 CPU scores: a, b (T, H, n), s_row, s_col (T, H, r, n), core (H, r, r) ->
-    the rows and columns (T, H, k) int64 of each head's k best cells, best first, ties to the lower position."""
-    T, H, n = a.shape
+    """``tucker.tucker_select`` for float32 CPU scores: s_row, s_col (T, H, r, n), the filter pair u, v (H, r), core
+    (H, r, r) -> the rows and columns (T, H, k) int64 of each head's k best cells, best first, ties to the lower
+    position."""
+    T, H, r, n = s_row.shape
     out_i, out_j = (torch.empty(T, H, k, dtype=torch.int64) for _ in range(2))
     if out_i.numel():
-        a, b = _head_major(a), _head_major(b)
-        # (H, r, T, n) views, no copy: the rows read are gathered anyway (a head-major copy of a per-rank einsum's
-        # (H, r, T, n) output costs more than the whole selection of a small layer)
-        s_row, s_col = (x.detach().permute(1, 2, 0, 3).numpy() for x in (s_row, s_col))
+        u, v, core = (x.detach().float().contiguous().numpy() for x in (u, v, core))
         z_side, z_grid = threshold_z(n, m), threshold_z((2 if m < n else 1) * m * m, k)
-        core = core.detach().float().contiguous().numpy()
-        _run(_tucker, _tucker_in_parallel, a, b, s_row, s_col, core, m, k, z_side, z_grid, out_i.numpy(), out_j.numpy())
+        args = (*_rows(s_row), *_rows(s_col), u, v, core, n, m, k, z_side, z_grid, out_i.numpy(), out_j.numpy())
+        _run(_tucker, _tucker_in_parallel, H * T, *args)
     return out_i, out_j
+
+
+def _rows(x: torch.Tensor):
+    """x (T, H, r, n) -> (flat, strides): its elements as one flat array, where row (t, h, a) starts at
+    ``t * strides[0] + h * strides[1] + a * strides[2]``, and strides (3,) int64; no copy when x's rows are
+    contiguous (a copy of a per-rank einsum's (H, r, T, n) output would cost more than a small layer's selection)."""
+    x = x.detach() if x.stride(-1) == 1 else x.detach().contiguous()
+    span = 1 + sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()))
+    return torch.as_strided(x, (span,), (1,)).numpy(), np.array(x.stride()[:3], np.int64)
 
 
 def _head_major(x: torch.Tensor):
@@ -71,14 +78,14 @@ def _head_major(x: torch.Tensor):
     return x.detach().transpose(0, 1).contiguous().flatten(0, 1).numpy()
 
 
-def _run(kernel, parallel_kernel, first, *args) -> None:
-    """``kernel(first, *args, 0)`` over all rows (first.shape[0]) on this thread, or ``parallel_kernel`` over chunks of
-    rows on min(torch's threads, rows / ROWS_PER_CHUNK) threads."""
-    threads = threads_for(first.shape[0], ROWS_PER_CHUNK)
+def _run(kernel, parallel_kernel, rows: int, *args) -> None:
+    """``kernel(*args, 0, rows)`` over all rows (head-major: row h*T + t) on this thread, or ``parallel_kernel`` over
+    chunks of rows on min(torch's threads, rows / ROWS_PER_CHUNK) threads."""
+    threads = threads_for(rows, ROWS_PER_CHUNK)
     if threads == 1:
-        kernel(first, *args, 0)
+        kernel(*args, 0, rows)
     else:
-        parallel_kernel(first, *args, 4 * threads)
+        parallel_kernel(*args, rows, 4 * threads)
 
 
 @numba.njit(inline="always")
@@ -208,25 +215,23 @@ def _top_and_bottom_k_row(x, k, z, keys, keys_low, top, bottom):
 
 
 @numba.njit(parallel=True, cache=True)
-def _select_in_parallel(s1, s2, k, z, out, chunks):
-    rows = s1.shape[0]
+def _select_in_parallel(s1, s2, k, z, out, rows, chunks):
     for c in numba.prange(chunks):
-        lo, hi = rows * c // chunks, rows * (c + 1) // chunks
-        _select(s1[lo:hi], s2[lo:hi], k, z, out, lo)
+        _select(s1, s2, k, z, out, rows * c // chunks, rows * (c + 1) // chunks)
 
 
 @numba.njit(cache=True)
-def _select(s1, s2, k, z, out, first_row):
-    """s1, s2 (R, n): rows first_row + r of (H*T) (``_head_major``) -> out (T, H, k) at those rows'
-    (token, head): ``product_key_select_cpu``."""
-    rows, n = s1.shape
+def _select(s1, s2, k, z, out, lo, hi):
+    """s1, s2 (H*T, n) (``_head_major``) -> out (T, H, k) at the (token, head) of rows lo..hi-1:
+    ``product_key_select_cpu``."""
+    n = s1.shape[1]
     tokens = out.shape[0]
     keys = np.empty(2 * max(n, k * k), np.int64)
     i = np.empty(k, np.int64)
     j = np.empty(k, np.int64)
     edge = np.empty(2 * k - 1, np.int64)
-    for r in range(rows):
-        x1, x2 = s1[r], s2[r]
+    for g in range(lo, hi):
+        x1, x2 = s1[g], s2[g]
         _top_k_row(x1, k, z, keys, i)
         _top_k_row(x2, k, z, keys, j)
         # the k-th best sum is at or above the k-th best of the 2k - 1 distinct cells (0, b) and (a, 0)
@@ -242,30 +247,49 @@ def _select(s1, s2, k, z, out, first_row):
                 o = _ordered(x1[i[a]] + x2[j[b]])
                 keys[c] = (o << 32) | (LOW32 - (i[a] * n + j[b]))
                 c += o >= tau
-        g = first_row + r
         _best(keys, c, k, out[g % tokens, g // tokens])
 
 
 @numba.njit(parallel=True, cache=True)
-def _tucker_in_parallel(a, b, s_row, s_col, core, m, k, z_side, z_grid, out_i, out_j, chunks):
-    rows = a.shape[0]
+def _tucker_in_parallel(s_row, row_strides, s_col, col_strides, u, v, core, n, m, k, z_side, z_grid, out_i, out_j,
+                        rows, chunks):  # fmt: skip
     for c in numba.prange(chunks):
         lo, hi = rows * c // chunks, rows * (c + 1) // chunks
-        _tucker(a[lo:hi], b[lo:hi], s_row, s_col, core, m, k, z_side, z_grid, out_i, out_j, lo)
+        _tucker(s_row, row_strides, s_col, col_strides, u, v, core, n, m, k, z_side, z_grid, out_i, out_j, lo, hi)
+
+
+@numba.njit(inline="always")
+def _candidates(s, strides, w, t, h, m, z, side, keys, keys_low, chosen):
+    """chosen[:m] = the top m of one side (s, strides: ``_rows``) of token t, head h by its filter scores
+    ``Σ_a w[h, a] S[t, h, a, :]`` (into side (n,), rank by rank: ``tucker.filter_scores``'s floats, each product
+    rounded, then summed in rank order); and chosen[m:] the bottom m (ascending, ties to the lower position) when
+    chosen has room for them."""
+    n, base = side.shape[0], t * strides[0] + h * strides[1]
+    row, wa = s[base : base + n], w[h, 0]
+    for i in range(n):
+        side[i] = row[i] * wa
+    for a in range(1, w.shape[1]):
+        row, wa = s[base + a * strides[2] : base + a * strides[2] + n], w[h, a]
+        for i in range(n):
+            side[i] += row[i] * wa
+    if chosen.shape[0] > m:
+        _top_and_bottom_k_row(side, m, z, keys, keys_low, chosen[:m], chosen[m:])
+    else:
+        _top_k_row(side, m, z, keys, chosen)
 
 
 @numba.njit(cache=True)
-def _tucker(a, b, s_row, s_col, core, m, k, z_side, z_grid, out_i, out_j, first_row):
-    """a, b (R, n): rows first_row + row of (H*T) (``_head_major``), s_row, s_col (H, r, T, n), core (H, r, r) ->
-    out_i, out_j (T, H, k) at those rows' (token, head): each head's top (and bottom) m rows and columns, its m x m
-    grids, their best k cells (``tucker.tucker_select``, with its floats: the core applied to the rows first, sums
-    over ranks in rank order)."""
-    rows, n = a.shape
+def _tucker(s_row, row_strides, s_col, col_strides, u, v, core, n, m, k, z_side, z_grid, out_i, out_j, lo, hi):
+    """s_row, s_col: the side scores (T, H, r, n) as ``_rows`` gives them, u, v (H, r), core (H, r, r) -> out_i, out_j
+    (T, H, k) at the (token, head) of rows lo..hi-1 (row h*T + t): each head's top (and bottom) m rows and columns by
+    their filter scores, its m x m grids, their best k cells (``tucker.tucker_select``, with its floats: the core
+    applied to the rows first, sums over ranks in rank order)."""
     tokens, r = out_i.shape[0], core.shape[1]
     blocks = 2 if m < n else 1
     cells = blocks * m * m
     keys = np.empty(2 * max(n, cells), np.int64)
     keys_low = np.empty(2 * n, np.int64)
+    side = np.empty(n, np.float32)
     i = np.empty(blocks * m, np.int64)
     j = np.empty(blocks * m, np.int64)
     row_core = np.empty((r, m), np.float32)
@@ -274,24 +298,22 @@ def _tucker(a, b, s_row, s_col, core, m, k, z_side, z_grid, out_i, out_j, first_
     top_i = np.zeros(n, np.bool_)
     top_j = np.zeros(n, np.bool_)
     best = np.empty(k, np.int64)
-    for row in range(rows):
-        t, h = (first_row + row) % tokens, (first_row + row) // tokens
-        if blocks == 2:  # and the bottom m (ascending, ties to the lower position)
-            _top_and_bottom_k_row(a[row], m, z_side, keys, keys_low, i[:m], i[m:])
-            _top_and_bottom_k_row(b[row], m, z_side, keys, keys_low, j[:m], j[m:])
-        else:
-            _top_k_row(a[row], m, z_side, keys, i)
-            _top_k_row(b[row], m, z_side, keys, j)
+    for g in range(lo, hi):
+        t, h = g % tokens, g // tokens
+        _candidates(s_row, row_strides, u, t, h, m, z_side, side, keys, keys_low, i)
+        _candidates(s_col, col_strides, v, t, h, m, z_side, side, keys, keys_low, j)
+        rows_at = t * row_strides[0] + h * row_strides[1]
+        cols_at = t * col_strides[0] + h * col_strides[1]
         for blk in range(blocks):
             for p in range(m):
                 for c in range(r):
-                    acc = s_row[h, 0, t, i[blk * m + p]] * core[h, 0, c]
+                    acc = s_row[rows_at + i[blk * m + p]] * core[h, 0, c]
                     for e in range(1, r):
-                        acc += s_row[h, e, t, i[blk * m + p]] * core[h, e, c]
+                        acc += s_row[rows_at + e * row_strides[2] + i[blk * m + p]] * core[h, e, c]
                     row_core[c, p] = acc
             for c in range(r):
                 for q in range(m):
-                    columns[c, q] = s_col[h, c, t, j[blk * m + q]]
+                    columns[c, q] = s_col[cols_at + c * col_strides[2] + j[blk * m + q]]
             _grid_block(row_core, columns, grid[blk * m * m : (blk + 1) * m * m])
         if blocks == 2:  # a bottom cell whose row and column are both in the top block is there already
             for p in range(m):

@@ -33,16 +33,16 @@ def _(s1, s2, k, impl="auto"):
 
 @torch.library.custom_op("memlayers::tucker_select", mutates_args=())
 def tucker_select(
-    a: Tensor, b: Tensor, s_row: Tensor, s_col: Tensor, core: Tensor, m: int, k: int, impl: str = "auto"
+    s_row: Tensor, s_col: Tensor, u: Tensor, v: Tensor, core: Tensor, m: int, k: int, impl: str = "auto"
 ) -> tuple[Tensor, Tensor]:
-    """``tucker.tucker_select``: filter scores a, b (T, H, n), side scores (T, H, r, n), summed cores (H, r, r) ->
-    rows and columns (T, H, k) int64. ``impl``: "reference", or "auto" (the numba kernel for float32 CPU scores,
-    else the reference)."""
-    if use_cpu_kernel(impl, a) and (kernels := cpu_kernels("product_key_topk.cpu_select")) is not None:
-        return kernels.tucker_select_cpu(a, b, s_row, s_col, core, m, k)
-    return tucker.tucker_select(a, b, s_row, s_col, core, m, k)
+    """``tucker.tucker_select``: side scores (T, H, r, n), filter pair u, v (H, r), summed cores (H, r, r) -> rows and
+    columns (T, H, k) int64. ``impl``: "reference", or "auto" (the numba kernel for float32 CPU scores, else the
+    reference)."""
+    if use_cpu_kernel(impl, s_row, s_col, u, v, core) and (kernels := cpu_kernels("product_key_topk.cpu_select")):
+        return kernels.tucker_select_cpu(s_row, s_col, u, v, core, m, k)
+    return tucker.tucker_select(s_row, s_col, u, v, core, m, k)
 
 
 @tucker_select.register_fake
-def _(a, b, s_row, s_col, core, m, k, impl="auto"):
-    return a.new_empty(*a.shape[:2], k, dtype=torch.int64), a.new_empty(*a.shape[:2], k, dtype=torch.int64)
+def _(s_row, s_col, u, v, core, m, k, impl="auto"):
+    return tuple(s_row.new_empty(*s_row.shape[:2], k, dtype=torch.int64) for _ in range(2))

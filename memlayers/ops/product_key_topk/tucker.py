@@ -1,5 +1,5 @@
 """UltraMem's Tucker selection (``TuckerProductKeys``) in plain PyTorch: per token and head, the top m rows and
-columns by their rank-1 filter scores (and the bottom m of each: large negative side scores can make large
+columns by their rank-1 filter scores (``filter_scores``, from the side scores) (and the bottom m of each: large negative side scores can make large
 products), then the best k cells of those m x m grids under the full core ``C_sum``.
 
 Not exact over all n*n cells (the paper's approximation); ties among filter scores or grid scores go as torch's
@@ -14,16 +14,22 @@ def gather_sides(s: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
     return s.gather(3, i.unsqueeze(2).expand(-1, -1, s.shape[2], -1))
 
 
+def filter_scores(s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """One side's rank-1 filter scores ``Σ_a w[h, a] s[t, h, a, i]``: s (T, H, r, n), w (H, r) -> (T, H, n)."""
+    return (s * w.to(s.dtype)[..., None]).sum(2)
+
+
 def tucker_select(
-    a: torch.Tensor, b: torch.Tensor, s_row: torch.Tensor, s_col: torch.Tensor, core: torch.Tensor, m: int, k: int
+    s_row: torch.Tensor, s_col: torch.Tensor, u: torch.Tensor, v: torch.Tensor, core: torch.Tensor, m: int, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows and columns (T, H, k) int64 of each head's k best candidates, best first.
 
-    a, b (T, H, n): the rows' and columns' filter scores; s_row, s_col (T, H, r, n): the side scores; core (H, r, r):
-    the cores summed; m in [k, n]: rows and columns per block. Blocks: the top m rows x the top m columns, and unless
-    m = n the bottom m x the bottom m (its cells already in the top block are left out). A cell (p, q) scores
-    ``Σ_b (Σ_a S_row[a, p] core[a, b]) S_col[b, q]``.
+    s_row, s_col (T, H, r, n): the side scores; u, v (H, r): the filter pair (rows rank by ``u·S_row[:, i]``, columns
+    by ``v·S_col[:, j]``); core (H, r, r): the cores summed; m in [k, n]: rows and columns per block. Blocks: the top m
+    rows x the top m columns, and unless m = n the bottom m x the bottom m (its cells already in the top block are
+    left out). A cell (p, q) scores ``Σ_b (Σ_a S_row[a, p] core[a, b]) S_col[b, q]``.
     """
+    a, b = filter_scores(s_row, u), filter_scores(s_col, v)  # (T, H, n)
     n = a.shape[-1]
     blocks = (True, False) if m < n else (True,)  # top x top, and bottom x bottom
     i = torch.cat([a.topk(m, dim=-1, largest=largest).indices for largest in blocks], -1)  # (T, H, B*m)
