@@ -1,5 +1,6 @@
 """The numba bags by destination (``ops/embedding_bag/cpu_bag_into.py``) against the reference: the dense value
-gradient (``reference.value_grad``) and the keyed bag forward (``reference.bag_forward`` with ``bags``)."""
+gradient (``reference.value_grad``), fused with the weight gradient (``reference.weight_grad``), and the keyed bag
+forward (``reference.bag_forward`` with ``bags``)."""
 
 import sys
 
@@ -10,8 +11,8 @@ from conftest import poison_allocations, rel_err
 pytest.importorskip("numba")
 
 from memlayers.ops import embedding_bag, gather_dot
-from memlayers.ops.embedding_bag.cpu_bag_into import keyed_bag_cpu, value_grad_cpu
-from memlayers.ops.embedding_bag.reference import bag_forward, value_grad
+from memlayers.ops.embedding_bag.cpu_bag_into import bag_backward_cpu, keyed_bag_cpu, value_grad_cpu
+from memlayers.ops.embedding_bag.reference import bag_forward, value_grad, weight_grad
 
 
 def _set_threads(n: int) -> int:
@@ -122,3 +123,53 @@ def test_keyed_bags_use_it(monkeypatch):
     assert calls == [1]
     want = embedding_bag(values, indices, weights, bags=bags, num_bags=5, impl="reference")
     assert calls == [1] and rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "T,L,N,d", [(0, 4, 10, 8), (1, 1, 1, 1), (7, 3, 5, 33), (300, 64, 1000, 16), (513, 40, 97, 21)]
+)
+@pytest.mark.parametrize("keyed", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_backward_matches_reference(T, L, N, d, keyed, threads, monkeypatch):
+    """``bag_backward_cpu``: the value gradient of ``value_grad_cpu`` (the same sums) and the weight gradient of the
+    reference, from one pass; every output written (allocations poisoned), 1 and 2 threads."""
+    values, indices, weights = torch.randn(N, d), torch.randint(0, N, (T, L)), torch.randn(T, L)
+    bags = torch.randint(0, 11, (T, L)) if keyed else None
+    grad_out = torch.randn(11 if keyed else T, d)
+    want_dv = value_grad_cpu(indices, weights, grad_out, N, bags)
+    want_dw = weight_grad(values, indices, grad_out, bags)
+    poison_allocations(monkeypatch)
+    old = _set_threads(threads)
+    try:
+        dv, dw = bag_backward_cpu(values, indices, weights, grad_out, bags)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(dv, want_dv) and dw.shape == (T, L) and dw.dtype == torch.float32
+    assert rel_err(dw, want_dw) < 1e-5 if T else dw.numel() == 0
+
+
+@pytest.mark.parametrize("bad", ["indices", "bags"])
+def test_fused_backward_refuses_ids_out_of_range(bad):
+    indices, bags = torch.randint(0, 4, (5, 3)), torch.randint(0, 6, (5, 3))
+    (indices if bad == "indices" else bags)[1, 2] = -3
+    with pytest.raises(IndexError, match=rf"{bad} must be in \[0, {4 if bad == 'indices' else 6}\), got \[-3, "):
+        bag_backward_cpu(torch.randn(4, 2), indices, torch.randn(5, 3), torch.randn(6, 2), bags)
+
+
+def test_bags_whose_weights_need_grad_use_the_fused_backward(monkeypatch):
+    module = sys.modules["memlayers.ops.embedding_bag.cpu_bag_into"]
+    calls = []
+    real = module.bag_backward_cpu
+    monkeypatch.setattr(module, "bag_backward_cpu", lambda *a: calls.append(1) or real(*a))
+    values = torch.randn(40, 16, requires_grad=True)  # grad_out (2,000, 16): above CPU_KERNEL_MIN_ELEMENTS
+    indices, weights = torch.randint(0, 40, (2000, 40)), torch.randn(2000, 40, requires_grad=True)
+
+    def grads(**kw):
+        values.grad = weights.grad = None
+        embedding_bag(values, indices, weights, **kw).square().sum().backward()
+        return values.grad.clone(), weights.grad.clone()
+
+    fused = grads()
+    assert calls == [1]
+    reference = grads(impl="reference")
+    assert calls == [1] and all(rel_err(a, b) < 1e-5 for a, b in zip(fused, reference))

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..numba_threads import threads_for
+from .reference import check_ids
 
 ENTRIES_PER_THREAD = 8192
 
@@ -18,11 +19,8 @@ ENTRIES_PER_THREAD = 8192
 def dots_cpu(table: torch.Tensor, indices: torch.Tensor, x: torch.Tensor, bags: torch.Tensor | None = None):
     """table (N, d) float32, indices (T, L) int64, x (T, d) float32 (or (num_bags, d) with ``bags`` (T, L) int64)
     -> (T, L) float32. Rows outside the table (or bags outside x) are refused: the kernel reads without checks."""
-    for name, ids, bound in (("indices", indices, table.shape[0]), ("bags", bags, x.shape[0])):
-        if ids is not None and ids.numel():
-            lo, hi = torch.aminmax(ids)
-            if lo < 0 or hi >= bound:
-                raise IndexError(f"weight_grad: {name} must be in [0, {bound}), got [{lo}, {hi}]")
+    check_ids("weight_grad", "indices", indices, table.shape[0])
+    check_ids("weight_grad", "bags", bags, x.shape[0])
     T, L = indices.shape
     out = torch.empty(T, L, dtype=torch.float32)
     if out.numel():

@@ -45,6 +45,14 @@ def bag_forward(values, indices, weights, bags: torch.Tensor | None = None, num_
     return F.embedding_bag(indices, values, per_sample_weights=weights.to(values.dtype), mode="sum")
 
 
+def check_ids(op: str, name: str, ids: torch.Tensor | None, bound: int) -> None:
+    """Refuse ids outside [0, bound) (kernels that read rows without bounds checks call this first)."""
+    if ids is not None and ids.numel():
+        lo, hi = torch.aminmax(ids)
+        if lo < 0 or hi >= bound:
+            raise IndexError(f"{op}: {name} must be in [0, {bound}), got [{lo}, {hi}]")
+
+
 def _narrow(ids: torch.Tensor, bound: int | None) -> torch.Tensor:
     """ids as int32 when every id is below ``bound`` and that fits (int32 sorts ~2x faster on CPU)."""
     return ids.int() if bound is not None and bound <= torch.iinfo(torch.int32).max else ids
@@ -129,9 +137,7 @@ def weight_grad(values: torch.Tensor, indices: torch.Tensor, grad_out: torch.Ten
     d = values.shape[1]
     if values.dtype == acc and T * L > 0:  # one dot product per entry, nothing gathered
         flat = indices.reshape(-1).long()
-        lo, hi = torch.aminmax(flat)
-        if lo < 0 or hi >= values.shape[0]:  # torch's kernel does not check: it would read outside the table
-            raise IndexError(f"weight_grad: indices must be in [0, {values.shape[0]}), got [{lo}, {hi}]")
+        check_ids("weight_grad", "indices", flat, values.shape[0])  # torch's kernel would read outside the table
         bag_starts = torch.arange(0, T * L, L, device=flat.device)  # unused by torch when entries name their bags
         dw = torch.ops.aten._embedding_bag_per_sample_weights_backward(
             grad_out.to(acc), values, flat, bag_starts, _bag_of_entry(indices, bags).long(), mode=0
