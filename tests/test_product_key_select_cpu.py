@@ -253,7 +253,7 @@ def test_tucker_dispatch(monkeypatch):
     import memlayers
 
     layer = memlayers.MemoryLayer.from_preset("ultramem", 32, n_keys=16, topk=4, heads=2).eval()
-    x = torch.randn(2100, 32)  # 67,200 filter scores: above CPU_KERNEL_MIN_ELEMENTS
+    x = torch.randn(2100, 32)  # 134,400 side scores: above CPU_KERNEL_MIN_ELEMENTS
     module = sys.modules["memlayers.ops.product_key_topk.cpu_select"]
     calls = []
     real = module.tucker_select_cpu

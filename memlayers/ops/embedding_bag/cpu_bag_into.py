@@ -67,8 +67,7 @@ def bag_backward_cpu(values, indices, weights, grad_out, bags=None) -> tuple[tor
     the table or bags outside grad_out are refused (an entry bound nowhere would get no dot)."""
     check_ids("weight_grad", "indices", indices, values.shape[0])
     check_ids("weight_grad", "bags", bags, grad_out.shape[0])
-    dv, dw = bag_into_cpu(indices, weights, bags, grad_out, values.shape[0], dot_with=values)
-    return dv, dw
+    return bag_into_cpu(indices, weights, bags, grad_out, values.shape[0], dot_with=values)
 
 
 def keyed_bag_cpu(values, indices, weights, bags, num_bags: int) -> torch.Tensor:

@@ -8,13 +8,16 @@ time in torch's CPU ``topk`` (~10 ns per score on this project's VM); here each 
 compiled code, and every top k of a row (``_top_k_row``) works so:
 
 * every score's key is the reference's ordering key (order-preserving float bits, ties to the lower position);
-* only the scores at or above a threshold that leaves at least k are sorted (insertion, or a full sort for more
-  than 64): ``mean + z std`` of the row, z set for ~1.5 k + 8 survivors of normally distributed scores; where
-  that keeps fewer than k (or is not finite), the lowest of k group maxima, which always keeps k.
+* only the scores at or above a threshold that leaves at least k are ranked: ``mean + z std`` of the row, z set for
+  ~1.5 k + 8 survivors of normally distributed scores; where that keeps fewer than k (or is not finite), the lowest
+  of k group maxima, which always keeps k. Up to 64 survivors are each placed at their rank, the count of larger
+  ones (vectorised, without the branches of a sort); more are sorted.
 
 The product-key grid's cells that can win (``reference.grid_candidates``) are ranked by the same keys (ties to
-the lower flat id), only those at or above the k-th best of the 2k - 1 distinct cells (0, b) and (a, 0) sorted.
-Rows are split over torch's threads (``numba_threads``).
+the lower flat id), only those at or above the k-th best of the 2k - 1 distinct cells (0, b) and (a, 0). The Tucker
+selection computes each side's filter scores from its side scores (as the reference does), takes a side's top and
+bottom m in one pass, and reads the side scores where they lie (``_rows``). Rows are split over torch's threads
+(``numba_threads``).
 """
 
 import math
