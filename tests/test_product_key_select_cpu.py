@@ -18,7 +18,9 @@ from memlayers.ops import product_key_topk
 from memlayers.ops.dispatch import cpu_kernels, use_cpu_kernel
 from memlayers.ops.product_key_topk import library
 from memlayers.ops.product_key_topk.cpu_select import (
+    _candidates,
     _head_major,
+    _rows,
     _select,
     _select_in_parallel,
     _top_and_bottom_k_row,
@@ -202,17 +204,33 @@ def test_tucker_empty_batch_strided_scores_and_threads():
     u, v, core = torch.randn(2, 2), torch.randn(2, 2), torch.randn(2, 2, 2)
     i, j = tucker_select_cpu(torch.randn(0, 2, 2, 16), torch.randn(0, 2, 2, 16), u, v, core, 4, 4)
     assert i.shape == j.shape == (0, 2, 4)
-    s_row = torch.randn(2, 600, 2, 2, 64).transpose(0, 1)[:, 0]  # (600, 2, 2, 64), not contiguous
-    s_col = torch.randn(2, 2, 600, 64).permute(2, 0, 1, 3)  # laid out (H, r, T, n), as a per-rank einsum's output
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = tucker_select_cpu(s_row, s_col, u, v, core, 8, 8)
-    finally:
-        torch.set_num_threads(threads)
-    two = tucker_select_cpu(s_row, s_col, u, v, core, 8, 8)
-    assert all(torch.equal(x, y) for x, y in zip(one, two))
-    assert_tucker_same(s_row, s_col, u, v, core, 8, 8)
+    layouts = [
+        (torch.randn(2, 600, 2, 2, 64).transpose(0, 1)[:, 1], torch.randn(600, 2, 2, 64)),  # strided, storage offset
+        (torch.randn(2, 2, 600, 64).permute(2, 0, 1, 3),) * 2,  # (H, r, T, n) in memory, as a per-rank einsum's
+        (torch.randn(600, 1, 2, 64).expand(600, 2, 2, 64), torch.randn(600, 2, 2, 128)[..., ::2]),  # stride 0 or 2
+    ]
+    for s_row, s_col in layouts:
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = tucker_select_cpu(s_row, s_col, u, v, core, 8, 8)
+        finally:
+            torch.set_num_threads(threads)
+        two = tucker_select_cpu(s_row, s_col, u, v, core, 8, 8)
+        assert all(torch.equal(x, y) for x, y in zip(one, two))
+        assert_tucker_same(s_row, s_col, u, v, core, 8, 8)
+
+
+def test_wrappers_refuse_what_the_kernels_cannot_read():
+    s = torch.randn(5, 2, 2, 10)
+    u, core = torch.randn(2, 2), torch.randn(2, 2, 2)
+    for m, k in ((11, 4), (4, 5), (4, 0)):
+        with pytest.raises(ValueError, match="1 <= k <= m <= n"):
+            tucker_select_cpu(s, s, u, u, core, m, k)
+    with pytest.raises(ValueError, match="1 <= k <= m <= n"):
+        tucker_select_cpu(s, s, u, u[:1], core, 4, 4)
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        product_key_select_cpu(s[:, :, 0], s[:, :, 0], 11)
 
 
 @numba.njit
@@ -245,6 +263,34 @@ def test_tucker_rows_top_and_bottom_k(n, k):
     for got, descending in ((top, True), (bottom, False)):
         want = ordered_keys(x).sort(dim=-1, descending=descending, stable=True).indices[:, :k]
         assert torch.equal(got, want)
+
+
+@numba.njit
+def _side_candidates(s, strides, w, n, m, z, chosen):
+    keys, keys_low, side = np.empty(2 * n, np.int64), np.empty(2 * n, np.int64), np.empty(n, np.float32)
+    for t in range(chosen.shape[0]):
+        _candidates(s, strides, w, t, 0, m, z, side, keys, keys_low, chosen[t, 0])
+
+
+def test_tucker_nan_filter_scores_rank_as_torch_topk_ranks_them():
+    """inf - inf makes a NaN whose sign bit is set; the kernel ranks every NaN filter score first among the top m and
+    last among the bottom m, as torch's topk does (the reference's choice), and ties to the lower position."""
+    g = torch.Generator().manual_seed(3)
+    n, m = 40, 6
+    s = torch.randn(30, 1, 2, n, generator=g)
+    s[:10, :, 0, 5], s[:10, :, 1, 5] = float("inf"), float("inf")  # u = (1, -1): inf - inf
+    s[10:20, :, 0, 7] = float("-inf")  # -inf filter score
+    s[20:, :, :, 9] = float("nan")
+    w = torch.tensor([[1.0, -1.0]])
+    chosen = torch.full((30, 1, 2 * m), POISON, dtype=torch.int64)
+    flat, strides = _rows(s)
+    _side_candidates(flat, strides, w.numpy(), n, m, threshold_z(n, m), chosen.numpy())
+    x = filter_scores(s, w)[:, 0]  # (30, n)
+    x = torch.where(x.isnan(), float("nan"), x)  # every NaN +NaN: what torch's sorts rank largest
+    top = ordered_keys(x).sort(dim=-1, descending=True, stable=True).indices[:, :m]
+    bottom = ordered_keys(x).sort(dim=-1, stable=True).indices[:, :m]
+    assert torch.equal(chosen[:, 0, :m], top) and torch.equal(chosen[:, 0, m : 2 * m], bottom)
+    assert x[:10, 5].isnan().all() and (top[:10, 0] == 5).all() and not (bottom[:10] == 5).any()
 
 
 def test_tucker_dispatch(monkeypatch):

@@ -195,9 +195,9 @@ class TuckerProductKeys(Addressing):
         points away from the previous one (``u·prev_u ∝ prev_uᵀ (C Cᵀ)^p prev_u >= 0``)."""
         core = self.cores.detach().float().sum(0)  # (H, r, r)
         power = core @ core.transpose(1, 2)
-        for _ in range(squarings):
-            power = power @ power
+        for _ in range(squarings):  # normalised before each squaring: no overflow, no underflow
             power = power / power.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, 1, 1)
+            power = power @ power
         u = F.normalize((power @ prev_u.float().unsqueeze(-1)).squeeze(-1), dim=-1)
         return u, F.normalize((core.transpose(1, 2) @ u.unsqueeze(-1)).squeeze(-1), dim=-1)
 
@@ -268,8 +268,9 @@ class TuckerProductKeys(Addressing):
     def select(self, s_row: torch.Tensor, s_col: torch.Tensor):
         """S_row, S_col (T, H, r, n) -> the rows and columns (T, H, k) int64 of each head's k best candidates under
         ``C_sum``, best first."""
-        core = self.cores.sum(0).to(s_row.dtype)
-        return tucker_select(s_row, s_col, self.u, self.v, core, self.prefilter, self.topk)
+        u, v, core = (x.to(s_row.dtype) for x in (self.u, self.v, self.cores.sum(0)))
+        with full_precision(s_row.device):  # the reference's grid is a matmul: not in bf16 under autocast
+            return tucker_select(s_row, s_col, u, v, core, self.prefilter, self.topk)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, token_ids=None, state=None):
         """x (T, dim) -> ids (T, H, k) int64, weights (T, H, k) (cores == 1) or (T, H, k, C)."""

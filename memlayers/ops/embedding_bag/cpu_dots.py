@@ -19,9 +19,13 @@ ENTRIES_PER_THREAD = 8192
 def dots_cpu(table: torch.Tensor, indices: torch.Tensor, x: torch.Tensor, bags: torch.Tensor | None = None):
     """table (N, d) float32, indices (T, L) int64, x (T, d) float32 (or (num_bags, d) with ``bags`` (T, L) int64)
     -> (T, L) float32. Rows outside the table (or bags outside x) are refused: the kernel reads without checks."""
+    T, L = indices.shape
+    if x.dim() != 2 or x.shape[1] != table.shape[1] or (bags is None and x.shape[0] != T):
+        raise ValueError(
+            f"weight_grad: x {tuple(x.shape)} does not fit table {tuple(table.shape)} and indices {(T, L)}"
+        )
     check_ids("weight_grad", "indices", indices, table.shape[0])
     check_ids("weight_grad", "bags", bags, x.shape[0])
-    T, L = indices.shape
     out = torch.empty(T, L, dtype=torch.float32)
     if out.numel():
         src = np.empty(0, np.int64) if bags is None else bags.reshape(-1).numpy()

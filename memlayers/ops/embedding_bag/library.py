@@ -76,8 +76,11 @@ def bag_backward(
         return (none if dv is None else dv), (none if dw is None else dw)
     indices = indices.long()
     dv = dw = none
-    if need_weights and need_values and use_cpu_kernel(impl, weights, grad_out, values):
-        if kernels := cpu_kernels("embedding_bag.cpu_bag_into"):  # both from one pass over the entries
+    # both from one pass over the entries, where that pass runs on threads (a table at least as large as its entries);
+    # else the dots on threads of their own and the value gradient on one
+    fused = need_weights and need_values and values.numel() >= indices.numel()
+    if fused and use_cpu_kernel(impl, weights, grad_out, values):
+        if kernels := cpu_kernels("embedding_bag.cpu_bag_into"):
             return kernels.bag_backward_cpu(values, indices, weights, grad_out, bags)
     if need_weights:
         dw = entry_dots(values, indices, grad_out, bags, impl).to(weights.dtype)

@@ -44,6 +44,9 @@ def product_key_select_cpu(s1: torch.Tensor, s2: torch.Tensor, k: int) -> torch.
     """s1, s2 (T, H, n) float32 CPU sub-key scores -> (T, H, k) int64 flat ids ``i*n + j`` of the k best sums
     ``s1[i] + s2[j]``, best first, ties to the lower id: ``reference.product_key_select``'s output."""
     T, H, n = s1.shape
+    if s2.shape != s1.shape or not 1 <= k <= n:  # the kernel reads unchecked: refuse what the reference refuses
+        raise ValueError(f"product_key_select: need s1, s2 of one shape (T, H, n) and 1 <= k <= n, got "
+                         f"{tuple(s1.shape)}, {tuple(s2.shape)}, k={k}")  # fmt: skip
     out = torch.empty(T, H, k, dtype=torch.int64)
     if out.numel():
         _run(_select, _select_in_parallel, H * T, _head_major(s1), _head_major(s2), k, threshold_z(n, k), out.numpy())
@@ -57,6 +60,11 @@ def tucker_select_cpu(
     (H, r, r) -> the rows and columns (T, H, k) int64 of each head's k best cells, best first, ties to the lower
     position."""
     T, H, r, n = s_row.shape
+    shapes = (s_col.shape, u.shape, v.shape, core.shape) == (s_row.shape, (H, r), (H, r), (H, r, r))
+    if not shapes or not 1 <= k <= m <= n:
+        raise ValueError(f"tucker_select: need s_row, s_col (T, H, r, n), u, v (H, r), core (H, r, r) and 1 <= k <= m "
+                         f"<= n, got {tuple(s_row.shape)}, {tuple(s_col.shape)}, {tuple(u.shape)}, {tuple(v.shape)}, "
+                         f"{tuple(core.shape)}, m={m}, k={k}")  # fmt: skip
     out_i, out_j = (torch.empty(T, H, k, dtype=torch.int64) for _ in range(2))
     if out_i.numel():
         u, v, core = (x.detach().float().contiguous().numpy() for x in (u, v, core))
@@ -262,6 +270,14 @@ def _tucker_in_parallel(s_row, row_strides, s_col, col_strides, u, v, core, n, m
 
 
 @numba.njit(inline="always")
+def _positive_nans(x):
+    """Every NaN of x made +NaN: torch's ``topk`` ranks any NaN as the largest, while the bits of a NaN made by
+    arithmetic (inf - inf) carry a sign, which ``_ordered`` would rank below -inf."""
+    for i in range(x.shape[0]):
+        x[i] = np.float32(np.nan) if x[i] != x[i] else x[i]
+
+
+@numba.njit(inline="always")
 def _candidates(s, strides, w, t, h, m, z, side, keys, keys_low, chosen):
     """chosen[:m] = the top m of one side (s, strides: ``_rows``) of token t, head h by its filter scores
     ``Σ_a w[h, a] S[t, h, a, :]`` (into side (n,), rank by rank: ``tucker.filter_scores``'s floats, each product
@@ -275,6 +291,7 @@ def _candidates(s, strides, w, t, h, m, z, side, keys, keys_low, chosen):
         row, wa = s[base + a * strides[2] : base + a * strides[2] + n], w[h, a]
         for i in range(n):
             side[i] += row[i] * wa
+    _positive_nans(side)
     if chosen.shape[0] > m:
         _top_and_bottom_k_row(side, m, z, keys, keys_low, chosen[:m], chosen[m:])
     else:
@@ -330,6 +347,7 @@ def _tucker(s_row, row_strides, s_col, col_strides, u, v, core, n, m, k, z_side,
             for p in range(m):
                 top_i[i[p]] = False
                 top_j[j[p]] = False
+        _positive_nans(grid)
         _top_k_row(grid, k, z_grid, keys, best)
         for q in range(k):
             blk, cell = best[q] // (m * m), best[q] % (m * m)

@@ -36,9 +36,9 @@ def tucker_select(
     s_row: Tensor, s_col: Tensor, u: Tensor, v: Tensor, core: Tensor, m: int, k: int, impl: str = "auto"
 ) -> tuple[Tensor, Tensor]:
     """``tucker.tucker_select``: side scores (T, H, r, n), filter pair u, v (H, r), summed cores (H, r, r) -> rows and
-    columns (T, H, k) int64. ``impl``: "reference", or "auto" (the numba kernel for float32 CPU scores, else the
+    columns (T, H, k) int64. ``impl``: "reference", or "auto" (the numba kernel for float32 CPU side scores, else the
     reference)."""
-    if use_cpu_kernel(impl, s_row, s_col, u, v, core) and (kernels := cpu_kernels("product_key_topk.cpu_select")):
+    if use_cpu_kernel(impl, s_row, s_col) and (kernels := cpu_kernels("product_key_topk.cpu_select")):
         return kernels.tucker_select_cpu(s_row, s_col, u, v, core, m, k)
     return tucker.tucker_select(s_row, s_col, u, v, core, m, k)
 

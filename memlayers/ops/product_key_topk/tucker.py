@@ -1,6 +1,7 @@
 """UltraMem's Tucker selection (``TuckerProductKeys``) in plain PyTorch: per token and head, the top m rows and
-columns by their rank-1 filter scores (``filter_scores``, from the side scores) (and the bottom m of each: large negative side scores can make large
-products), then the best k cells of those m x m grids under the full core ``C_sum``.
+columns by their rank-1 filter scores (``filter_scores``, from the side scores), and the bottom m of each (large
+negative side scores can make large products), then the best k cells of those m x m grids under the full core
+``C_sum``.
 
 Not exact over all n*n cells (the paper's approximation); ties among filter scores or grid scores go as torch's
 ``topk`` breaks them. ``cpu_select.tucker_select_cpu`` computes the same function (ties to the lower position).
