@@ -41,6 +41,14 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.fl
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def count_calls(monkeypatch, module: str, name: str) -> list:
+    """Wrap ``module.name`` (a module's dotted name) so that every call appends 1 to the list returned (then runs it)."""
+    mod = sys.modules[module]
+    calls, real = [], getattr(mod, name)
+    monkeypatch.setattr(mod, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 def poison_allocations(monkeypatch, int_fill: int | None = 7) -> None:
     """Every buffer allocated with torch.empty/empty_like starts as NaN (floats) or ``int_fill`` (ints; 7 is a
     row id, so that an unwritten key is read as one; None: ints left as allocated)."""

@@ -2,11 +2,9 @@
 gradient (``reference.value_grad``), fused with the weight gradient (``reference.weight_grad``), and the keyed bag
 forward (``reference.bag_forward`` with ``bags``)."""
 
-import sys
-
 import pytest
 import torch
-from conftest import poison_allocations, rel_err
+from conftest import count_calls, poison_allocations, rel_err
 
 pytest.importorskip("numba")
 
@@ -64,10 +62,7 @@ def test_rows_outside_the_table_add_nowhere():
 def test_the_bag_and_gather_dot_backwards_use_it(monkeypatch):
     """Dense gradients of float32 CPU bags and gather_dot go through the kernel; MEMLAYERS_CPU_KERNELS=0 and
     impl="reference" through the reference; the gradients agree."""
-    module = sys.modules["memlayers.ops.embedding_bag.cpu_bag_into"]
-    calls = []
-    real = module.value_grad_cpu
-    monkeypatch.setattr(module, "value_grad_cpu", lambda *a: calls.append(1) or real(*a))
+    calls = count_calls(monkeypatch, "memlayers.ops.embedding_bag.cpu_bag_into", "value_grad_cpu")
     values = torch.randn(40, 8, requires_grad=True)  # 2,000 x 40 entries: above CPU_KERNEL_MIN_ELEMENTS
     indices, weights, x = torch.randint(0, 40, (2000, 40)), torch.randn(2000, 40), torch.randn(2000, 8)
 
@@ -113,10 +108,7 @@ def test_keyed_bag_forward_refuses_ids_out_of_range(bad):
 
 
 def test_keyed_bags_use_it(monkeypatch):
-    module = sys.modules["memlayers.ops.embedding_bag.cpu_bag_into"]
-    calls = []
-    real = module.keyed_bag_cpu
-    monkeypatch.setattr(module, "keyed_bag_cpu", lambda *a: calls.append(1) or real(*a))
+    calls = count_calls(monkeypatch, "memlayers.ops.embedding_bag.cpu_bag_into", "keyed_bag_cpu")
     values, weights = torch.randn(20, 4), torch.randn(3000, 25)  # 75,000 entries: above CPU_KERNEL_MIN_ELEMENTS
     indices, bags = torch.randint(0, 20, (3000, 25)), torch.randint(0, 5, (3000, 25))
     got = embedding_bag(values, indices, weights, bags=bags, num_bags=5)
@@ -160,10 +152,7 @@ def test_fused_backward_refuses_ids_out_of_range(bad):
 def test_bags_whose_weights_need_grad_use_the_fused_backward(rows, fused, monkeypatch):
     """The fused backward where it runs on threads (a table at least as large as its 80,000 entries); for a smaller
     table the dots (on threads) and the value gradient (on one) apart. Either way, the reference's gradients."""
-    module = sys.modules["memlayers.ops.embedding_bag.cpu_bag_into"]
-    calls = []
-    real = module.bag_backward_cpu
-    monkeypatch.setattr(module, "bag_backward_cpu", lambda *a: calls.append(1) or real(*a))
+    calls = count_calls(monkeypatch, "memlayers.ops.embedding_bag.cpu_bag_into", "bag_backward_cpu")
     values = torch.randn(rows, 16, requires_grad=True)  # grad_out (2,000, 16): above CPU_KERNEL_MIN_ELEMENTS
     indices, weights = torch.randint(0, rows, (2000, 40)), torch.randn(2000, 40, requires_grad=True)
 

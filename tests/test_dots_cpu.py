@@ -1,11 +1,9 @@
 """The numba per-entry dot products (``ops/embedding_bag/cpu_dots.py``) against the reference
 (``reference.weight_grad``): the bag's weight gradient and ``gather_dot``'s forward."""
 
-import sys
-
 import pytest
 import torch
-from conftest import poison_allocations, rel_err
+from conftest import count_calls, poison_allocations, rel_err
 
 pytest.importorskip("numba")
 
@@ -62,10 +60,7 @@ def test_refuses_ids_out_of_range(bad):
 def test_the_bag_backward_and_gather_dot_use_it(monkeypatch):
     """Float32 CPU bags' weight gradients and gather_dot's forward go through the kernel; MEMLAYERS_CPU_KERNELS=0 and
     impl="reference" through the reference; they agree."""
-    module = sys.modules["memlayers.ops.embedding_bag.cpu_dots"]
-    calls = []
-    real = module.dots_cpu
-    monkeypatch.setattr(module, "dots_cpu", lambda *a: calls.append(1) or real(*a))
+    calls = count_calls(monkeypatch, "memlayers.ops.embedding_bag.cpu_dots", "dots_cpu")
     values = torch.randn(40, 16)  # x and grad_out (2,000, 16): above CPU_KERNEL_MIN_ELEMENTS
     indices, x = torch.randint(0, 40, (2000, 40)), torch.randn(2000, 16)
     weights = torch.randn(2000, 40, requires_grad=True)

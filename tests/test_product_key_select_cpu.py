@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import poison_allocations
+from conftest import count_calls, poison_allocations
 
 numba = pytest.importorskip("numba")
 
@@ -300,10 +300,7 @@ def test_tucker_dispatch(monkeypatch):
 
     layer = memlayers.MemoryLayer.from_preset("ultramem", 32, n_keys=16, topk=4, heads=2).eval()
     x = torch.randn(2100, 32)  # 134,400 side scores: above CPU_KERNEL_MIN_ELEMENTS
-    module = sys.modules["memlayers.ops.product_key_topk.cpu_select"]
-    calls = []
-    real = module.tucker_select_cpu
-    monkeypatch.setattr(module, "tucker_select_cpu", lambda *a: calls.append(1) or real(*a))
+    calls = count_calls(monkeypatch, "memlayers.ops.product_key_topk.cpu_select", "tucker_select_cpu")
     ids = layer.addressing(x)[0]
     assert calls == [1]
     monkeypatch.setenv("MEMLAYERS_CPU_KERNELS", "0")
