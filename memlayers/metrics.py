@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .ops.usage_update import usage_update
+
 # ----------------------------------------------------------------------------------------------
 # pure functions on a distribution over the last dim (normalised here; all-zero rows give NaN)
 
@@ -126,8 +128,6 @@ class UsageTracker(nn.Module):
         self.register_buffer("_tokens", torch.zeros((), dtype=torch.long), persistent=False)  # real tokens seen
         # accesses (real tokens * H * k) of update u at [u % window]: the last `window` updates' accesses
         self.register_buffer("_window_accesses", torch.zeros(window, dtype=torch.long), persistent=False)
-        # flat offset of [h, 0, 0] in subkey_counts.view(-1), per head
-        self.register_buffer("_head_offsets", torch.arange(H).mul_(2 * (n_keys or 0)).view(H, 1), persistent=False)
 
     def reset(self) -> None:
         """Forget everything recorded (buffers stay on their device)."""
@@ -236,34 +236,17 @@ class UsageTracker(nn.Module):
                 nothing but still count as an update (the EMAs decay).
         """
         self._check(indices, weights, mask)
-        H, k, n = self.heads, indices.shape[-1], self.n_keys
-        idx = indices.reshape(-1, H, k).long()  # (T, H, k)
+        H, k = self.heads, indices.shape[-1]
+        idx = indices.reshape(-1, H, k)  # (T, H, k)
         T = idx.shape[0]
-        w = weights.detach().reshape(T, H, k).abs().float()  # (T, H, k)
-        if mask is None:
-            ones = torch.ones_like(w)
-            n_real = self._step.new_full((1,), T)
-        else:
-            m = mask.reshape(T, 1, 1)
-            ones = m.float().expand(T, H, k)
-            w = w * ones
-            n_real = mask.sum().view(1)  # device scalar, read only in summary()
+        mask = None if mask is None else mask.reshape(T)
+        n_real = (
+            self._step.new_full((1,), T) if mask is None else mask.sum().view(1)
+        )  # device scalar, read in summary()
         self._tokens.add_(n_real[0])
         self._window_accesses.index_copy_(0, self._step.remainder(self.window).view(1), n_real * (H * k))
-        flat, ones = idx.reshape(-1), ones.reshape(-1)
-
-        self.counts.mul_(self.gamma).index_add_(0, flat, ones)
-        self.mass.mul_(self.gamma).index_add_(0, flat, w.reshape(-1))
-        if n is not None:
-            i = torch.div(idx, n, rounding_mode="floor")  # (T, H, k) first-half sub-key id
-            j = idx - i * n  # second-half sub-key id
-            off = self._head_offsets  # (H, 1)
-            sub = self.subkey_counts.mul_(self.gamma).view(-1)
-            sub.index_add_(0, (off + i).reshape(-1), ones).index_add_(0, (off + n + j).reshape(-1), ones)
-        step = self._step.view(1, 1, 1)
-        if mask is not None:  # a masked token writes -1, which amax ignores
-            step = torch.where(mask.reshape(T, 1, 1), step, -1)
-        self.last_seen.scatter_reduce_(0, flat, step.expand(T, H, k).reshape(-1), reduce="amax")
+        usage_update(self.counts, self.mass, self.subkey_counts, self.last_seen, self._step, idx,
+                     weights.reshape(T, H, k), mask, self.gamma)  # fmt: skip
         self._step.add_(1)
 
     @torch.no_grad()

@@ -1,6 +1,6 @@
 """The numba bags by destination (``ops/embedding_bag/cpu_bag_into.py``) against the reference: the dense value
-gradient (``reference.value_grad``), fused with the weight gradient (``reference.weight_grad``), and the keyed bag
-forward (``reference.bag_forward`` with ``bags``)."""
+gradient (``reference.value_grad``), beside the weight gradient (``reference.weight_grad``), the keyed bag forward
+(``reference.bag_forward`` with ``bags``), and ``gather_dot``'s two gradients."""
 
 import pytest
 import torch
@@ -9,7 +9,12 @@ from conftest import count_calls, poison_allocations, rel_err
 pytest.importorskip("numba")
 
 from memlayers.ops import embedding_bag, gather_dot
-from memlayers.ops.embedding_bag.cpu_bag_into import bag_backward_cpu, keyed_bag_cpu, value_grad_cpu
+from memlayers.ops.embedding_bag.cpu_bag_into import (
+    bag_backward_cpu,
+    gather_dot_backward_cpu,
+    keyed_bag_cpu,
+    value_grad_cpu,
+)
 from memlayers.ops.embedding_bag.reference import bag_forward, value_grad, weight_grad
 
 
@@ -124,7 +129,7 @@ def test_keyed_bags_use_it(monkeypatch):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_backward_matches_reference(T, L, N, d, keyed, threads, monkeypatch):
     """``bag_backward_cpu``: the value gradient of ``value_grad_cpu`` (the same sums) and the weight gradient of the
-    reference, from one pass; every output written (allocations poisoned), 1 and 2 threads."""
+    reference, one on each thread; every output written (allocations poisoned), 1 and 2 threads."""
     values, indices, weights = torch.randn(N, d), torch.randint(0, N, (T, L)), torch.randn(T, L)
     bags = torch.randint(0, 11, (T, L)) if keyed else None
     grad_out = torch.randn(11 if keyed else T, d)
@@ -165,3 +170,45 @@ def test_bags_whose_weights_need_grad_use_the_fused_backward(rows, fused, monkey
     assert calls == ([1] if fused else [])
     reference = grads(impl="reference")
     assert len(calls) == fused and all(rel_err(a, b) < 1e-5 for a, b in zip(kernels, reference))
+
+
+@pytest.mark.parametrize(
+    "T,L,N,d", [(0, 4, 10, 8), (1, 1, 1, 1), (7, 3, 5, 33), (300, 64, 1000, 16), (513, 40, 97, 21)]
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gather_dot_backward_matches_reference(T, L, N, d, threads, monkeypatch):
+    """``gather_dot_backward_cpu``: the table's gradient (the bag's value gradient with weights grad_out, rows x) and
+    x's (the bag over the table), each the same sums as its bag; every output written, 1 and 2 threads."""
+    table, ids, x, grad_out = torch.randn(N, d), torch.randint(0, N, (T, L)), torch.randn(T, d), torch.randn(T, L)
+    want_table = value_grad_cpu(ids, grad_out, x, N)
+    want_x = bag_forward(table, ids, grad_out)
+    poison_allocations(monkeypatch)
+    old = _set_threads(threads)
+    try:
+        got_table, got_x = gather_dot_backward_cpu(table, ids, x, grad_out)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(got_table, want_table)
+    assert got_x.shape == (T, d) and (rel_err(got_x, want_x) < 1e-5 if T else True)
+
+
+def test_gather_dot_backward_refuses_what_it_cannot_read():
+    table, ids = torch.randn(4, 3), torch.randint(0, 4, (5, 2))
+    with pytest.raises(ValueError, match="do not fit"):
+        gather_dot_backward_cpu(table, ids, torch.randn(5, 2), torch.randn(5, 2))
+    ids[2, 1] = 4
+    with pytest.raises(IndexError, match=r"ids must be in \[0, 4\)"):
+        gather_dot_backward_cpu(table, ids, torch.randn(5, 3), torch.randn(5, 2))
+
+
+def test_gather_dot_with_both_gradients_uses_the_kernel(monkeypatch):
+    calls = count_calls(monkeypatch, "memlayers.ops.embedding_bag.cpu_bag_into", "gather_dot_backward_cpu")
+    table = torch.randn(500, 16, requires_grad=True)
+    ids, x = torch.randint(0, 500, (2000, 12)), torch.randn(2000, 16, requires_grad=True)
+    g = torch.randn(2000, 12)
+
+    def grads(**kw):
+        return torch.autograd.grad((gather_dot(table, ids, x, **kw) * g).sum(), (table, x))
+
+    kernels, reference = grads(), grads(impl="reference")
+    assert calls == [1] and all(rel_err(a, b) < 1e-5 for a, b in zip(kernels, reference))

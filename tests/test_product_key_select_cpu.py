@@ -5,12 +5,13 @@ The reference itself is checked against brute force in ``test_product_key_topk.p
 scores, now also run this kernel through ``product_key_topk``'s default dispatch).
 """
 
+import importlib
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import count_calls, poison_allocations
+from conftest import count_calls, poison_allocations, rel_err
 
 numba = pytest.importorskip("numba")
 
@@ -29,7 +30,7 @@ from memlayers.ops.product_key_topk.cpu_select import (
     tucker_select_cpu,
 )
 from memlayers.ops.product_key_topk.reference import product_key_select
-from memlayers.ops.product_key_topk.tucker import filter_scores, tucker_select
+from memlayers.ops.product_key_topk.tucker import filter_scores, gather_sides, tucker_select
 
 POISON = -(2**62)
 
@@ -166,9 +167,12 @@ def tucker_cell_scores(s_row, s_col, core, i, j):
 
 def assert_tucker_same(s_row, s_col, u, v, core, m, k):
     """The kernel's cells are the reference's, except in rows where the reference's own float32 sums could order
-    near-ties otherwise (its grid is a matmul): there the chosen cells' scores agree to 1e-6."""
-    want_i, want_j = tucker_select(s_row, s_col, u, v, core, m, k)
-    got_i, got_j = tucker_select_cpu(s_row, s_col, u, v, core, m, k)
+    near-ties otherwise (its grid is a matmul): there the chosen cells' scores agree to 1e-6. Both return the chosen
+    cells' side scores, read from s_row and s_col."""
+    want_i, want_j, want_sr, want_sc = tucker_select(s_row, s_col, u, v, core, m, k)
+    got_i, got_j, got_sr, got_sc = tucker_select_cpu(s_row, s_col, u, v, core, m, k)
+    for i, j, sr, sc in ((want_i, want_j, want_sr, want_sc), (got_i, got_j, got_sr, got_sc)):
+        assert torch.equal(sr, gather_sides(s_row, i)) and torch.equal(sc, gather_sides(s_col, j))
     differ = ~((got_i == want_i) & (got_j == want_j)).all(-1)
     assert differ.float().mean() <= 0.01
     got, want = (tucker_cell_scores(s_row, s_col, core, i, j)[differ] for i, j in ((got_i, got_j), (want_i, want_j)))
@@ -193,7 +197,7 @@ def test_tucker_filter_scores_choose_the_candidates():
     kernel's filter scores are the reference's (each row's top-m sets equal, ties aside)."""
     s_row, s_col = torch.randn(2, 100, 2, 2, 64).unbind(0)
     u, v = torch.randn(2, 2, 2).unbind(0)
-    i, j = tucker_select_cpu(s_row, s_col, u, v, torch.randn(2, 2, 2), 6, 6)
+    i, j, _, _ = tucker_select_cpu(s_row, s_col, u, v, torch.randn(2, 2, 2), 6, 6)
     for chosen, s, w in ((i, s_row, u), (j, s_col, v)):
         a = filter_scores(s, w)  # (T, H, n)
         allowed = torch.cat([a.topk(6, -1).indices, a.topk(6, -1, largest=False).indices], -1)
@@ -202,8 +206,8 @@ def test_tucker_filter_scores_choose_the_candidates():
 
 def test_tucker_empty_batch_strided_scores_and_threads():
     u, v, core = torch.randn(2, 2), torch.randn(2, 2), torch.randn(2, 2, 2)
-    i, j = tucker_select_cpu(torch.randn(0, 2, 2, 16), torch.randn(0, 2, 2, 16), u, v, core, 4, 4)
-    assert i.shape == j.shape == (0, 2, 4)
+    i, j, sr, sc = tucker_select_cpu(torch.randn(0, 2, 2, 16), torch.randn(0, 2, 2, 16), u, v, core, 4, 4)
+    assert i.shape == j.shape == (0, 2, 4) and sr.shape == sc.shape == (0, 2, 2, 4)
     layouts = [
         (torch.randn(2, 600, 2, 2, 64).transpose(0, 1)[:, 1], torch.randn(600, 2, 2, 64)),  # strided, storage offset
         (torch.randn(2, 2, 600, 64).permute(2, 0, 1, 3),) * 2,  # (H, r, T, n) in memory, as a per-rank einsum's
@@ -314,3 +318,32 @@ def test_matches_brute_force(T, H, n, k):
     sums = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (T, H, n*n), the same float32 sums
     order = torch.sort(sums, dim=-1, descending=True, stable=True).indices[..., :k]
     assert torch.equal(product_key_select_cpu(s1, s2, k), order)
+
+
+@pytest.mark.parametrize("preset", ["ultramem", "ultramem_v2"])
+def test_tucker_layers_train_alike_with_and_without_the_kernels(preset, monkeypatch):
+    """A whole UltraMem layer above the kernels' size threshold (selection, cell scores, their gradients, the values'
+    bags, the usage statistics): the output and every gradient within float32 rounding of the references'."""
+    import memlayers
+
+    torch.manual_seed(0)
+    layer = memlayers.MemoryLayer.from_preset(preset, 32, n_keys=16, topk=4, heads=2).train()
+    x, g = torch.randn(2, 2100, 32).unbind(0)  # 134,400 side scores: above CPU_KERNEL_MIN_ELEMENTS
+    kernels = [("product_key_topk.cpu_select", "tucker_select_cpu"), ("tucker_cells.cpu_cells", "cell_scores_cpu"),
+               ("tucker_cells.cpu_cells", "cell_scores_backward_cpu"), ("usage_update.cpu_usage", "usage_update_cpu"),
+               ("embedding_bag.cpu_bag_into", "gather_dot_backward_cpu")]  # fmt: skip
+    calls = [
+        count_calls(monkeypatch, importlib.import_module(f"memlayers.ops.{m}").__name__, name) for m, name in kernels
+    ]
+    runs = []
+    for env in ("1", "0"):
+        monkeypatch.setenv("MEMLAYERS_CPU_KERNELS", env)
+        state = {k: v.clone() for k, v in layer.state_dict().items()}
+        out = layer(x.requires_grad_())
+        grads = torch.autograd.grad((out * g).sum(), [x, *layer.parameters()])
+        runs.append((out, *grads, layer.usage.counts.clone(), layer.usage.mass.clone()))
+        layer.load_state_dict(state)  # the filter refresh moved (u, v): both runs start alike
+        layer.usage.reset()
+    assert all(len(c) >= 1 for c in calls)  # every kernel ran with MEMLAYERS_CPU_KERNELS=1
+    for a, b in zip(*runs):
+        assert rel_err(a, b) < 1e-5

@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 from ...ops.dispatch import full_precision
 from ...ops.gather_dot.library import gather_dot_backward
 from ...ops.product_key_topk.library import tucker_select
-from ...ops.product_key_topk.tucker import gather_sides
+from ...ops.tucker_cells import tucker_cells
 from ..parts import Addressing
 from .product_keys import SCORE_FNS, apply_score_fn, score_fn_flops
 
@@ -48,29 +48,38 @@ def singular_values_2x2(m: torch.Tensor) -> torch.Tensor:
 
 
 class SelectedScores(torch.autograd.Function):
-    """One side's scores at the chosen sub-keys, ``S[t, h, a, i[t, h, k]]`` (T, H, r, k), read from the scores
-    S (T, H, r, n) already computed for the selection (the very floats it ranked), differentiable in the
-    queries q (T, H, Q, d) and keys (H, r, n, d): the backward is ``gather_dot``'s (a bag over the chosen keys
-    and its value gradient), touching the chosen keys only, with no (T, H, r, n) score gradient."""
+    """The side scores at the chosen sub-keys, ``sr = S_row[t, h, a, i[t, h, k]]`` and ``sc = S_col[.., j[t, h, k]]``
+    (T, H, r, k) each, as the selection read them (the very floats it ranked), made differentiable in the queries
+    q (T, H, Q, 2, d) and keys (H, 2, r, n, d): the backward is one ``gather_dot`` backward over both sides (a bag over
+    the chosen keys and its value gradient), touching the chosen keys only, with no (T, H, r, n) score gradient."""
 
     @staticmethod
-    def forward(ctx, s, q, keys, i):
-        T, H, Q = q.shape[:3]
-        r, n, k = keys.shape[1], keys.shape[2], i.shape[2]
-        ids = torch.arange(H * r, device=i.device).view(1, H, r, 1) * n + i.unsqueeze(2)  # rows of keys (H*r*n, d)
-        ctx.save_for_backward(q, keys, ids.view(T * H * Q, r // Q * k))
-        return gather_sides(s, i)
+    def forward(ctx, sr, sc, q, keys, i, j):
+        ctx.save_for_backward(q, keys, i, j)
+        return sr, sc
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g):
-        q, keys, ids = ctx.saved_tensors
-        H, r, n, d = keys.shape
-        need_q, need_keys = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    def backward(ctx, g_row, g_col):
+        q, keys, i, j = ctx.saved_tensors
+        (T, H, Q), (r, n, d), k = q.shape[:3], keys.shape[2:], i.shape[2]
+        rows = torch.arange(H * 2 * r, device=i.device).view(1, H, 2, r, 1) * n + torch.stack((i, j), 2).unsqueeze(3)
+        g = torch.stack((g_row, g_col), 2)  # (T, H, 2, r, k), as the key rows (H*2*r*n, d) they read
+        if Q > 1:  # one query per rank: the entries of query (t, h, a, side)
+            rows, g = (x.view(T, H, 2, Q, r // Q, k).transpose(2, 3) for x in (rows, g))
+        need_q, need_keys = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         dkeys, dq = gather_dot_backward(
-            keys.reshape(H * r * n, d), ids, q.reshape(-1, d), g.reshape(ids.shape), "auto", need_keys, need_q
+            keys.reshape(-1, d), rows.reshape(-1, r // Q * k), q.reshape(-1, d), g.reshape(-1, r // Q * k), "auto",
+            need_keys, need_q,
+        )  # fmt: skip
+        return (
+            None,
+            None,
+            dq.view(q.shape) if need_q else None,
+            dkeys.view(keys.shape) if need_keys else None,
+            None,
+            None,
         )
-        return None, dq.view(q.shape) if need_q else None, dkeys.view(keys.shape) if need_keys else None, None
 
 
 class TuckerProductKeys(Addressing):
@@ -206,9 +215,11 @@ class TuckerProductKeys(Addressing):
         """One training forward's update of the filter: (u, v) moved on by a few power iterations when
         ``svd_step`` is a multiple of ``svd_every``, then ``svd_step += 1`` (no host sync)."""
         u, v = self.leading_pair(self.u)
-        due = self.svd_step % self.svd_every == 0
-        self.u.copy_(torch.where(due, u.to(self.u.dtype), self.u))
-        self.v.copy_(torch.where(due, v.to(self.v.dtype), self.v))
+        if self.svd_every > 1:  # (every forward is due otherwise: no step arithmetic)
+            due = self.svd_step % self.svd_every == 0
+            u, v = torch.where(due, u.to(self.u.dtype), self.u), torch.where(due, v.to(self.v.dtype), self.v)
+        self.u.copy_(u)
+        self.v.copy_(v)
         self.svd_step.add_(1)
 
     def aux_loss(self) -> torch.Tensor | None:
@@ -267,7 +278,7 @@ class TuckerProductKeys(Addressing):
     @torch.no_grad()
     def select(self, s_row: torch.Tensor, s_col: torch.Tensor):
         """S_row, S_col (T, H, r, n) -> the rows and columns (T, H, k) int64 of each head's k best candidates under
-        ``C_sum``, best first."""
+        ``C_sum``, best first, and their side scores (T, H, r, k)."""
         u, v, core = (x.to(s_row.dtype) for x in (self.u, self.v, self.cores.sum(0)))
         with full_precision(s_row.device):  # the reference's grid is a matmul: not in bf16 under autocast
             return tucker_select(s_row, s_col, u, v, core, self.prefilter, self.topk)
@@ -279,13 +290,10 @@ class TuckerProductKeys(Addressing):
         q, keys = self.queries_and_keys(x)
         with torch.no_grad():
             s_row, s_col = self.scores(q, keys)  # (T, H, r, n) each
-        i, j = self.select(s_row, s_col)  # (T, H, k) each
+        i, j, sr, sc = self.select(s_row, s_col)  # (T, H, k) each, (T, H, r, k) each
         with full_precision(x.device):
-            sr = SelectedScores.apply(s_row, q[:, :, :, 0], keys[:, 0], i)  # (T, H, r, k), with gradient
-            sc = SelectedScores.apply(s_col, q[:, :, :, 1], keys[:, 1], j)
-            pair = sr.unsqueeze(3) * sc.unsqueeze(2)  # (T, H, r, r, k): sr[a] * sc[b]
-            cores = self.cores.to(sr.dtype).transpose(0, 1)[None, ..., None]  # (1, H, C, r, r, 1)
-            scores = (pair.unsqueeze(2) * cores).sum((3, 4))  # (T, H, C, k); matmuls of inner size r² are slower
+            sr, sc = SelectedScores.apply(sr, sc, q, keys, i, j)  # with gradient
+            scores = tucker_cells(sr, sc, self.cores)  # (T, H, C, k)
             weights = apply_score_fn(scores, self.score_fn).transpose(-1, -2)  # (T, H, k, C)
         return i * self.n_keys + j, weights.squeeze(-1) if self.num_cores == 1 else weights
 

@@ -5,7 +5,7 @@ A row-sparse table gradient keeps the ``autograd.Function`` path (``reference.Ga
 import torch
 from torch import Tensor
 
-from ..dispatch import use_triton
+from ..dispatch import cpu_kernels, use_cpu_kernel, use_triton
 from ..embedding_bag import embedding_bag
 from ..embedding_bag.library import dense_value_grad, entry_dots
 from .reference import accumulation_dtype
@@ -32,6 +32,9 @@ def gather_dot_backward(
 ) -> tuple[Tensor, Tensor]:
     """(grad_table (N, d) in table.dtype or (0,), grad_x (T, d) in x.dtype or (0,) when not needed)."""
     none = x.new_empty(0)
+    both = need_table and need_x and use_cpu_kernel(impl, grad_out, table, x)
+    if both and (kernels := cpu_kernels("embedding_bag.cpu_bag_into")):  # two passes at once, one per thread
+        return kernels.gather_dot_backward_cpu(table, ids.long(), x, grad_out)
     bag_impl = "triton" if use_triton("gather_dot", impl, table) else "reference"
     grad_x = embedding_bag(table, ids, grad_out, impl=bag_impl).to(x.dtype) if need_x else none
     grad_table = none

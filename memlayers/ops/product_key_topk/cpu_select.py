@@ -55,10 +55,10 @@ def product_key_select_cpu(s1: torch.Tensor, s2: torch.Tensor, k: int) -> torch.
 
 def tucker_select_cpu(
     s_row: torch.Tensor, s_col: torch.Tensor, u: torch.Tensor, v: torch.Tensor, core: torch.Tensor, m: int, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``tucker.tucker_select`` for float32 CPU scores: s_row, s_col (T, H, r, n), the filter pair u, v (H, r), core
     (H, r, r) -> the rows and columns (T, H, k) int64 of each head's k best cells, best first, ties to the lower
-    position."""
+    position, and their side scores (T, H, r, k) float32."""
     T, H, r, n = s_row.shape
     shapes = (s_col.shape, u.shape, v.shape, core.shape) == (s_row.shape, (H, r), (H, r), (H, r, r))
     if not shapes or not 1 <= k <= m <= n:
@@ -66,12 +66,14 @@ def tucker_select_cpu(
                          f"<= n, got {tuple(s_row.shape)}, {tuple(s_col.shape)}, {tuple(u.shape)}, {tuple(v.shape)}, "
                          f"{tuple(core.shape)}, m={m}, k={k}")  # fmt: skip
     out_i, out_j = (torch.empty(T, H, k, dtype=torch.int64) for _ in range(2))
+    out_sr, out_sc = (torch.empty(T, H, r, k) for _ in range(2))
     if out_i.numel():
         u, v, core = (x.detach().float().contiguous().numpy() for x in (u, v, core))
         z_side, z_grid = threshold_z(n, m), threshold_z((2 if m < n else 1) * m * m, k)
-        args = (*_rows(s_row), *_rows(s_col), u, v, core, n, m, k, z_side, z_grid, out_i.numpy(), out_j.numpy())
-        _run(_tucker, _tucker_in_parallel, H * T, *args)
-    return out_i, out_j
+        outs = (out_i.numpy(), out_j.numpy(), out_sr.numpy(), out_sc.numpy())
+        _run(_tucker, _tucker_in_parallel, H * T, *_rows(s_row), *_rows(s_col), u, v, core, n, m, k, z_side, z_grid,
+             *outs)  # fmt: skip
+    return out_i, out_j, out_sr, out_sc
 
 
 def _rows(x: torch.Tensor):
@@ -263,10 +265,11 @@ def _select(s1, s2, k, z, out, lo, hi):
 
 @numba.njit(parallel=True, cache=True)
 def _tucker_in_parallel(s_row, row_strides, s_col, col_strides, u, v, core, n, m, k, z_side, z_grid, out_i, out_j,
-                        rows, chunks):  # fmt: skip
+                        out_sr, out_sc, rows, chunks):  # fmt: skip
     for c in numba.prange(chunks):
         lo, hi = rows * c // chunks, rows * (c + 1) // chunks
-        _tucker(s_row, row_strides, s_col, col_strides, u, v, core, n, m, k, z_side, z_grid, out_i, out_j, lo, hi)
+        _tucker(s_row, row_strides, s_col, col_strides, u, v, core, n, m, k, z_side, z_grid, out_i, out_j, out_sr,
+                out_sc, lo, hi)  # fmt: skip
 
 
 @numba.njit(inline="always")
@@ -299,11 +302,12 @@ def _candidates(s, strides, w, t, h, m, z, side, keys, keys_low, chosen):
 
 
 @numba.njit(cache=True)
-def _tucker(s_row, row_strides, s_col, col_strides, u, v, core, n, m, k, z_side, z_grid, out_i, out_j, lo, hi):
+def _tucker(s_row, row_strides, s_col, col_strides, u, v, core, n, m, k, z_side, z_grid, out_i, out_j, out_sr, out_sc,
+            lo, hi):  # fmt: skip
     """s_row, s_col: the side scores (T, H, r, n) as ``_rows`` gives them, u, v (H, r), core (H, r, r) -> out_i, out_j
-    (T, H, k) at the (token, head) of rows lo..hi-1 (row h*T + t): each head's top (and bottom) m rows and columns by
-    their filter scores, its m x m grids, their best k cells (``tucker.tucker_select``, with its floats: the core
-    applied to the rows first, sums over ranks in rank order)."""
+    (T, H, k) and their side scores out_sr, out_sc (T, H, r, k) at the (token, head) of rows lo..hi-1 (row h*T + t):
+    each head's top (and bottom) m rows and columns by their filter scores, its m x m grids, their best k cells
+    (``tucker.tucker_select``, with its floats: the core applied to the rows first, sums over ranks in rank order)."""
     tokens, r = out_i.shape[0], core.shape[1]
     blocks = 2 if m < n else 1
     cells = blocks * m * m
@@ -351,8 +355,11 @@ def _tucker(s_row, row_strides, s_col, col_strides, u, v, core, n, m, k, z_side,
         _top_k_row(grid, k, z_grid, keys, best)
         for q in range(k):
             blk, cell = best[q] // (m * m), best[q] % (m * m)
-            out_i[t, h, q] = i[blk * m + cell // m]
-            out_j[t, h, q] = j[blk * m + cell % m]
+            row, col = i[blk * m + cell // m], j[blk * m + cell % m]
+            out_i[t, h, q], out_j[t, h, q] = row, col
+            for a in range(r):
+                out_sr[t, h, a, q] = s_row[rows_at + a * row_strides[2] + row]
+                out_sc[t, h, a, q] = s_col[cols_at + a * col_strides[2] + col]
 
 
 @numba.njit(cache=True, fastmath={"contract"})  # fused multiply-adds, as the reference's matmul: the same floats

@@ -34,9 +34,9 @@ def _(s1, s2, k, impl="auto"):
 @torch.library.custom_op("memlayers::tucker_select", mutates_args=())
 def tucker_select(
     s_row: Tensor, s_col: Tensor, u: Tensor, v: Tensor, core: Tensor, m: int, k: int, impl: str = "auto"
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``tucker.tucker_select``: side scores (T, H, r, n), filter pair u, v (H, r), summed cores (H, r, r) -> rows and
-    columns (T, H, k) int64. ``impl``: "reference", or "auto" (the numba kernel for float32 CPU side scores, else the
+    columns (T, H, k) int64, and their side scores (T, H, r, k). ``impl``: "reference", or "auto" (the numba kernel for float32 CPU side scores, else the
     reference)."""
     if use_cpu_kernel(impl, s_row, s_col) and (kernels := cpu_kernels("product_key_topk.cpu_select")):
         return kernels.tucker_select_cpu(s_row, s_col, u, v, core, m, k)
@@ -45,4 +45,5 @@ def tucker_select(
 
 @tucker_select.register_fake
 def _(s_row, s_col, u, v, core, m, k, impl="auto"):
-    return tuple(s_row.new_empty(*s_row.shape[:2], k, dtype=torch.int64) for _ in range(2))
+    ids = tuple(s_row.new_empty(*s_row.shape[:2], k, dtype=torch.int64) for _ in range(2))
+    return *ids, *(s.new_empty(*s.shape[:3], k) for s in (s_row, s_col))

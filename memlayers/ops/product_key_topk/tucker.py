@@ -22,8 +22,9 @@ def filter_scores(s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def tucker_select(
     s_row: torch.Tensor, s_col: torch.Tensor, u: torch.Tensor, v: torch.Tensor, core: torch.Tensor, m: int, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows and columns (T, H, k) int64 of each head's k best candidates, best first.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows and columns (T, H, k) int64 of each head's k best candidates, best first, and their side scores
+    ``gather_sides(s_row, rows)``, ``gather_sides(s_col, columns)`` (T, H, r, k).
 
     s_row, s_col (T, H, r, n): the side scores; u, v (H, r): the filter pair (rows rank by ``u·S_row[:, i]``, columns
     by ``v·S_col[:, j]``); core (H, r, r): the cores summed; m in [k, n]: rows and columns per block. Blocks: the top m
@@ -46,4 +47,5 @@ def tucker_select(
         grid[:, :, 1].masked_fill_(seen, float("-inf"))
     best = grid.flatten(2).topk(k, dim=-1).indices  # (T, H, k) in [0, B*m*m)
     block, cell = best // (m * m), best % (m * m)
-    return i.gather(-1, block * m + cell // m), j.gather(-1, block * m + cell % m)
+    rows, columns = i.gather(-1, block * m + cell // m), j.gather(-1, block * m + cell % m)
+    return rows, columns, gather_sides(s_row, rows), gather_sides(s_col, columns)

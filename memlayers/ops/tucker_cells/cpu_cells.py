@@ -1,0 +1,115 @@
+"""``reference.cell_scores`` and its backward on CPU, compiled by numba, for float32: one pass over the selected slots
+instead of torch's ~10 small ops each way. Each score sums ``(sr[a] sc[b]) cores[c, a, b]`` over (a, b) in row-major
+order, the gradients in orders of their own: within float32 rounding of the reference's. The cores' gradient is summed
+in a fixed number of token chunks, then over the chunks in order: the same floats on any number of threads. Optional, like ``embedding_bag/cpu_bag_into.py``: numba and ``MEMLAYERS_CPU_KERNELS``.
+"""
+
+import numba
+import numpy as np
+import torch
+
+from ..numba_threads import threads_for
+
+CHUNKS = 8  # token chunks of the cores' gradient, whatever the threads
+
+
+def cell_scores_cpu(sr: torch.Tensor, sc: torch.Tensor, cores: torch.Tensor) -> torch.Tensor:
+    """sr, sc (T, H, r, k), cores (C, H, r, r), float32 -> scores (T, H, C, k)."""
+    _check(sr, sc, cores)
+    T, H, r, k = sr.shape
+    out = torch.empty(T, H, cores.shape[0], k)
+    if out.numel():
+        args = (_arr(sr), _arr(sc), _arr(cores), out.numpy())
+        if threads_for(T * H * k, 4096) > 1:
+            _scores_in_parallel(*args)
+        else:
+            _scores(*args, 0, T)
+    return out
+
+
+def cell_scores_backward_cpu(sr, sc, cores, grad) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``reference.cell_scores_backward`` for float32: (d sr, d sc (T, H, r, k), d cores (C, H, r, r))."""
+    _check(sr, sc, cores)
+    if grad.shape != (sr.shape[0], sr.shape[1], cores.shape[0], sr.shape[3]):
+        raise ValueError(f"tucker_cells: grad {tuple(grad.shape)} does not fit sr {tuple(sr.shape)} and cores "
+                         f"{tuple(cores.shape)}")  # fmt: skip
+    d_sr, d_sc = torch.empty(sr.shape), torch.empty(sc.shape)
+    partial = torch.empty(CHUNKS, *cores.shape)
+    args = (_arr(sr), _arr(sc), _arr(cores), _arr(grad), d_sr.numpy(), d_sc.numpy(), partial.numpy())
+    if threads_for(grad.numel(), 4096) > 1:
+        _backward_in_parallel(*args)
+    else:
+        for chunk in range(CHUNKS):
+            _backward(*args, chunk)
+    return d_sr, d_sc, partial.sum(0) if CHUNKS > 1 else partial[0]
+
+
+def _check(sr, sc, cores) -> None:
+    T, H, r, k = sr.shape
+    if sc.shape != sr.shape or cores.dim() != 4 or cores.shape[1:] != (H, r, r):
+        raise ValueError(f"tucker_cells: need sr, sc (T, H, r, k) of one shape and cores (C, H, r, r), got "
+                         f"{tuple(sr.shape)}, {tuple(sc.shape)}, {tuple(cores.shape)}")  # fmt: skip
+
+
+def _arr(x: torch.Tensor) -> np.ndarray:
+    return x.detach().contiguous().numpy()
+
+
+@numba.njit(parallel=True, cache=True)
+def _scores_in_parallel(sr, sc, cores, out):
+    T = sr.shape[0]
+    for chunk in numba.prange(CHUNKS):
+        _scores(sr, sc, cores, out, T * chunk // CHUNKS, T * (chunk + 1) // CHUNKS)
+
+
+@numba.njit(cache=True)
+def _scores(sr, sc, cores, out, lo, hi):
+    """out[lo:hi] (tokens) = the cell scores of tokens lo..hi-1."""
+    _, H, r, k = sr.shape
+    for t in range(lo, hi):
+        for h in range(H):
+            for c in range(cores.shape[0]):
+                for q in range(k):
+                    acc = np.float32(0.0)
+                    for a in range(r):
+                        for b in range(r):
+                            acc += (sr[t, h, a, q] * sc[t, h, b, q]) * cores[c, h, a, b]
+                    out[t, h, c, q] = acc
+
+
+@numba.njit(parallel=True, cache=True)
+def _backward_in_parallel(sr, sc, cores, grad, d_sr, d_sc, partial):
+    for chunk in numba.prange(CHUNKS):
+        _backward(sr, sc, cores, grad, d_sr, d_sc, partial, chunk)
+
+
+@numba.njit(cache=True)
+def _backward(sr, sc, cores, grad, d_sr, d_sc, partial, chunk):
+    """The gradients of token chunk ``chunk`` (of CHUNKS): d_sr, d_sc at its tokens, and its part of the cores'
+    gradient into partial[chunk]."""
+    T, H, r, k = sr.shape
+    C = cores.shape[0]
+    partial[chunk] = 0
+    for t in range(T * chunk // CHUNKS, T * (chunk + 1) // CHUNKS):
+        for h in range(H):
+            for q in range(k):
+                for a in range(r):
+                    acc = np.float32(0.0)
+                    for c in range(C):
+                        g = grad[t, h, c, q]
+                        for b in range(r):
+                            acc += g * cores[c, h, a, b] * sc[t, h, b, q]
+                    d_sr[t, h, a, q] = acc
+                for b in range(r):
+                    acc = np.float32(0.0)
+                    for c in range(C):
+                        g = grad[t, h, c, q]
+                        for a in range(r):
+                            acc += g * cores[c, h, a, b] * sr[t, h, a, q]
+                    d_sc[t, h, b, q] = acc
+                for c in range(C):
+                    g = grad[t, h, c, q]
+                    for a in range(r):
+                        ga = g * sr[t, h, a, q]
+                        for b in range(r):
+                            partial[chunk, c, h, a, b] += ga * sc[t, h, b, q]

@@ -1,0 +1,59 @@
+"""``memlayers::tucker_cells`` and its backward as ``torch.library`` custom ops: one node each to ``torch.compile``,
+running the numba kernels for float32 CPU tensors under impl "auto", else the reference."""
+
+import torch
+from torch import Tensor
+
+from ..dispatch import cpu_kernels, use_cpu_kernel
+from .reference import cell_scores, cell_scores_backward
+
+
+@torch.library.custom_op("memlayers::tucker_cells", mutates_args=())
+def tucker_cells_op(sr: Tensor, sc: Tensor, cores: Tensor, impl: str) -> Tensor:
+    """sr, sc (T, H, r, k), cores (C, H, r, r) -> (T, H, C, k) in sr's dtype."""
+    if use_cpu_kernel(impl, sr, sc, cores) and (kernels := cpu_kernels("tucker_cells.cpu_cells")):
+        return kernels.cell_scores_cpu(sr, sc, cores)
+    return cell_scores(sr, sc, cores)
+
+
+@tucker_cells_op.register_fake
+def _(sr, sc, cores, impl):
+    return sr.new_empty(sr.shape[0], sr.shape[1], cores.shape[0], sr.shape[3])
+
+
+@torch.library.custom_op("memlayers::tucker_cells_backward", mutates_args=())
+def tucker_cells_backward(
+    sr: Tensor, sc: Tensor, cores: Tensor, grad: Tensor, impl: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(d sr, d sc (T, H, r, k), d cores (C, H, r, r))."""
+    if use_cpu_kernel(impl, grad, sr, sc, cores) and (kernels := cpu_kernels("tucker_cells.cpu_cells")):
+        return kernels.cell_scores_backward_cpu(sr, sc, cores, grad)
+    return cell_scores_backward(sr, sc, cores, grad)
+
+
+@tucker_cells_backward.register_fake
+def _(sr, sc, cores, grad, impl):
+    return sr.new_empty(sr.shape), sc.new_empty(sc.shape), cores.new_empty(cores.shape)
+
+
+def _setup(ctx, inputs, output):
+    sr, sc, cores, ctx.impl = inputs
+    ctx.save_for_backward(sr, sc, cores)
+
+
+def _backward(ctx, grad):
+    sr, sc, cores = ctx.saved_tensors
+    d_sr, d_sc, d_cores = tucker_cells_backward(sr, sc, cores, grad.contiguous(), ctx.impl)
+    return d_sr, d_sc, d_cores, None
+
+
+tucker_cells_op.register_autograd(_backward, setup_context=_setup)
+
+
+def tucker_cells(sr: Tensor, sc: Tensor, cores: Tensor, impl: str = "auto") -> Tensor:
+    """sr, sc (T, H, r, k): each selected slot's row and column side scores; cores (C, H, r, r) -> scores (T, H, C, k),
+    ``Σ_a Σ_b sr[a] cores[c, h, a, b] sc[b]`` (``reference.cell_scores``). impl: "auto" (the numba kernels for float32 CPU
+    tensors, else the reference) or "reference"."""
+    if impl not in ("auto", "reference"):
+        raise ValueError(f"tucker_cells: impl must be 'auto' or 'reference', got {impl!r}")
+    return tucker_cells_op(sr, sc, cores.to(sr.dtype), impl)
