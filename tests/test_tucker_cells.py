@@ -6,6 +6,7 @@ import torch
 from conftest import count_calls, poison_allocations, rel_err
 
 from memlayers.ops.tucker_cells import cell_scores, cell_scores_backward, tucker_cells
+from memlayers.ops.tucker_cells.reference import side_scores_backward
 
 SHAPES = [(0, 2, 2, 4, 2), (1, 1, 1, 1, 1), (7, 3, 3, 5, 2), (300, 1, 2, 16, 1), (257, 2, 2, 16, 2), (40, 2, 2, 9, 3)]
 
@@ -86,3 +87,68 @@ def test_op_dispatch_and_gradients(monkeypatch):
         assert all(rel_err(a, b) < 1e-5 for a, b in zip(runs[0], run))
     with pytest.raises(ValueError, match="impl must be"):
         tucker_cells(sr, sc, cores, impl="triton")
+
+
+def sides(T, H, Q, r, n, d, k, dtype=torch.float32):
+    q, keys = torch.randn(T, H, Q, 2, d, dtype=dtype), torch.randn(H, 2, r, n, d, dtype=dtype)
+    i, j = torch.randint(0, n, (2, T, H, k)).unbind(0)
+    return q, keys, i, j, *torch.randn(2, T, H, r, k, dtype=dtype).unbind(0)
+
+
+def side_scores(q, keys, i, j):
+    """The definition: sr[t, h, a, k] = q[t, h, a // (r / Q), 0] · keys[h, 0, a, i[t, h, k]] (sc: side 1, j)."""
+    r, Q = keys.shape[2], q.shape[2]
+    out = []
+    for side, chosen in ((0, i), (1, j)):
+        qs = q[:, :, torch.arange(r) // (r // Q), side]  # (T, H, r, d)
+        rows = keys[:, side][torch.arange(keys.shape[0]).view(1, -1, 1, 1), torch.arange(r).view(1, 1, -1, 1),
+                             chosen.unsqueeze(2)]  # (T, H, r, k, d)  # fmt: skip
+        out.append((qs.unsqueeze(3) * rows).sum(-1))
+    return out
+
+
+SIDE_SHAPES = [(0, 2, 1, 2, 8, 4, 3), (1, 1, 1, 1, 1, 1, 1), (9, 2, 2, 2, 7, 5, 4), (300, 1, 2, 2, 112, 16, 16),
+               (200, 2, 1, 2, 40, 32, 16), (30, 3, 3, 3, 11, 6, 5)]  # fmt: skip
+
+
+@pytest.mark.parametrize("T,H,Q,r,n,d,k", SIDE_SHAPES)
+def test_side_scores_backward_reference_is_autograds(T, H, Q, r, n, d, k):
+    q, keys, i, j, g_row, g_col = sides(T, H, Q, r, n, d, k, torch.float64)
+    leaves = [x.clone().requires_grad_() for x in (q, keys)]
+    sr, sc = side_scores(*leaves, i, j)
+    want = (
+        torch.autograd.grad((sr * g_row).sum() + (sc * g_col).sum(), leaves)
+        if T
+        else [torch.zeros_like(q), torch.zeros_like(keys)]
+    )
+    for got, exp in zip(side_scores_backward(q, keys, i, j, g_row, g_col), want):
+        assert got.shape == exp.shape and (rel_err(got, exp) < 1e-12 if exp.abs().sum() else torch.equal(got, exp))
+
+
+@pytest.mark.parametrize("T,H,Q,r,n,d,k", SIDE_SHAPES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_side_scores_backward_kernel_matches_reference(T, H, Q, r, n, d, k, threads, monkeypatch):
+    cpu_cells = pytest.importorskip("memlayers.ops.tucker_cells.cpu_cells")
+    args = sides(T, H, Q, r, n, d, k)
+    want = side_scores_backward(*args)
+    poison_allocations(monkeypatch)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_cells.side_scores_backward_cpu(*args)
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and (rel_err(a, b) < 1e-5 if b.abs().sum() else torch.equal(a, b))
+
+
+def test_side_scores_backward_kernel_refuses_what_it_cannot_read():
+    cpu_cells = pytest.importorskip("memlayers.ops.tucker_cells.cpu_cells")
+    q, keys, i, j, g_row, g_col = sides(5, 2, 1, 2, 8, 4, 3)
+    with pytest.raises(ValueError, match="need q"):
+        cpu_cells.side_scores_backward_cpu(q, keys[:1], i, j, g_row, g_col)
+    with pytest.raises(ValueError, match="need q"):
+        cpu_cells.side_scores_backward_cpu(q, keys, i, j, g_row[:, :, :1], g_col)
+    j[2, 1, 0] = 8
+    with pytest.raises(IndexError, match=r"j must be in \[0, 8\)"):
+        cpu_cells.side_scores_backward_cpu(q, keys, i, j, g_row, g_col)

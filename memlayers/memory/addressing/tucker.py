@@ -19,9 +19,9 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ...ops.dispatch import full_precision
-from ...ops.gather_dot.library import gather_dot_backward
 from ...ops.product_key_topk.library import tucker_select
 from ...ops.tucker_cells import tucker_cells
+from ...ops.tucker_cells.library import tucker_sides_backward
 from ..parts import Addressing
 from .product_keys import SCORE_FNS, apply_score_fn, score_fn_flops
 
@@ -50,8 +50,9 @@ def singular_values_2x2(m: torch.Tensor) -> torch.Tensor:
 class SelectedScores(torch.autograd.Function):
     """The side scores at the chosen sub-keys, ``sr = S_row[t, h, a, i[t, h, k]]`` and ``sc = S_col[.., j[t, h, k]]``
     (T, H, r, k) each, as the selection read them (the very floats it ranked), made differentiable in the queries
-    q (T, H, Q, 2, d) and keys (H, 2, r, n, d): the backward is one ``gather_dot`` backward over both sides (a bag over
-    the chosen keys and its value gradient), touching the chosen keys only, with no (T, H, r, n) score gradient."""
+    q (T, H, Q, 2, d) and keys (H, 2, r, n, d): the backward (``memlayers.ops.tucker_cells``' side scores backward, a
+    bag over the chosen keys and its value gradient) touches the chosen keys only, with no (T, H, r, n) score
+    gradient."""
 
     @staticmethod
     def forward(ctx, sr, sc, q, keys, i, j):
@@ -62,24 +63,8 @@ class SelectedScores(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_row, g_col):
         q, keys, i, j = ctx.saved_tensors
-        (T, H, Q), (r, n, d), k = q.shape[:3], keys.shape[2:], i.shape[2]
-        rows = torch.arange(H * 2 * r, device=i.device).view(1, H, 2, r, 1) * n + torch.stack((i, j), 2).unsqueeze(3)
-        g = torch.stack((g_row, g_col), 2)  # (T, H, 2, r, k), as the key rows (H*2*r*n, d) they read
-        if Q > 1:  # one query per rank: the entries of query (t, h, a, side)
-            rows, g = (x.view(T, H, 2, Q, r // Q, k).transpose(2, 3) for x in (rows, g))
-        need_q, need_keys = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        dkeys, dq = gather_dot_backward(
-            keys.reshape(-1, d), rows.reshape(-1, r // Q * k), q.reshape(-1, d), g.reshape(-1, r // Q * k), "auto",
-            need_keys, need_q,
-        )  # fmt: skip
-        return (
-            None,
-            None,
-            dq.view(q.shape) if need_q else None,
-            dkeys.view(keys.shape) if need_keys else None,
-            None,
-            None,
-        )
+        d_q, d_keys = tucker_sides_backward(q, keys, i, j, g_row.contiguous(), g_col.contiguous())
+        return None, None, d_q, d_keys, None, None
 
 
 class TuckerProductKeys(Addressing):

@@ -1,5 +1,6 @@
-"""``reference.cell_scores`` and its backward on CPU, compiled by numba, for float32: one pass over the selected slots
-instead of torch's ~10 small ops each way. Each score sums ``(sr[a] sc[b]) cores[c, a, b]`` over (a, b) in row-major
+"""``reference.cell_scores``, its backward and ``reference.side_scores_backward`` on CPU, compiled by numba, for
+float32: one pass over the selected slots instead of torch's ~10 small ops each way. The side scores' backward makes
+the queries' gradient (per token) and the keys' (scattered in token order, the reference's) at once on two threads. Each score sums ``(sr[a] sc[b]) cores[c, a, b]`` over (a, b) in row-major
 order, the gradients in orders of their own: within float32 rounding of the reference's. The cores' gradient is summed
 in a fixed number of token chunks, then over the chunks in order: the same floats on any number of threads. Optional, like ``embedding_bag/cpu_bag_into.py``: numba and ``MEMLAYERS_CPU_KERNELS``.
 """
@@ -8,6 +9,7 @@ import numba
 import numpy as np
 import torch
 
+from ..embedding_bag.reference import check_ids
 from ..numba_threads import threads_for
 
 CHUNKS = 8  # token chunks of the cores' gradient, whatever the threads
@@ -42,6 +44,27 @@ def cell_scores_backward_cpu(sr, sc, cores, grad) -> tuple[torch.Tensor, torch.T
         for chunk in range(CHUNKS):
             _backward(*args, chunk)
     return d_sr, d_sc, partial.sum(0) if CHUNKS > 1 else partial[0]
+
+
+def side_scores_backward_cpu(q, keys, i, j, g_row, g_col) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.side_scores_backward`` for float32: q (T, H, Q, 2, d), keys (H, 2, r, n, d), i, j (T, H, k) int64,
+    g_row, g_col (T, H, r, k) -> (dq, dkeys); rows outside the keys are refused."""
+    (T, H, Q, _, d), (r, n) = q.shape, keys.shape[2:4]
+    k = i.shape[2]
+    if keys.shape != (H, 2, r, n, d) or r % Q or i.shape != j.shape or not g_row.shape == g_col.shape == (T, H, r, k):
+        raise ValueError(f"tucker_sides_backward: need q (T, H, Q, 2, d), keys (H, 2, r, n, d), i, j (T, H, k) and "
+                         f"g_row, g_col (T, H, r, k), got {tuple(q.shape)}, {tuple(keys.shape)}, {tuple(i.shape)}, "
+                         f"{tuple(j.shape)}, {tuple(g_row.shape)}, {tuple(g_col.shape)}")  # fmt: skip
+    for name, ids in (("i", i), ("j", j)):
+        check_ids("tucker_sides_backward", name, ids, n)
+    d_q, d_keys = torch.empty(q.shape), torch.empty(keys.shape)
+    args = (_arr(q), _arr(keys), _arr(i), _arr(j), _arr(g_row), _arr(g_col), d_q.numpy(), d_keys.numpy())
+    if threads_for(2, 1) == 2:
+        _sides_at_once(*args)
+    else:
+        _query_grads(*args[:6], args[6])
+        _key_grads(*args[:6], args[7])
+    return d_q, d_keys
 
 
 def _check(sr, sc, cores) -> None:
@@ -113,3 +136,48 @@ def _backward(sr, sc, cores, grad, d_sr, d_sc, partial, chunk):
                         ga = g * sr[t, h, a, q]
                         for b in range(r):
                             partial[chunk, c, h, a, b] += ga * sc[t, h, b, q]
+
+
+@numba.njit(parallel=True, cache=True)
+def _sides_at_once(q, keys, i, j, g_row, g_col, d_q, d_keys):
+    for task in numba.prange(2):
+        if task == 0:
+            _query_grads(q, keys, i, j, g_row, g_col, d_q)
+        else:
+            _key_grads(q, keys, i, j, g_row, g_col, d_keys)
+
+
+@numba.njit(cache=True, fastmath={"contract"})  # fused multiply-adds, as torch's CPU bag
+def _query_grads(q, keys, i, j, g_row, g_col, d_q):
+    """d_q[t, h, a // (r / Q), side] = Σ_a Σ_k g[t, h, a, k] keys[h, side, a, chosen[t, h, k]], (a, k) in order."""
+    T, H, Q = q.shape[:3]
+    r, k = keys.shape[2], i.shape[2]
+    d_q[:] = 0
+    for t in range(T):
+        for h in range(H):
+            for side in range(2):
+                chosen, g = (i, g_row) if side == 0 else (j, g_col)
+                for a in range(r):
+                    out = d_q[t, h, a // (r // Q), side]
+                    for kk in range(k):
+                        row, w = keys[h, side, a, chosen[t, h, kk]], g[t, h, a, kk]
+                        for x in range(out.shape[0]):
+                            out[x] += w * row[x]
+
+
+@numba.njit(cache=True, fastmath={"contract"})
+def _key_grads(q, keys, i, j, g_row, g_col, d_keys):
+    """d_keys[h, side, a, chosen[t, h, k]] += g[t, h, a, k] q[t, h, a // (r / Q), side], tokens in order."""
+    T, H, Q = q.shape[:3]
+    r, k = keys.shape[2], i.shape[2]
+    d_keys[:] = 0
+    for t in range(T):
+        for h in range(H):
+            for side in range(2):
+                chosen, g = (i, g_row) if side == 0 else (j, g_col)
+                for a in range(r):
+                    x_row = q[t, h, a // (r // Q), side]
+                    for kk in range(k):
+                        out, w = d_keys[h, side, a, chosen[t, h, kk]], g[t, h, a, kk]
+                        for x in range(out.shape[0]):
+                            out[x] += w * x_row[x]

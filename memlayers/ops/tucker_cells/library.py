@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import cpu_kernels, use_cpu_kernel
-from .reference import cell_scores, cell_scores_backward
+from .reference import cell_scores, cell_scores_backward, side_scores_backward
 
 
 @torch.library.custom_op("memlayers::tucker_cells", mutates_args=())
@@ -57,3 +57,19 @@ def tucker_cells(sr: Tensor, sc: Tensor, cores: Tensor, impl: str = "auto") -> T
     if impl not in ("auto", "reference"):
         raise ValueError(f"tucker_cells: impl must be 'auto' or 'reference', got {impl!r}")
     return tucker_cells_op(sr, sc, cores.to(sr.dtype), impl)
+
+
+@torch.library.custom_op("memlayers::tucker_sides_backward", mutates_args=())
+def tucker_sides_backward(
+    q: Tensor, keys: Tensor, i: Tensor, j: Tensor, g_row: Tensor, g_col: Tensor, impl: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    """``reference.side_scores_backward`` -> (dq, dkeys): the numba kernel for float32 CPU tensors under impl "auto",
+    else the reference's ``gather_dot`` backward on its own dispatch (Triton on CUDA)."""
+    if use_cpu_kernel(impl, g_row, q, keys) and (kernels := cpu_kernels("tucker_cells.cpu_cells")):
+        return kernels.side_scores_backward_cpu(q, keys, i, j, g_row, g_col)
+    return side_scores_backward(q, keys, i, j, g_row, g_col, impl)
+
+
+@tucker_sides_backward.register_fake
+def _(q, keys, i, j, g_row, g_col, impl="auto"):
+    return q.new_empty(q.shape), keys.new_empty(keys.shape)
