@@ -1,23 +1,19 @@
 """PEERExperts: N single-neuron experts ``e_i(x) = act(u_i · x) v_i`` (He 2024, "Mixture of A Million Experts")."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ...ops import embedding_bag
-from ...ops.gather_dot import gather_dot
+from ...ops.peer_read import ACTIVATIONS, peer_read
 from .servable import ServableStore
-
-ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "identity": lambda h: h}
 
 
 class PEERExperts(ServableStore):
     """Two (N, ·) row tables ``u`` (N, in_dim) and ``v`` (N, out_dim): expert i is ``act(u_i · x) v_i``.
 
     ``forward(ids (T, H, k), weights (T, H, k), x (T, in_dim)) -> (T, out_dim)``:
-    ``sum_{h, k} weights * act(u[ids] · x) * v[ids]``, as a gathered dot (``memlayers.ops.gather_dot``,
-    T x H*k pre-activations, float32) then a weighted bag over ``v`` with weights ``weights * act(·)``:
-    never a (T, H*k, d) tensor.
+    ``sum_{h, k} weights * act(u[ids] · x) * v[ids]`` (``memlayers.ops.peer_read``: a gathered dot, T x H*k
+    pre-activations in float32, then a weighted bag over ``v`` with weights ``weights * act(·)``): never a
+    (T, H*k, d) tensor.
 
     Both tables are "values": large tables a token reads a few rows of (value lr, no weight decay,
     row-sparse gradients and optimizers with ``sparse_grad``). Like ``ValueTable`` it can be a pool
@@ -94,9 +90,7 @@ class PEERExperts(ServableStore):
             u, v = tables["u"], tables["v"]
         else:
             u, v, sparse = self.u, self.v, self.sparse_grad
-        h = gather_dot(u, ids, x, sparse)  # (T, H*k) float32 (float64 for float64)
-        gates = weights.flatten(1) * ACTIVATIONS[self.activation](h)
-        return embedding_bag(v, ids, gates, sparse_grad=sparse)  # (T, out_dim) in v's dtype
+        return peer_read(u, v, ids, weights.flatten(1), x, self.activation, sparse)  # (T, out_dim) in v's dtype
 
     def extra_repr(self) -> str:
         return (
