@@ -8,8 +8,9 @@ Row-sparse value gradients and the fused update (gradients of data-dependent siz
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from ..dispatch import cpu_kernels, use_cpu_kernel, use_triton
+from ..dispatch import cpu_kernels, eager_or_op, use_cpu_kernel, use_triton
 from .reference import bag_forward, value_grad, weight_grad
 
 KEYED_BAGS_ON_TRITON = "keyed bags (bags=...) have no Triton kernel"
@@ -38,8 +39,7 @@ def _triton(impl: str, values: Tensor, bags: Tensor | None) -> bool:
     return use_triton("embedding_bag", impl, values, None if bags is None else KEYED_BAGS_ON_TRITON)
 
 
-@torch.library.custom_op("memlayers::bag", mutates_args=())
-def bag(
+def _bag(
     values: Tensor, indices: Tensor, weights: Tensor, impl: str, algorithm: str, bags: Tensor | None = None,
     num_bags: int = 0,
 ) -> Tensor:  # fmt: skip
@@ -57,13 +57,15 @@ def bag(
     return bag_forward(values, indices.long(), weights, bags, num_bags)
 
 
-@bag.register_fake
+bag_op = torch.library.custom_op("memlayers::bag", _bag, mutates_args=())
+
+
+@bag_op.register_fake
 def _(values, indices, weights, impl, algorithm, bags=None, num_bags=0):
     return values.new_empty(indices.shape[0] if bags is None else num_bags, values.shape[1])
 
 
-@torch.library.custom_op("memlayers::bag_backward", mutates_args=())
-def bag_backward(
+def _bag_backward(
     values: Tensor, indices: Tensor, weights: Tensor, grad_out: Tensor, impl: str, algorithm: str,
     need_values: bool, need_weights: bool, bags: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
@@ -89,6 +91,9 @@ def bag_backward(
     return dv, dw
 
 
+bag_backward = torch.library.custom_op("memlayers::bag_backward", _bag_backward, mutates_args=())
+
+
 @bag_backward.register_fake
 def _(values, indices, weights, grad_out, impl, algorithm, need_values, need_weights, bags=None):
     none = values.new_empty(0)
@@ -103,11 +108,37 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(values, indices, weights, bags)
 
 
-def _backward(ctx, grad_out):
-    values, indices, weights, bags = ctx.saved_tensors
-    need_values, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    dv, dw = bag_backward(values, indices, weights, grad_out, ctx.impl, ctx.algorithm, need_values, need_weights, bags)
-    return (dv if need_values else None), None, (dw if need_weights else None), None, None, None, None
+def _backward_by(backward_fn):
+    def backward(ctx, grad_out):
+        values, indices, weights, bags = ctx.saved_tensors
+        need_values, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        dv, dw = backward_fn(
+            values, indices, weights, grad_out, ctx.impl, ctx.algorithm, need_values, need_weights, bags
+        )
+        return (dv if need_values else None), None, (dw if need_weights else None), None, None, None, None
+
+    return backward
 
 
-bag.register_autograd(_backward, setup_context=_setup)
+bag_op.register_autograd(_backward_by(bag_backward), setup_context=_setup)
+
+
+class _EagerBag(torch.autograd.Function):
+    """The op's autograd without the dispatcher (``dispatch.eager_or_op``)."""
+
+    @staticmethod
+    def forward(ctx, values, indices, weights, impl, algorithm, bags, num_bags):
+        _setup(ctx, (values, indices, weights, impl, algorithm, bags, num_bags), None)
+        return _bag(values, indices, weights, impl, algorithm, bags, num_bags)
+
+    backward = staticmethod(once_differentiable(_backward_by(_bag_backward)))
+
+
+def bag(
+    values: Tensor, indices: Tensor, weights: Tensor, impl: str, algorithm: str, bags: Tensor | None = None,
+    num_bags: int = 0,
+) -> Tensor:  # fmt: skip
+    """values (N, d), indices (T, L), weights (T, L) -> (T, d) in values.dtype ((num_bags, d) keyed by bags), with
+    dense gradients: ``memlayers::bag`` while ``torch.compile`` traces, the same function without the dispatcher
+    otherwise."""
+    return eager_or_op(bag_op, _EagerBag.apply)(values, indices, weights, impl, algorithm, bags, num_bags)

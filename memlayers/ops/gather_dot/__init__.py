@@ -10,7 +10,7 @@ the bag's value gradient, both through ``memlayers.ops.embedding_bag``'s code.
 import torch
 
 from ..dispatch import full_precision, use_triton
-from .library import gather_dot_op
+from .library import gather_dot_dense
 from .reference import GatherDotFunction, accumulation_dtype, gather_dot_forward, gather_dot_reference
 
 __all__ = ["accumulation_dtype", "gather_dot", "gather_dot_reference"]
@@ -64,7 +64,7 @@ def gather_dot(
     with full_precision(table.device):  # under autocast the reference's matmuls would run in bf16
         if not sparse_grad:  # a dense table gradient: the custom op torch.compile sees as one node
             use_triton("gather_dot", impl, table)  # an impl the inputs cannot take fails here, with its reason
-            return gather_dot_op(table, ids, x, impl)
+            return gather_dot_dense(table, ids, x, impl)
         if use_triton("gather_dot", impl, table):
             from .triton_kernel import gather_dot_triton  # imported lazily: CPU installs need no Triton
 

@@ -4,15 +4,15 @@ A row-sparse table gradient keeps the ``autograd.Function`` path (``reference.Ga
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from ..dispatch import cpu_kernels, use_cpu_kernel, use_triton
+from ..dispatch import cpu_kernels, eager_or_op, use_cpu_kernel, use_triton
 from ..embedding_bag import embedding_bag
 from ..embedding_bag.library import dense_value_grad, entry_dots
 from .reference import accumulation_dtype
 
 
-@torch.library.custom_op("memlayers::gather_dot", mutates_args=())
-def gather_dot_op(table: Tensor, ids: Tensor, x: Tensor, impl: str) -> Tensor:
+def _gather_dot(table: Tensor, ids: Tensor, x: Tensor, impl: str) -> Tensor:
     """table (N, d), ids (T, L), x (T, d) -> (T, L) in the accumulation dtype."""
     if use_triton("gather_dot", impl, table):
         from .triton_kernel import gather_dot_triton
@@ -21,13 +21,15 @@ def gather_dot_op(table: Tensor, ids: Tensor, x: Tensor, impl: str) -> Tensor:
     return entry_dots(table, ids.long(), x, impl=impl)  # the reference's forward, or its CPU kernel
 
 
+gather_dot_op = torch.library.custom_op("memlayers::gather_dot", _gather_dot, mutates_args=())
+
+
 @gather_dot_op.register_fake
 def _(table, ids, x, impl):
     return x.new_empty(ids.shape, dtype=accumulation_dtype(table.dtype, x.dtype))
 
 
-@torch.library.custom_op("memlayers::gather_dot_backward", mutates_args=())
-def gather_dot_backward(
+def _gather_dot_backward(
     table: Tensor, ids: Tensor, x: Tensor, grad_out: Tensor, impl: str, need_table: bool, need_x: bool
 ) -> tuple[Tensor, Tensor]:
     """(grad_table (N, d) in table.dtype or (0,), grad_x (T, d) in x.dtype or (0,) when not needed)."""
@@ -43,6 +45,9 @@ def gather_dot_backward(
     return grad_table, grad_x
 
 
+gather_dot_backward = torch.library.custom_op("memlayers::gather_dot_backward", _gather_dot_backward, mutates_args=())
+
+
 @gather_dot_backward.register_fake
 def _(table, ids, x, grad_out, impl, need_table, need_x):
     none = x.new_empty(0)
@@ -54,11 +59,31 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(table, ids, x)
 
 
-def _backward(ctx, grad_out):
-    table, ids, x = ctx.saved_tensors
-    need_table, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    grad_table, grad_x = gather_dot_backward(table, ids, x, grad_out, ctx.impl, need_table, need_x)
-    return (grad_table if need_table else None), None, (grad_x if need_x else None), None
+def _backward_by(backward_fn):
+    def backward(ctx, grad_out):
+        table, ids, x = ctx.saved_tensors
+        need_table, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        grad_table, grad_x = backward_fn(table, ids, x, grad_out, ctx.impl, need_table, need_x)
+        return (grad_table if need_table else None), None, (grad_x if need_x else None), None
+
+    return backward
 
 
-gather_dot_op.register_autograd(_backward, setup_context=_setup)
+gather_dot_op.register_autograd(_backward_by(gather_dot_backward), setup_context=_setup)
+
+
+class _EagerGatherDot(torch.autograd.Function):
+    """The op's autograd without the dispatcher (``dispatch.eager_or_op``)."""
+
+    @staticmethod
+    def forward(ctx, table, ids, x, impl):
+        _setup(ctx, (table, ids, x, impl), None)
+        return _gather_dot(table, ids, x, impl)
+
+    backward = staticmethod(once_differentiable(_backward_by(_gather_dot_backward)))
+
+
+def gather_dot_dense(table: Tensor, ids: Tensor, x: Tensor, impl: str) -> Tensor:
+    """table (N, d), ids (T, L), x (T, d) -> (T, L), with a dense table gradient: ``memlayers::gather_dot`` while
+    ``torch.compile`` traces, the same function without the dispatcher otherwise."""
+    return eager_or_op(gather_dot_op, _EagerGatherDot.apply)(table, ids, x, impl)

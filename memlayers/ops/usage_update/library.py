@@ -4,14 +4,11 @@
 import torch
 from torch import Tensor
 
-from ..dispatch import cpu_kernels, use_cpu_kernel
+from ..dispatch import cpu_kernels, eager_or_op, use_cpu_kernel
 from . import reference
 
 
-@torch.library.custom_op(
-    "memlayers::usage_update", mutates_args=("counts", "mass", "subkey_counts", "last_seen"), device_types=None
-)
-def usage_update_op(
+def _usage_update(
     counts: Tensor, mass: Tensor, subkey_counts: Tensor, last_seen: Tensor, step: Tensor, ids: Tensor,
     weights: Tensor, mask: Tensor | None, gamma: float, impl: str,
 ) -> None:  # fmt: skip
@@ -22,7 +19,13 @@ def usage_update_op(
     reference.usage_update(counts, mass, subkey_counts, last_seen, step, ids, weights, mask, gamma)
 
 
+usage_update_op = torch.library.custom_op(
+    "memlayers::usage_update", _usage_update, mutates_args=("counts", "mass", "subkey_counts", "last_seen")
+)
+
+
 def usage_update(counts, mass, subkey_counts, last_seen, step, ids, weights, mask, gamma: float, impl: str = "auto"):
     """``reference.usage_update`` (see there for the shapes), in place. impl: "auto" (the numba kernel for CPU
     tensors with float32 weights, at least ``dispatch.CPU_KERNEL_MIN_ELEMENTS`` accesses) or "reference"."""
-    usage_update_op(counts, mass, subkey_counts, last_seen, step, ids.long(), weights.detach(), mask, gamma, impl)
+    run = eager_or_op(usage_update_op, _usage_update)
+    run(counts, mass, subkey_counts, last_seen, step, ids.long(), weights.detach(), mask, gamma, impl)
