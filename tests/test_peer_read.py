@@ -100,3 +100,32 @@ def test_unknown_activation_is_refused():
     u, v, ids, weights, x, _ = inputs(2, 3, 10, 4, 6)
     with pytest.raises(ValueError, match="activation must be one of"):
         peer_read(u, v, ids, weights, x, "tanh")
+
+
+@pytest.mark.parametrize("activation", ["identity", "relu"])
+def test_kernels_at_nan_and_inf_pre_activations_and_on_any_threads(activation):
+    """NaN and ±inf pre-activations (a token's x NaN or inf): the reference's values and gradients (relu's gradient
+    passes a NaN, as autograd's); the same floats on one and two threads."""
+    cpu_peer = pytest.importorskip("memlayers.ops.peer_read.cpu_peer")
+    u, v, ids, weights, x, g = inputs(300, 16, 500, 12, 24)
+    x[3], x[5], x[7] = float("nan"), float("inf"), -float("inf")
+    y, h = reference.peer_read(u, v, ids, weights, x, activation)
+    want = (y, h, *reference.peer_read_backward(u, v, ids, weights, x, h, g, activation))
+    runs = []
+    for threads in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            y, h = cpu_peer.peer_read_cpu(u, v, ids, weights, x, activation)
+            runs.append((y, h, *cpu_peer.peer_read_backward_cpu(u, v, ids, weights, x, h, g, activation)))
+        finally:
+            torch.set_num_threads(old)
+    for a, b, c in zip(*runs, want):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_float_ids_are_refused():
+    u, v, ids, weights, x, _ = inputs(2, 3, 10, 4, 6)
+    with pytest.raises(TypeError, match="ids must be int64 or int32"):
+        peer_read(u, v, ids.float(), weights, x, "identity")

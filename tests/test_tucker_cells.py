@@ -152,3 +152,24 @@ def test_side_scores_backward_kernel_refuses_what_it_cannot_read():
     j[2, 1, 0] = 8
     with pytest.raises(IndexError, match=r"j must be in \[0, 8\)"):
         cpu_cells.side_scores_backward_cpu(q, keys, i, j, g_row, g_col)
+
+
+def test_side_scores_backward_kernel_refuses_chosen_ids_of_another_batch():
+    cpu_cells = pytest.importorskip("memlayers.ops.tucker_cells.cpu_cells")
+    q, keys, i, j, g_row, g_col = sides(6, 2, 1, 2, 8, 4, 3)
+    with pytest.raises(ValueError, match="need q"):
+        cpu_cells.side_scores_backward_cpu(q, keys, i[:1], j[:1], g_row, g_col)
+
+
+def test_kernels_give_the_same_floats_on_one_and_two_threads():
+    cpu_cells = pytest.importorskip("memlayers.ops.tucker_cells.cpu_cells")
+    cells, side_args = inputs(3000, 2, 2, 16, 2), sides(3000, 2, 2, 2, 40, 16, 16)
+    runs = []
+    for threads in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            runs.append((cpu_cells.cell_scores_cpu(*cells[:3]), *cpu_cells.side_scores_backward_cpu(*side_args)))
+        finally:
+            torch.set_num_threads(old)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

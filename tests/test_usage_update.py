@@ -66,3 +66,31 @@ def test_tracker_through_the_kernel_equals_the_reference(monkeypatch):
     for name in (*BUFFERS, "_step", "_tokens", "_window_accesses"):
         assert torch.equal(getattr(trackers[0], name), getattr(trackers[1], name)), name
     assert trackers[0].summary() == trackers[1].summary()
+
+
+def test_kernel_refuses_what_it_cannot_write():
+    """Ids past the sub-key grid (n²) when the table has more slots, and mismatched weights or mask."""
+    cpu_usage = pytest.importorskip("memlayers.ops.usage_update.cpu_usage")
+    s = state(100, 1, 4)  # 100 slots, sub-keys of a 4 x 4 grid
+    ids, w = torch.zeros(2, 1, 3, dtype=torch.long), torch.ones(2, 1, 3)
+    ids[0, 0, 1] = 16
+    with pytest.raises(IndexError, match=r"indices must be in \[0, 16\)"):
+        cpu_usage.usage_update_cpu(*s.values(), torch.tensor(0), ids, w, None, 0.9)
+    ids[0, 0, 1] = 0
+    for weights, mask in ((w[:, :, :2], None), (w, torch.ones(3, dtype=torch.bool))):
+        with pytest.raises(ValueError, match="need ids and weights"):
+            cpu_usage.usage_update_cpu(*s.values(), torch.tensor(0), ids, weights, mask, 0.9)
+
+
+def test_a_masked_nan_weight_adds_nothing():
+    cpu_usage = pytest.importorskip("memlayers.ops.usage_update.cpu_usage")
+    ids, w = torch.tensor([[[0, 1]], [[2, 2]]]), torch.tensor([[[1.0, 2.0]], [[float("nan"), 3.0]]])
+    mask = torch.tensor([True, False])
+    runs = []
+    for update in (reference.usage_update, cpu_usage.usage_update_cpu):
+        s = {name: t.zero_() if t.is_floating_point() else t.fill_(-1) for name, t in state(9, 1, 3).items()}
+        update(*s.values(), torch.tensor(4), ids, w, mask, 0.5)
+        runs.append(s)
+    for name in BUFFERS:
+        assert torch.equal(runs[0][name], runs[1][name]), name
+    assert runs[0]["mass"][2] == 0 and runs[0]["last_seen"][2] == -1

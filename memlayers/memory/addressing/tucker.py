@@ -64,7 +64,8 @@ class SelectedScores(torch.autograd.Function):
     def backward(ctx, g_row, g_col):
         q, keys, i, j = ctx.saved_tensors
         d_q, d_keys = tucker_sides_backward(q, keys, i, j, g_row.contiguous(), g_col.contiguous())
-        return None, None, d_q, d_keys, None, None
+        need_q, need_keys = ctx.needs_input_grad[2:4]
+        return None, None, d_q if need_q else None, d_keys if need_keys else None, None, None
 
 
 class TuckerProductKeys(Addressing):

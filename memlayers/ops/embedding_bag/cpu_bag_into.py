@@ -25,10 +25,10 @@ ENTRIES_PER_THREAD = 16384  # a thread scans every entry for its destinations: w
 
 
 def bag_into_cpu(
-    into: torch.Tensor | None, weights: torch.Tensor, read: torch.Tensor | None, table: torch.Tensor, num_out: int
+    into: torch.Tensor, weights: torch.Tensor, read: torch.Tensor | None, table: torch.Tensor, num_out: int
 ) -> torch.Tensor:
-    """into (T, L) int64 or None (entry (t, l) adds to row t), weights (T, L) float32, read (T, L) int64 or None (entry
-    (t, l) reads row t), table (S, d) float32 -> out (num_out, d) float32."""
+    """into (T, L) int64, weights (T, L) float32, read (T, L) int64 or None (entry (t, l) reads row t), table (S, d)
+    float32 -> out (num_out, d) float32."""
     out = torch.empty(num_out, table.shape[1], dtype=torch.float32)
     if out.numel():
         dest, w, src = _entries(into, weights, read)
@@ -98,7 +98,7 @@ def gather_dot_backward_cpu(table, ids, x, grad_out) -> tuple[torch.Tensor, torc
 
 
 def _entries(into, weights, read):
-    """The kernels' entry arrays: destinations, weights and sources, flat (an empty array for None: the entry's token)."""
+    """The kernels' entry arrays: destinations, weights, sources, flat (an empty array for None: the entry's token)."""
     dest, src = (np.empty(0, np.int64) if ids is None else ids.reshape(-1).numpy() for ids in (into, read))
     return dest, weights.detach().reshape(-1).contiguous().numpy(), src
 

@@ -78,10 +78,7 @@ def _bag_backward(
         return (none if dv is None else dv), (none if dw is None else dw)
     indices = indices.long()
     dv = dw = none
-    # both from one pass over the entries, where that pass runs on threads (a table at least as large as its entries);
-    # else the dots on threads of their own and the value gradient on one
-    fused = need_weights and need_values and values.numel() >= indices.numel()
-    if fused and use_cpu_kernel(impl, weights, grad_out, values):
+    if need_weights and need_values and use_cpu_kernel(impl, weights, grad_out, values):  # both at once, one a thread
         if kernels := cpu_kernels("embedding_bag.cpu_bag_into"):
             return kernels.bag_backward_cpu(values, indices, weights, grad_out, bags)
     if need_weights:

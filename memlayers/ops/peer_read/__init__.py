@@ -35,6 +35,8 @@ def peer_read(
     module docstring; at least ``dispatch.CPU_KERNEL_MIN_ELEMENTS`` entries) or "reference"."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"peer_read: activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"peer_read: ids must be int64 or int32, got {ids.dtype}")
     fused = activation in ("identity", "relu") and not sparse_grad and not torch.compiler.is_compiling()
     if fused and use_cpu_kernel(impl, weights, u, v, x) and (kernels := cpu_kernels("peer_read.cpu_peer")):
         return _FusedRead.apply(u, v, ids.long(), weights, x, activation, kernels)

@@ -42,7 +42,7 @@ def peer_read_backward_cpu(u, v, ids, weights, x, h, grad, activation: str):
     if threads_for(2, 1) == 2:
         _backward_at_once(*args, d_v.numpy(), d_w.numpy(), d_h.numpy(), d_x.numpy())
     else:
-        _value_grad(*args, d_v.numpy())
+        _value_grad(args[0], args[3], args[5], code, args[7], d_v.numpy())
         _token_grads(*args, d_w.numpy(), d_h.numpy(), d_x.numpy(), 0, T)
     return bag_into_cpu(ids, d_h, None, x, u.shape[0]), d_v, d_w, d_x
 
@@ -93,13 +93,13 @@ def _forward(ids, u, v, w, x, relu, y, h, lo, hi):
 def _backward_at_once(ids, u, v, w, x, h, relu, grad, d_v, d_w, d_h, d_x):
     for task in numba.prange(2):
         if task == 0:
-            _value_grad(ids, u, v, w, x, h, relu, grad, d_v)
+            _value_grad(ids, w, h, relu, grad, d_v)
         else:
             _token_grads(ids, u, v, w, x, h, relu, grad, d_w, d_h, d_x, 0, ids.shape[0])
 
 
 @numba.njit(cache=True, fastmath={"contract"})  # fused multiply-adds, as torch's CPU bag
-def _value_grad(ids, u, v, w, x, h, relu, grad, d_v):
+def _value_grad(ids, w, h, relu, grad, d_v):
     """d_v = zeros, then every entry's gate times its token's grad added to its row, in entry order."""
     d_v[:] = 0
     for t in range(ids.shape[0]):
@@ -125,7 +125,7 @@ def _token_grads(ids, u, v, w, x, h, relu, grad, d_w, d_h, d_x, lo, hi):
             for q in range(g.shape[0]):
                 d_gate += value[q] * g[q]
             d_w[t, e] = d_gate * (max(a, np.float32(0.0)) if relu and a == a else a)
-            dh = d_gate * w[t, e] if not relu or a > 0 else np.float32(0.0)
+            dh = np.float32(0.0) if relu and a <= 0 else d_gate * w[t, e]  # NaN passes, as autograd's
             d_h[t, e] = dh
             row = u[i]
             for q in range(out.shape[0]):

@@ -14,7 +14,7 @@ def activation_backward(grad: torch.Tensor, h: torch.Tensor, activation: str) ->
     if activation == "gelu":
         return torch.ops.aten.gelu_backward(grad, h)
     if activation == "relu":
-        return torch.where(h > 0, grad, 0.0)
+        return torch.where(h <= 0, 0.0, grad)  # a NaN h passes the gradient, as autograd's threshold_backward
     if activation == "silu":
         return torch.ops.aten.silu_backward(grad, h)
     return grad

@@ -1,8 +1,11 @@
 """``reference.cell_scores``, its backward and ``reference.side_scores_backward`` on CPU, compiled by numba, for
-float32: one pass over the selected slots instead of torch's ~10 small ops each way. The side scores' backward makes
-the queries' gradient (per token) and the keys' (scattered in token order, the reference's) at once on two threads. Each score sums ``(sr[a] sc[b]) cores[c, a, b]`` over (a, b) in row-major
-order, the gradients in orders of their own: within float32 rounding of the reference's. The cores' gradient is summed
-in a fixed number of token chunks, then over the chunks in order: the same floats on any number of threads. Optional, like ``embedding_bag/cpu_bag_into.py``: numba and ``MEMLAYERS_CPU_KERNELS``.
+float32: one pass over the selected slots instead of torch's ~10 small ops each way.
+
+Each score sums ``(sr[a] sc[b]) cores[c, a, b]`` over (a, b) in row-major order, the gradients in orders of their own:
+within float32 rounding of the reference's. The cores' gradient is summed in a fixed number of token chunks, then over
+the chunks in order: the same floats on any number of threads. The side scores' backward makes the queries' gradient
+(per token) and the keys' (scattered in token order, the reference's) at once on two threads. Optional, like
+``embedding_bag/cpu_bag_into.py``: numba and ``MEMLAYERS_CPU_KERNELS``.
 """
 
 import numba
@@ -18,7 +21,7 @@ CHUNKS = 8  # token chunks of the cores' gradient, whatever the threads
 def cell_scores_cpu(sr: torch.Tensor, sc: torch.Tensor, cores: torch.Tensor) -> torch.Tensor:
     """sr, sc (T, H, r, k), cores (C, H, r, r), float32 -> scores (T, H, C, k)."""
     _check(sr, sc, cores)
-    T, H, r, k = sr.shape
+    T, H, _, k = sr.shape
     out = torch.empty(T, H, cores.shape[0], k)
     if out.numel():
         args = (_arr(sr), _arr(sc), _arr(cores), out.numpy())
@@ -43,7 +46,7 @@ def cell_scores_backward_cpu(sr, sc, cores, grad) -> tuple[torch.Tensor, torch.T
     else:
         for chunk in range(CHUNKS):
             _backward(*args, chunk)
-    return d_sr, d_sc, partial.sum(0) if CHUNKS > 1 else partial[0]
+    return d_sr, d_sc, partial.sum(0)
 
 
 def side_scores_backward_cpu(q, keys, i, j, g_row, g_col) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +54,12 @@ def side_scores_backward_cpu(q, keys, i, j, g_row, g_col) -> tuple[torch.Tensor,
     g_row, g_col (T, H, r, k) -> (dq, dkeys); rows outside the keys are refused."""
     (T, H, Q, _, d), (r, n) = q.shape, keys.shape[2:4]
     k = i.shape[2]
-    if keys.shape != (H, 2, r, n, d) or r % Q or i.shape != j.shape or not g_row.shape == g_col.shape == (T, H, r, k):
+    if (
+        keys.shape != (H, 2, r, n, d)
+        or r % Q
+        or not i.shape == j.shape == (T, H, k)
+        or not g_row.shape == g_col.shape == (T, H, r, k)
+    ):
         raise ValueError(f"tucker_sides_backward: need q (T, H, Q, 2, d), keys (H, 2, r, n, d), i, j (T, H, k) and "
                          f"g_row, g_col (T, H, r, k), got {tuple(q.shape)}, {tuple(keys.shape)}, {tuple(i.shape)}, "
                          f"{tuple(j.shape)}, {tuple(g_row.shape)}, {tuple(g_col.shape)}")  # fmt: skip
@@ -68,7 +76,7 @@ def side_scores_backward_cpu(q, keys, i, j, g_row, g_col) -> tuple[torch.Tensor,
 
 
 def _check(sr, sc, cores) -> None:
-    T, H, r, k = sr.shape
+    H, r = sr.shape[1:3]
     if sc.shape != sr.shape or cores.dim() != 4 or cores.shape[1:] != (H, r, r):
         raise ValueError(f"tucker_cells: need sr, sc (T, H, r, k) of one shape and cores (C, H, r, r), got "
                          f"{tuple(sr.shape)}, {tuple(sc.shape)}, {tuple(cores.shape)}")  # fmt: skip

@@ -74,8 +74,8 @@ class _EagerCells(torch.autograd.Function):
 
 def tucker_cells(sr: Tensor, sc: Tensor, cores: Tensor, impl: str = "auto") -> Tensor:
     """sr, sc (T, H, r, k): each selected slot's row and column side scores; cores (C, H, r, r) -> scores (T, H, C, k),
-    ``Σ_a Σ_b sr[a] cores[c, h, a, b] sc[b]`` (``reference.cell_scores``). impl: "auto" (the numba kernels for float32 CPU
-    tensors, else the reference) or "reference"."""
+    ``Σ_a Σ_b sr[a] cores[c, h, a, b] sc[b]`` (``reference.cell_scores``). impl: "auto" (the numba kernels for float32
+    CPU tensors, else the reference) or "reference"."""
     if impl not in ("auto", "reference"):
         raise ValueError(f"tucker_cells: impl must be 'auto' or 'reference', got {impl!r}")
     return eager_or_op(tucker_cells_op, _EagerCells.apply)(sr, sc, cores.to(sr.dtype), impl)

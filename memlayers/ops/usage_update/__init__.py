@@ -1,6 +1,7 @@
 """A memory's usage statistics updated with one step's accesses (``memlayers.metrics.UsageTracker``):
-``usage_update``, a ``torch.library`` custom op (in place, no host sync) running the numba kernel (``cpu_usage.py``)
-for CPU tensors under impl "auto", else the plain-PyTorch reference (``reference.py``)."""
+``usage_update``, in place and without a host sync: the numba kernel (``cpu_usage.py``) for CPU tensors with float32
+weights and at least ``dispatch.CPU_KERNEL_MIN_ELEMENTS`` accesses under impl "auto", else the plain-PyTorch reference
+(``reference.py``); a ``torch.library`` custom op under ``torch.compile`` (``library.py``)."""
 
 from .library import usage_update
 

@@ -27,7 +27,7 @@ def usage_update(
         ones = torch.ones_like(w)
     else:
         ones = mask.reshape(T, 1, 1).float().expand(T, H, k)
-        w = w * ones
+        w = torch.where(mask.reshape(T, 1, 1), w, 0.0)  # not w * ones: a masked NaN weight adds nothing
     flat, ones = ids.reshape(-1), ones.reshape(-1)
     counts.mul_(gamma).index_add_(0, flat, ones)
     mass.mul_(gamma).index_add_(0, flat, w.reshape(-1))
