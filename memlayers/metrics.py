@@ -240,9 +240,7 @@ class UsageTracker(nn.Module):
         idx = indices.reshape(-1, H, k)  # (T, H, k)
         T = idx.shape[0]
         mask = None if mask is None else mask.reshape(T)
-        n_real = (
-            self._step.new_full((1,), T) if mask is None else mask.sum().view(1)
-        )  # device scalar, read in summary()
+        n_real = self._step.new_full((1,), T) if mask is None else mask.sum().view(1)  # read in summary() only
         self._tokens.add_(n_real[0])
         self._window_accesses.index_copy_(0, self._step.remainder(self.window).view(1), n_real * (H * k))
         usage_update(self.counts, self.mass, self.subkey_counts, self.last_seen, self._step, idx,

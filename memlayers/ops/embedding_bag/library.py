@@ -1,10 +1,10 @@
 """The bag as ``torch.library`` custom ops, ``memlayers::bag`` and ``memlayers::bag_backward``, for dense
 value gradients: ``torch.compile`` sees each as one node with known output shapes (``fullgraph=True``, CUDA
-graphs), while each runs the Triton kernels or the reference inside, as ``embedding_bag`` dispatches.
+graphs), while each runs the Triton kernels or the reference inside, as ``embedding_bag`` dispatches; eager calls
+run the same functions without the dispatcher (``dispatch.eager_or_op``).
 
 Row-sparse value gradients and the fused update (gradients of data-dependent size, or none) keep their
-``autograd.Function`` path: ``torch.compile`` breaks the graph there.
-"""
+``autograd.Function`` path: ``torch.compile`` breaks the graph there."""
 
 import torch
 from torch import Tensor

@@ -1,6 +1,7 @@
 """``gather_dot`` as ``torch.library`` custom ops (``memlayers::gather_dot`` and its backward) for a dense
-table gradient: one node each to ``torch.compile``, running the Triton kernel or the reference inside.
-A row-sparse table gradient keeps the ``autograd.Function`` path (``reference.GatherDotFunction``)."""
+table gradient: one node each to ``torch.compile``, running the Triton kernel or the reference inside; eager calls
+run the same functions without the dispatcher (``dispatch.eager_or_op``). A row-sparse table gradient keeps the
+``autograd.Function`` path (``reference.GatherDotFunction``)."""
 
 import torch
 from torch import Tensor

@@ -1,7 +1,7 @@
 """The selections as ``torch.library`` custom ops: ``memlayers::product_key_select`` (sub-key scores in, flat ids
 of the exact top k product keys out) and ``memlayers::tucker_select`` (UltraMem's). ``torch.compile`` sees one
 node with a known output shape (the reference's data-dependent steps and the kernels stay inside), so a memory
-layer traces whole."""
+layer traces whole. Eager calls run the same functions without the dispatcher (``dispatch.eager_or_op``)."""
 
 import torch
 from torch import Tensor

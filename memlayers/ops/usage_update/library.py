@@ -1,5 +1,6 @@
 """``memlayers::usage_update`` as a ``torch.library`` custom op that mutates the statistics in place: one node to
-``torch.compile`` (the layer traces whole), the numba kernel or the reference inside."""
+``torch.compile`` (the layer traces whole), the numba kernel or the reference inside. Eager calls run the same
+functions without the dispatcher (``dispatch.eager_or_op``)."""
 
 import torch
 from torch import Tensor
