@@ -11,7 +11,7 @@ import importlib
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import count_calls, rel_err
 
 import memlayers
 from memlayers import MemoryLayer
@@ -67,6 +67,20 @@ def test_layer_compiles_whole_and_matches_eager(kind, training):
     if layer.needs_token_ids:
         inputs["token_ids"] = torch.randint(0, 50, (2, 6))
     assert_same(run_both(layer, inputs))
+
+
+@pytest.mark.parametrize("kind", ["memory_plus", "peer", "ultramem", "ultramem_v2"])
+def test_layer_with_the_cpu_kernels_compiles_whole(kind, monkeypatch):
+    """Above the numba kernels' size threshold (2,100 tokens): the kernels run inside the custom ops of the compiled
+    graph (none on its fake tensors), and it computes what eager mode computes without the dispatcher."""
+    pytest.importorskip("numba")
+    select = importlib.import_module("memlayers.ops.product_key_topk.cpu_select")
+    name = "tucker_select_cpu" if kind.startswith("ultramem") else "product_key_select_cpu"
+    calls = count_calls(monkeypatch, select.__name__, name)
+    torch.manual_seed(0)
+    layer = MemoryLayer.from_preset(kind, 32, n_keys=16, topk=4, heads=2).train()
+    assert_same(run_both(layer, {"x": torch.randn(3, 700, 32)}))
+    assert len(calls) == 2  # the eager run's and the compiled graph's
 
 
 def test_model_compiles_whole_and_matches_eager():
