@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 
@@ -21,10 +22,19 @@ def _seed():
 @pytest.fixture(scope="module")
 def one_thread():
     """torch on one thread for a module of tiny models (extra threads only cost, a lot on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch (and the numba kernels, which take torch's count) on n threads inside the block."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -4,7 +4,7 @@ gradient (``reference.value_grad``), beside the weight gradient (``reference.wei
 
 import pytest
 import torch
-from conftest import count_calls, poison_allocations, rel_err
+from conftest import count_calls, poison_allocations, rel_err, torch_threads
 
 pytest.importorskip("numba")
 
@@ -16,12 +16,6 @@ from memlayers.ops.embedding_bag.cpu_bag_into import (
     value_grad_cpu,
 )
 from memlayers.ops.embedding_bag.reference import bag_forward, value_grad, weight_grad
-
-
-def _set_threads(n: int) -> int:
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    return old
 
 
 @pytest.mark.parametrize(
@@ -37,11 +31,8 @@ def test_matches_reference(T, L, N, d, keyed, monkeypatch):
     want = value_grad(indices, weights, grad_out, N, bags)
     poison_allocations(monkeypatch)
     for threads in (1, 2):
-        old = _set_threads(threads)
-        try:
+        with torch_threads(threads):
             got = value_grad_cpu(indices, weights, grad_out, N, bags)
-        finally:
-            torch.set_num_threads(old)
         assert got.shape == want.shape and got.dtype == torch.float32
         assert rel_err(got, want) < 1e-5 if want.abs().sum() > 0 else torch.equal(got, want)
 
@@ -50,11 +41,8 @@ def test_deterministic_over_thread_counts():
     indices, weights, grad_out = torch.randint(0, 50, (4000, 16)), torch.randn(4000, 16), torch.randn(4000, 24)
     runs = []
     for threads in (1, 2):
-        old = _set_threads(threads)
-        try:
+        with torch_threads(threads):
             runs.append(value_grad_cpu(indices, weights, grad_out, 50, None))
-        finally:
-            torch.set_num_threads(old)
     assert torch.equal(*runs)
 
 
@@ -136,11 +124,8 @@ def test_fused_backward_matches_reference(T, L, N, d, keyed, threads, monkeypatc
     want_dv = value_grad_cpu(indices, weights, grad_out, N, bags)
     want_dw = weight_grad(values, indices, grad_out, bags)
     poison_allocations(monkeypatch)
-    old = _set_threads(threads)
-    try:
+    with torch_threads(threads):
         dv, dw = bag_backward_cpu(values, indices, weights, grad_out, bags)
-    finally:
-        torch.set_num_threads(old)
     assert torch.equal(dv, want_dv) and dw.shape == (T, L) and dw.dtype == torch.float32
     assert rel_err(dw, want_dw) < 1e-5 if T else dw.numel() == 0
 
@@ -184,11 +169,8 @@ def test_gather_dot_backward_matches_reference(T, L, N, d, threads, monkeypatch)
     want_table = value_grad_cpu(ids, grad_out, x, N)
     want_x = bag_forward(table, ids, grad_out)
     poison_allocations(monkeypatch)
-    old = _set_threads(threads)
-    try:
+    with torch_threads(threads):
         got_table, got_x = gather_dot_backward_cpu(table, ids, x, grad_out)
-    finally:
-        torch.set_num_threads(old)
     assert torch.equal(got_table, want_table)
     assert got_x.shape == (T, d) and (rel_err(got_x, want_x) < 1e-5 if T else True)
 

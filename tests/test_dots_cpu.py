@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from conftest import count_calls, poison_allocations, rel_err
+from conftest import count_calls, poison_allocations, rel_err, torch_threads
 
 pytest.importorskip("numba")
 
@@ -24,12 +24,8 @@ def test_matches_reference(T, L, N, d, keyed, threads, monkeypatch):
     x = torch.randn(11 if keyed else T, d)
     want = weight_grad(table, indices, x, bags)
     poison_allocations(monkeypatch)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got = dots_cpu(table, indices, x, bags)
-    finally:
-        torch.set_num_threads(old)
     assert got.shape == want.shape and got.dtype == torch.float32
     assert rel_err(got, want) < 1e-5 if want.numel() else got.numel() == 0
 
@@ -40,12 +36,8 @@ def test_strided_inputs_and_threads_agree():
     x = torch.randn(25, 3000).t()
     runs = []
     for threads in (1, 2):
-        old = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             runs.append(dots_cpu(table, indices, x))
-        finally:
-            torch.set_num_threads(old)
     assert torch.equal(*runs) and rel_err(runs[0], weight_grad(table, indices, x)) < 1e-5
 
 

@@ -3,7 +3,7 @@ numba kernels (``cpu_peer.py``) against the reference, and which path ``peer_rea
 
 import pytest
 import torch
-from conftest import count_calls, poison_allocations, rel_err
+from conftest import count_calls, poison_allocations, rel_err, torch_threads
 
 from memlayers.ops.peer_read import ACTIVATIONS, peer_read, reference
 
@@ -48,13 +48,9 @@ def test_kernels_match_reference(T, L, N, d_in, d_out, activation, threads, monk
     y, h = reference.peer_read(u, v, ids, weights, x, activation)
     want = (y, h, *reference.peer_read_backward(u, v, ids, weights, x, h, g, activation))
     poison_allocations(monkeypatch)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         y, h = cpu_peer.peer_read_cpu(u, v, ids, weights, x, activation)
         got = (y, h, *cpu_peer.peer_read_backward_cpu(u, v, ids, weights, x, h, g, activation))
-    finally:
-        torch.set_num_threads(old)
     for a, b in zip(got, want):
         assert a.shape == b.shape and (rel_err(a, b) < 1e-5 if b.abs().sum() else torch.equal(a, b))
 
@@ -113,13 +109,9 @@ def test_kernels_at_nan_and_inf_pre_activations_and_on_any_threads(activation):
     want = (y, h, *reference.peer_read_backward(u, v, ids, weights, x, h, g, activation))
     runs = []
     for threads in (1, 2):
-        old = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             y, h = cpu_peer.peer_read_cpu(u, v, ids, weights, x, activation)
             runs.append((y, h, *cpu_peer.peer_read_backward_cpu(u, v, ids, weights, x, h, g, activation)))
-        finally:
-            torch.set_num_threads(old)
     for a, b, c in zip(*runs, want):
         assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5, equal_nan=True)

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import count_calls, poison_allocations, rel_err
+from conftest import count_calls, poison_allocations, rel_err, torch_threads
 
 numba = pytest.importorskip("numba")
 
@@ -100,14 +100,10 @@ def test_empty_batch_and_strided_scores():
 
 def test_one_thread_and_many_give_the_same_ids():
     s1, s2 = torch.randn(2, 1500, 4, 64).unbind(0)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         one = product_key_select_cpu(s1, s2, 16)
-        torch.set_num_threads(2)
+    with torch_threads(2):
         two = product_key_select_cpu(s1, s2, 16)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(one, two)
     assert torch.equal(one, product_key_select(s1, s2, 16))
 
@@ -214,12 +210,8 @@ def test_tucker_empty_batch_strided_scores_and_threads():
         (torch.randn(600, 1, 2, 64).expand(600, 2, 2, 64), torch.randn(600, 2, 2, 128)[..., ::2]),  # stride 0 or 2
     ]
     for s_row, s_col in layouts:
-        threads = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1)
+        with torch_threads(1):
             one = tucker_select_cpu(s_row, s_col, u, v, core, 8, 8)
-        finally:
-            torch.set_num_threads(threads)
         two = tucker_select_cpu(s_row, s_col, u, v, core, 8, 8)
         assert all(torch.equal(x, y) for x, y in zip(one, two))
         assert_tucker_same(s_row, s_col, u, v, core, 8, 8)

@@ -3,7 +3,7 @@ both against autograd through the reference's forward, and the op's dispatch."""
 
 import pytest
 import torch
-from conftest import count_calls, poison_allocations, rel_err
+from conftest import count_calls, poison_allocations, rel_err, torch_threads
 
 from memlayers.ops.tucker_cells import cell_scores, cell_scores_backward, tucker_cells
 from memlayers.ops.tucker_cells.reference import side_scores_backward
@@ -35,12 +35,8 @@ def test_kernels_match_reference(T, H, r, k, C, threads, monkeypatch):
     sr, sc, cores, g = inputs(T, H, r, k, C)
     want, want_grads = cell_scores(sr, sc, cores), cell_scores_backward(sr, sc, cores, g)
     poison_allocations(monkeypatch)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got, got_grads = cpu_cells.cell_scores_cpu(sr, sc, cores), cpu_cells.cell_scores_backward_cpu(sr, sc, cores, g)
-    finally:
-        torch.set_num_threads(old)
     for a, b in zip((got, *got_grads), (want, *want_grads)):
         assert a.shape == b.shape and (rel_err(a, b) < 1e-5 if b.abs().sum() else torch.equal(a, b))
 
@@ -50,12 +46,8 @@ def test_cores_gradient_is_the_same_on_any_number_of_threads():
     sr, sc, cores, g = inputs(3000, 2, 2, 16, 2)
     runs = []
     for threads in (1, 2):
-        old = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             runs.append(cpu_cells.cell_scores_backward_cpu(sr, sc, cores, g))
-        finally:
-            torch.set_num_threads(old)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
@@ -132,12 +124,8 @@ def test_side_scores_backward_kernel_matches_reference(T, H, Q, r, n, d, k, thre
     args = sides(T, H, Q, r, n, d, k)
     want = side_scores_backward(*args)
     poison_allocations(monkeypatch)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got = cpu_cells.side_scores_backward_cpu(*args)
-    finally:
-        torch.set_num_threads(old)
     for a, b in zip(got, want):
         assert a.shape == b.shape and (rel_err(a, b) < 1e-5 if b.abs().sum() else torch.equal(a, b))
 
@@ -166,10 +154,6 @@ def test_kernels_give_the_same_floats_on_one_and_two_threads():
     cells, side_args = inputs(3000, 2, 2, 16, 2), sides(3000, 2, 2, 2, 40, 16, 16)
     runs = []
     for threads in (1, 2):
-        old = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             runs.append((cpu_cells.cell_scores_cpu(*cells[:3]), *cpu_cells.side_scores_backward_cpu(*side_args)))
-        finally:
-            torch.set_num_threads(old)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
