@@ -14,7 +14,7 @@ from torch.autograd.function import once_differentiable
 from ..dispatch import cpu_kernels, use_cpu_kernel
 from ..embedding_bag import embedding_bag
 from ..gather_dot import gather_dot
-from .reference import ACTIVATIONS
+from .reference import ACTIVATIONS, FUSED_ACTIVATIONS
 
 __all__ = ["ACTIVATIONS", "peer_read"]
 
@@ -37,7 +37,7 @@ def peer_read(
         raise ValueError(f"peer_read: activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"peer_read: ids must be int64 or int32, got {ids.dtype}")
-    fused = activation in ("identity", "relu") and not sparse_grad and not torch.compiler.is_compiling()
+    fused = activation in FUSED_ACTIVATIONS and not sparse_grad and not torch.compiler.is_compiling()
     if fused and use_cpu_kernel(impl, weights, u, v, x) and (kernels := cpu_kernels("peer_read.cpu_peer")):
         return _FusedRead.apply(u, v, ids.long(), weights, x, activation, kernels)
     h = gather_dot(u, ids, x, sparse_grad, impl=impl)  # (T, L) float32 (float64 for float64)

@@ -1,5 +1,5 @@
 """``reference.peer_read`` and its backward on CPU, compiled by numba, for float32 and the activations that are a
-compare or nothing ("identity", "relu": ``FUSED_ACTIVATIONS``; erf and exp per entry in scalar code would cost more
+compare or nothing (``reference.FUSED_ACTIVATIONS``; erf and exp per entry in scalar code would cost more
 than the passes fused away). The forward is one pass per token (each entry's dot with u, its gate, its share of v);
 the backward two passes at once on two of torch's threads (v's gradient scattered in entry order; per token the gate
 gradients, the weights' and x's), then u's gradient by destination. Sums within float32 rounding of the reference's
@@ -13,18 +13,18 @@ import torch
 from ..embedding_bag.cpu_bag_into import bag_into_cpu
 from ..embedding_bag.reference import check_ids
 from ..numba_threads import threads_for
+from .reference import FUSED_ACTIVATIONS
 
-FUSED_ACTIVATIONS = {"identity": 0, "relu": 1}
 TOKENS_PER_CHUNK = 256
 
 
 def peer_read_cpu(u, v, ids, weights, x, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference.peer_read`` for float32 CPU tensors: (y (T, d_out), h (T, L)); ids outside the tables are refused."""
-    code = _check(u, v, ids, weights, x, activation)
+    relu = _check(u, v, ids, weights, x, activation)
     T, L = ids.shape
     y, h = torch.empty(T, v.shape[1]), torch.empty(T, L)
     if T:
-        args = (_arr(ids), _arr(u), _arr(v), _arr(weights), _arr(x), code, y.numpy(), h.numpy())
+        args = (_arr(ids), _arr(u), _arr(v), _arr(weights), _arr(x), relu, y.numpy(), h.numpy())
         threads = threads_for(T, TOKENS_PER_CHUNK)
         if threads > 1:
             _forward_in_parallel(*args, 4 * threads)
@@ -35,19 +35,19 @@ def peer_read_cpu(u, v, ids, weights, x, activation: str) -> tuple[torch.Tensor,
 
 def peer_read_backward_cpu(u, v, ids, weights, x, h, grad, activation: str):
     """``reference.peer_read_backward`` for float32 CPU tensors: (d u, d v, d weights, d x)."""
-    code = _check(u, v, ids, weights, x, activation)
+    relu = _check(u, v, ids, weights, x, activation)
     T, L = ids.shape
     d_v, d_w, d_h, d_x = torch.empty(v.shape), torch.empty(T, L), torch.empty(T, L), torch.empty(x.shape)
-    args = (_arr(ids), _arr(u), _arr(v), _arr(weights), _arr(x), _arr(h), code, _arr(grad))
+    args = (_arr(ids), _arr(u), _arr(v), _arr(weights), _arr(x), _arr(h), relu, _arr(grad))
     if threads_for(2, 1) == 2:
         _backward_at_once(*args, d_v.numpy(), d_w.numpy(), d_h.numpy(), d_x.numpy())
     else:
-        _value_grad(args[0], args[3], args[5], code, args[7], d_v.numpy())
+        _value_grad(args[0], args[3], args[5], relu, args[7], d_v.numpy())
         _token_grads(*args, d_w.numpy(), d_h.numpy(), d_x.numpy(), 0, T)
     return bag_into_cpu(ids, d_h, None, x, u.shape[0]), d_v, d_w, d_x
 
 
-def _check(u, v, ids, weights, x, activation: str) -> int:
+def _check(u, v, ids, weights, x, activation: str) -> bool:
     T, L = ids.shape
     if u.shape[0] != v.shape[0] or weights.shape != (T, L) or x.shape != (T, u.shape[1]):
         raise ValueError(f"peer_read: need u (N, d_in), v (N, d_out), ids and weights (T, L), x (T, d_in), got "
@@ -57,11 +57,17 @@ def _check(u, v, ids, weights, x, activation: str) -> int:
         raise ValueError(f"peer_read: the CPU kernel takes the activations {tuple(FUSED_ACTIVATIONS)}, got "
                          f"{activation!r}; use the reference")  # fmt: skip
     check_ids("peer_read", "ids", ids, u.shape[0])
-    return FUSED_ACTIVATIONS[activation]
+    return activation == "relu"
 
 
 def _arr(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
+
+
+@numba.njit(inline="always")
+def _act(h, relu):
+    """relu(h) (NaN stays NaN, as torch's) or h."""
+    return max(h, np.float32(0.0)) if relu and h == h else h
 
 
 @numba.njit(parallel=True, cache=True)
@@ -73,7 +79,7 @@ def _forward_in_parallel(ids, u, v, w, x, relu, y, h, chunks):
 
 @numba.njit(cache=True, fastmath={"contract", "reassoc"})  # reassociation: each dot summed in vector lanes
 def _forward(ids, u, v, w, x, relu, y, h, lo, hi):
-    """y[t] and h[t] of the tokens lo..hi-1 (relu: 1 for relu, 0 for identity)."""
+    """y[t] and h[t] of the tokens lo..hi-1 (relu: True for relu, False for identity)."""
     for t in range(lo, hi):
         out, xt = y[t], x[t]
         out[:] = 0
@@ -84,7 +90,7 @@ def _forward(ids, u, v, w, x, relu, y, h, lo, hi):
             for q in range(xt.shape[0]):
                 acc += row[q] * xt[q]
             h[t, e] = acc
-            gate, value = w[t, e] * (max(acc, np.float32(0.0)) if relu and acc == acc else acc), v[i]
+            gate, value = w[t, e] * _act(acc, relu), v[i]
             for q in range(out.shape[0]):
                 out[q] += gate * value[q]
 
@@ -105,8 +111,7 @@ def _value_grad(ids, w, h, relu, grad, d_v):
     for t in range(ids.shape[0]):
         g = grad[t]
         for e in range(ids.shape[1]):
-            a = h[t, e]
-            row, gate = d_v[ids[t, e]], w[t, e] * (max(a, np.float32(0.0)) if relu and a == a else a)
+            row, gate = d_v[ids[t, e]], w[t, e] * _act(h[t, e], relu)
             for q in range(row.shape[0]):
                 row[q] += gate * g[q]
 
@@ -124,7 +129,7 @@ def _token_grads(ids, u, v, w, x, h, relu, grad, d_w, d_h, d_x, lo, hi):
             d_gate = np.float32(0.0)
             for q in range(g.shape[0]):
                 d_gate += value[q] * g[q]
-            d_w[t, e] = d_gate * (max(a, np.float32(0.0)) if relu and a == a else a)
+            d_w[t, e] = d_gate * _act(a, relu)
             dh = np.float32(0.0) if relu and a <= 0 else d_gate * w[t, e]  # NaN passes, as autograd's
             d_h[t, e] = dh
             row = u[i]

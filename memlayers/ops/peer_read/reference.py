@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from ..embedding_bag.reference import bag_forward, value_grad, weight_grad
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "identity": lambda h: h}
+FUSED_ACTIVATIONS = ("identity", "relu")  # what the CPU kernel fuses (``cpu_peer.py``)
 
 
 def activation_backward(grad: torch.Tensor, h: torch.Tensor, activation: str) -> torch.Tensor:

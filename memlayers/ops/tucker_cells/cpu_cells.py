@@ -70,8 +70,8 @@ def side_scores_backward_cpu(q, keys, i, j, g_row, g_col) -> tuple[torch.Tensor,
     if threads_for(2, 1) == 2:
         _sides_at_once(*args)
     else:
-        _query_grads(*args[:6], args[6])
-        _key_grads(*args[:6], args[7])
+        _side_grads(*args[:6], args[6], False)
+        _side_grads(*args[:6], args[7], True)
     return d_q, d_keys
 
 
@@ -150,42 +150,30 @@ def _backward(sr, sc, cores, grad, d_sr, d_sc, partial, chunk):
 def _sides_at_once(q, keys, i, j, g_row, g_col, d_q, d_keys):
     for task in numba.prange(2):
         if task == 0:
-            _query_grads(q, keys, i, j, g_row, g_col, d_q)
+            _side_grads(q, keys, i, j, g_row, g_col, d_q, False)
         else:
-            _key_grads(q, keys, i, j, g_row, g_col, d_keys)
+            _side_grads(q, keys, i, j, g_row, g_col, d_keys, True)
 
 
 @numba.njit(cache=True, fastmath={"contract"})  # fused multiply-adds, as torch's CPU bag
-def _query_grads(q, keys, i, j, g_row, g_col, d_q):
-    """d_q[t, h, a // (r / Q), side] = Σ_a Σ_k g[t, h, a, k] keys[h, side, a, chosen[t, h, k]], (a, k) in order."""
+def _side_grads(q, keys, i, j, g_row, g_col, out, into_keys):
+    """One pass over every chosen (token, head, side, rank, k) in order, its gradient g times the other factor:
+    into_keys False: out = d_q, ``d_q[t, h, a // (r / Q), side] += g keys[h, side, a, chosen]``; True: out = d_keys,
+    ``d_keys[h, side, a, chosen] += g q[t, h, a // (r / Q), side]`` (tokens in order, the reference's)."""
     T, H, Q = q.shape[:3]
     r, k = keys.shape[2], i.shape[2]
-    d_q[:] = 0
+    out[:] = 0
     for t in range(T):
         for h in range(H):
             for side in range(2):
                 chosen, g = (i, g_row) if side == 0 else (j, g_col)
                 for a in range(r):
-                    out = d_q[t, h, a // (r // Q), side]
+                    query = a // (r // Q)
                     for kk in range(k):
-                        row, w = keys[h, side, a, chosen[t, h, kk]], g[t, h, a, kk]
-                        for x in range(out.shape[0]):
-                            out[x] += w * row[x]
-
-
-@numba.njit(cache=True, fastmath={"contract"})
-def _key_grads(q, keys, i, j, g_row, g_col, d_keys):
-    """d_keys[h, side, a, chosen[t, h, k]] += g[t, h, a, k] q[t, h, a // (r / Q), side], tokens in order."""
-    T, H, Q = q.shape[:3]
-    r, k = keys.shape[2], i.shape[2]
-    d_keys[:] = 0
-    for t in range(T):
-        for h in range(H):
-            for side in range(2):
-                chosen, g = (i, g_row) if side == 0 else (j, g_col)
-                for a in range(r):
-                    x_row = q[t, h, a // (r // Q), side]
-                    for kk in range(k):
-                        out, w = d_keys[h, side, a, chosen[t, h, kk]], g[t, h, a, kk]
-                        for x in range(out.shape[0]):
-                            out[x] += w * x_row[x]
+                        key, w = chosen[t, h, kk], g[t, h, a, kk]
+                        if into_keys:
+                            dst, src = out[h, side, a, key], q[t, h, query, side]
+                        else:
+                            dst, src = out[t, h, query, side], keys[h, side, a, key]
+                        for x in range(dst.shape[0]):
+                            dst[x] += w * src[x]
