@@ -248,6 +248,38 @@ def test_row_sharded_peer_with_a_rank_nobody_reads():
     run(2, _sharded_peer_matches_one_process, "row", True, 10)
 
 
+def _empty_batches(rank, world):
+    """Every sharded store, both ways, reads 0 tokens on every rank: (0, out) outputs and (0, ...) gradients;
+    0 tokens on some ranks only is refused on every rank (none waits in a collective)."""
+    from memlayers.distributed import IVE_SHARDINGS, PEER_SHARDINGS
+    from memlayers.memory.stores import ImplicitValueExpansion, PEERExperts
+
+    torch.manual_seed(0)
+    stores = [(SCHEMES[s], ValueTable(N, D), 0) for s in SCHEMES]
+    stores += [(PEER_SHARDINGS[s], PEERExperts(N, 8, 12), 8) for s in PEER_SHARDINGS]  # x: (T, in_dim 8)
+    stores += [(IVE_SHARDINGS[s], ImplicitValueExpansion(N, D, 3, 10, cores=3), 0) for s in IVE_SHARDINGS]
+    for cls, store, in_dim in stores:
+        sharded = cls(store)
+
+        def inputs(tokens):  # ids (tokens, H, K), weights (tokens, H, K), x (tokens, in_dim) or None
+            x = torch.zeros(tokens, in_dim, requires_grad=True) if in_dim else None
+            return torch.zeros(tokens, H, K, dtype=torch.long), torch.zeros(tokens, H, K, requires_grad=True), x
+
+        ids, weights, x = inputs(0)
+        out = sharded(ids, weights, x)
+        assert out.shape == store(ids, weights, x).shape == (0, out.shape[1]), cls.__name__
+        out.sum().backward()
+        assert weights.grad.shape == weights.shape and not any(
+            p.grad is not None and p.grad.to_dense().any() for p in sharded.parameters()
+        ), cls.__name__
+        with pytest.raises(ValueError, match=r"read \[0, 5\] tokens in this call"):
+            sharded(*inputs(T * rank))  # 0 tokens on rank 0 only
+
+
+def test_sharded_stores_read_an_empty_batch():
+    run(2, _empty_batches)
+
+
 def _sharded_refuses(rank, world, scheme):
     cls = SCHEMES[scheme]
     if scheme == "columns":

@@ -21,7 +21,7 @@ class _AllGatherRows(torch.autograd.Function):
         G = dist.get_world_size(ctx.group)
         blocks = torch.empty_like(grad)
         dist.all_to_all_single(blocks, grad.contiguous(), group=ctx.group)
-        return blocks.view(G, -1, *grad.shape[1:]).sum(0), None
+        return blocks.view(G, grad.shape[0] // G, *grad.shape[1:]).sum(0), None  # no -1: T may be 0
 
 
 class _AllToAllRows(torch.autograd.Function):

@@ -71,8 +71,9 @@ class ColumnShardedIVE(ShardedIVE):
         all_w = all_gather_rows(w, self.group)[..., self.slice_cores]  # (G*T, L, local slices)
         block, row = self.kind.slots(self, all_ids)
         part = pool(self.weight, block, row, all_w, self.expansion, self.sparse_grad)  # (G*T, E, d_v/G)
-        mine = all_to_all_rows(part.reshape(G * T, -1), self.group)  # block i: rank i's columns of our tokens
-        return mine.view(G, T, self.expansion, -1).permute(1, 2, 0, 3).reshape(T, self.expansion, self.value_dim)
+        mine = all_to_all_rows(part.flatten(1), self.group)  # block i: rank i's columns of our tokens
+        mine = mine.view(G, T, self.expansion, self.value_dim // G)  # no -1: T may be 0
+        return mine.permute(1, 2, 0, 3).reshape(T, self.expansion, self.value_dim)
 
     def extra_repr(self) -> str:
         return (

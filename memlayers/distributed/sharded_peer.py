@@ -59,17 +59,18 @@ class ColumnShardedPEER(ShardedStore):
                 f"got {tuple(weights.shape)}"
             )
         T, G = ids.shape[0], self.world
+        in_cols, out_cols = self.in_dim // G, self.out_dim // G  # no -1 in the views: T may be 0
         self._check_inputs(ids)
         all_ids = all_gather_rows(ids.flatten(1), self.group)  # (G*T, L)
         all_weights = all_gather_rows(weights.flatten(1), self.group)
         # every token's slice of x that our u columns dot with: column block j of our x goes to rank j
-        blocks = x.reshape(T, G, -1).transpose(0, 1).reshape(G * T, -1)  # (G*T, i/G), block j = columns of rank j
+        blocks = x.reshape(T, G, in_cols).transpose(0, 1).reshape(G * T, in_cols)  # (G*T, i/G)
         all_x = all_to_all_rows(blocks, self.group)  # (G*T, i/G): block s = rank s's tokens, our columns
         h = all_reduce_sum(gather_dot(self.u, all_ids, all_x, self.sparse_grad), self.group)  # (G*T, L) whole
         gates = all_weights * ACTIVATIONS[self.activation](h)
         part = embedding_bag(self.v, all_ids, gates, sparse_grad=self.sparse_grad)  # (G*T, o/G)
         mine = all_to_all_rows(part, self.group)  # block i: rank i's columns of our tokens
-        return mine.view(G, T, -1).transpose(0, 1).reshape(T, self.out_dim)
+        return mine.view(G, T, out_cols).transpose(0, 1).reshape(T, self.out_dim)
 
     def extra_repr(self) -> str:
         return (
@@ -111,7 +112,7 @@ class RowShardedPEER(ShardedStore):
                 f"RowShardedPEER: weights must have the ids' shape {tuple(ids.shape)} (one gate per expert), "
                 f"got {tuple(weights.shape)}"
             )
-        T, G, L = ids.shape[0], self.world, ids[0].numel()
+        T, G, L = ids.shape[0], self.world, ids.shape[1:].numel()
         self._check_inputs(ids)
         ids, weights = ids.reshape(-1), weights.reshape(-1)
         owner = torch.div(ids, self.block, rounding_mode="floor")

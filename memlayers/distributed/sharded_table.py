@@ -193,7 +193,7 @@ class ColumnShardedTable(ShardedTable):
             self.weight, all_ids, all_weights, sparse_grad=self.sparse_grad, value_grad_sink=self.value_grad_sink
         )  # (G*T, d/G)
         mine = all_to_all_rows(part, self.group)  # (G*T, d/G): block i holds rank i's columns of our tokens
-        return mine.view(G, T, -1).transpose(0, 1).reshape(T, self.dim)
+        return mine.view(G, T, self.dim // G).transpose(0, 1).reshape(T, self.dim)  # no -1: T may be 0
 
     def split(self, param: nn.Parameter | None = None) -> tuple[int, int]:
         return 1, self.dim
@@ -224,7 +224,7 @@ class RowShardedTable(ShardedTable):
         super().__init__(table, group, table.weight[slice(*self.rows)])  # (rows, d)
 
     def bag(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        T, G, L = ids.shape[0], self.world, ids[0].numel()
+        T, G, L = ids.shape[0], self.world, ids.shape[1:].numel()
         self._check_inputs(ids)
         ids, weights = ids.reshape(-1), weights.reshape(-1)  # (T*L,)
         owner = torch.div(ids, self.block, rounding_mode="floor")
