@@ -5,8 +5,21 @@ from pathlib import Path
 
 import pytest
 
+from memlayers.memory import registry
+
 README = (Path(__file__).parent.parent / "README.md").read_text()
 BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
+@pytest.fixture(autouse=True)
+def _restore_registries():
+    """A block may register a kind or preset (the "write your own memory" example): undo it after the test, so
+    later tests (and a rerun of the block) see only the library's own."""
+    saved = [(table, dict(table)) for table in (registry.KINDS, registry.PRESETS)]
+    yield
+    for table, entries in saved:  # in place: other modules hold these dicts
+        table.clear()
+        table.update(entries)
 
 
 def test_the_readme_has_python_examples():
