@@ -267,6 +267,32 @@ def test_layer_in_pieces_equals_one_call():
     assert rel_err(torch.cat(pieces, 1), full) < 1e-5
 
 
+def test_padding_is_the_outside_of_the_sequence():
+    """A left-padded row's real tokens get what they get unpadded (n-gram rows and the conv alike), whatever the
+    pad ids; in pieces with a decoding state too."""
+    layer = small(hash_heads=3, d_ngram=6, table_size=17).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.5)
+    tokens, x = torch.randint(0, 40, (2, 9)), torch.randn(2, 9, 16)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, :4] = False
+    out = layer(x, mask=mask, token_ids=tokens)
+    alone = layer(x[1:, 4:], token_ids=tokens[1:, 4:])
+    assert rel_err(out[1, 4:], alone[0]) < 1e-5 and rel_err(out[0], layer(x[:1], token_ids=tokens[:1])[0]) < 1e-5
+    unmasked = layer(x, token_ids=tokens)  # without the mask the pads are tokens: the first real ones differ
+    assert rel_err(unmasked[1, 4:6], alone[0, :2]) > 1e-2
+    state, pieces = {}, []
+    for part in (slice(0, 5), slice(5, 6), slice(6, 9)):
+        pieces.append(layer(x[:, part], mask=mask[:, part], token_ids=tokens[:, part], state=state))
+    assert rel_err(torch.cat(pieces, 1), out) < 1e-5
+    a = layer.addressing
+    ids = a(None, mask.reshape(-1), tokens)[0].view(2, 9, -1)
+    padded = tokens.clone()
+    padded[1, :4] = PAD_ID
+    assert torch.equal(ids, a(None, None, padded)[0].view(2, 9, -1))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_close_to_fp32(device):
     layer = small().to(device)

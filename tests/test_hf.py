@@ -14,6 +14,7 @@ from memlayers.integrations.hf import (  # noqa: E402
     MemoryMLP,
     add_memory_layers,
     after_step_callback,
+    aux_loss,
     from_pretrained,
     memory_layers,
 )
@@ -104,17 +105,44 @@ def test_the_memory_sees_the_padding_mask_and_decoding_steps(monkeypatch):
     assert all(s[1].tolist() == [[True], [True]] for s in seen[1:])
 
 
-def test_ngram_memory_decodes_with_the_cache_as_without():
-    model = tiny("qwen3")
+def with_engram(family: str = "qwen3") -> torch.nn.Module:
+    model = tiny(family)
     add_memory_layers(model, layers="1", preset="engram", mode="beside", hash_heads=2, d_ngram=16, table_size=64)
     with torch.no_grad():
         for p in memory_layers(model)[0][1].parameters():  # an untrained engram's output is tiny: make it count
             p.normal_(0, 0.5)
-    model.eval()
+    return model.eval()
+
+
+def test_ngram_memory_decodes_with_the_cache_as_without():
+    model = with_engram()
     x, mask = batch()
     cached = model.generate(x, attention_mask=mask, max_new_tokens=8, do_sample=False)
     full = model.generate(x, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=False)
     assert torch.equal(cached, full)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gpt2"])
+def test_an_ngram_memory_reads_a_left_padded_sequence_as_unpadded(family):
+    model = with_engram(family)
+    x, mask = batch()  # row 1: 3 pad positions, then 7 tokens
+    x[1, :3] = 0  # the pad id: the n-grams of the first real tokens must not see it
+    alone = x[1:, 3:]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers them
+    with torch.no_grad():
+        padded = model(input_ids=x, attention_mask=mask, position_ids=positions).logits[1, 3:]
+        plain = model(input_ids=alone).logits[0]
+    assert torch.allclose(padded, plain, rtol=1e-4, atol=1e-4)
+    out = model.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[1, 3:], model.generate(alone, max_new_tokens=6, do_sample=False, pad_token_id=0)[0])
+
+
+def test_beam_search_reorders_the_ngram_memory_state_with_the_cache():
+    model = with_engram()
+    x, mask = batch()
+    kw = dict(attention_mask=mask, max_new_tokens=8, num_beams=3, num_return_sequences=3, do_sample=False)
+    cached = model.generate(x, **kw)
+    assert torch.equal(cached, model.generate(x, use_cache=False, **kw))  # no state: every step sees the whole text
 
 
 def test_an_ngram_memory_refuses_a_cache_it_did_not_see_grow():
@@ -174,10 +202,13 @@ def test_auxiliary_losses_join_the_training_loss():
     model.train()
     out = model(input_ids=x, labels=x)
     aux = memory_layers(model)[0][1].aux_loss().item()
+    assert aux_loss(model).item() == aux and aux_loss(tiny("llama")) is None
     assert aux > 0 and out.loss.item() == pytest.approx(next_token_ce(out.logits) + aux, rel=1e-5)
     n = int((x[:, 1:] != -100).sum())  # Trainer with gradient accumulation: this batch is half of the tokens
     half = model(input_ids=x, labels=x, num_items_in_batch=torch.tensor(2 * n))
     assert half.loss.item() == pytest.approx((next_token_ce(half.logits) + aux) / 2, rel=1e-5)
+    as_tuple = model(input_ids=x, labels=x, return_dict=False)
+    assert isinstance(as_tuple, tuple) and as_tuple[0].item() == pytest.approx(out.loss.item(), rel=1e-6)
     model.eval()  # no auxiliary loss in evaluation
     out = model(input_ids=x, labels=x)
     assert out.loss.item() == pytest.approx(next_token_ce(out.logits), rel=1e-5)

@@ -14,13 +14,16 @@
 replaces the MLP (``mode="replace"``) or is added to its output (``"beside"``). Any model whose decoder layers
 sit in one ``nn.ModuleList`` and have an ``mlp`` taking the normalised hidden states works (Llama, Qwen2/3,
 Mistral, GPT-2, ...). Around the model's forward, hooks hand the memory layers what an MLP never sees: the
-attention mask (so padding stays out of query BatchNorm statistics and usage metrics), the token ids (n-gram
-memories) and a decoding state per sequence (n-gram memories under ``generate``; beam search, which reorders
-the sequences, is not supported for them), and in training add the memories' auxiliary losses to the loss.
+attention mask (so padding stays out of query BatchNorm statistics and usage metrics, and n-gram memories
+treat it as the outside of the sequence), the token ids (n-gram memories) and a decoding state per sequence
+(n-gram memories under ``generate``; beam search reorders it with the cache), and in training add the memories'
+auxiliary losses to the loss.
 """
 
+import inspect
 import json
 import os
+import types
 
 import torch
 from torch import nn
@@ -89,6 +92,13 @@ def memory_layers(model: nn.Module) -> list[tuple[int, MemoryLayer]]:
     """[(decoder layer index, its MemoryLayer), ...] of a model ``add_memory_layers`` changed."""
     _, layers = decoder_layers(model)
     return [(i, layer.mlp.memory) for i, layer in enumerate(layers) if isinstance(layer.mlp, MemoryMLP)]
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """The sum of the memories' auxiliary losses from the model's last forward, or None when none has one: what
+    the model adds to its training loss, to add yourself where the loss is computed outside the model."""
+    losses = [a for _, m in memory_layers(model) if (a := m.aux_loss()) is not None]
+    return sum(losses) if losses else None
 
 
 def add_memory_layers(
@@ -186,36 +196,56 @@ def _install_hooks(model: nn.Module, base: nn.Module, rel: str, path: str) -> No
             elif w.seen != seen and w.memory.needs_token_ids:  # n-gram memories keep a history of the tokens
                 raise ValueError(
                     f"memory layer: the cache holds {seen} tokens but the memory's decoding state {w.seen}; an n-gram "
-                    "memory needs every token through the model in order (no cache reuse, assisted decoding or "
-                    "beam search): use greedy or sampled generate"
+                    "memory needs every token through the model in order (no cache reuse or assisted decoding): "
+                    "use greedy, sampled or beam-search generate"
                 )
             if w.seen is not None and ids is not None:
                 w.seen += ids.shape[-1]
 
     def add_aux_loss(module, args, kwargs, output):
-        loss = getattr(output, "loss", None)
+        labels = kwargs.get("labels")
+        as_tuple = isinstance(output, tuple)  # return_dict=False: (loss, logits, ...) when labels are given
+        loss = (output[0] if labels is not None and output else None) if as_tuple else getattr(output, "loss", None)
         if module.training and loss is not None:
             mlps = [layer.mlp for layer in module.get_submodule(path)]  # not memory_layers: no module walk per step
             aux = [a for m in mlps if isinstance(m, MemoryMLP) and (a := m.memory.aux_loss()) is not None]
             if aux:
                 aux = sum(aux)
-                labels, total = kwargs.get("labels"), kwargs.get("num_items_in_batch")
+                total = kwargs.get("num_items_in_batch")
                 if labels is not None and total is not None:  # the loss is a share of an accumulated batch's
                     aux = aux * (labels[..., 1:] != -100).sum() / total
+                if as_tuple:
+                    return (loss + aux, *output[1:])
                 output.loss = loss + aux
         return output
 
+    def reorder_cache(self, cache, beam_idx: torch.Tensor):
+        """Beam search's reordering of the sequences (``generate`` calls it when a model defines it): the
+        cache's, then every memory's decoding state's (all its tensors hold one row per sequence)."""
+        own = inspect.getattr_static(type(self), "_reorder_cache", None)  # a method or staticmethod of its class
+        if own is not None:  # (RAG, RecurrentGemma)
+            cache = own.__get__(self, type(self))(cache, beam_idx)
+        else:
+            cache.reorder_cache(beam_idx)
+        for layer in self.get_submodule(path):
+            w = layer.mlp
+            if isinstance(w, MemoryMLP) and w.state:
+                w.state = {k: t.index_select(0, beam_idx.to(t.device)) for k, t in w.state.items()}
+        return cache
+
     base.register_forward_pre_hook(set_context, with_kwargs=True)
     model.register_forward_hook(add_aux_loss, with_kwargs=True)
+    model._reorder_cache = types.MethodType(reorder_cache, model)  # a deep copy binds its copy to the copied model
     model._memlayers_hooks = True
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
     """The causal LM ``save_pretrained`` wrote to ``path`` after ``add_memory_layers``: built from its
-    ``config.json`` (transformers' ``AutoModelForCausalLM.from_config``), its memory layers added again from
-    the config's ``memlayers`` entry, then every weight loaded from the directory's safetensors files (one
-    or sharded) and checked, and its ``generation_config.json`` read: a weight missing (other than one tied to a loaded one) or left over is an error.
-    dtype: None = the checkpoint's floating dtype.
+    ``config.json`` (transformers' ``AutoModelForCausalLM.from_config``, in ``dtype``), its memory layers added
+    again from the config's ``memlayers`` entry, then every weight loaded from the directory's safetensors files
+    (one or sharded, memory-mapped) and checked, and its ``generation_config.json`` read: a weight missing (other
+    than one tied to a loaded one) or left over is an error.
+    dtype: None = the checkpoint's floating dtype (the most common one).
     """
     from .._extras import require
 
@@ -244,7 +274,9 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     state = {}
     for file in files:
         state.update(load_file(file))
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    floating = [t.dtype for t in state.values() if t.is_floating_point()]
+    dtype = dtype or (max(set(floating), key=floating.count) if floating else torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)  # not the config's: no cast after
     for entry in entries:
         entry = dict(entry)
         add_memory_layers(model, **entry.pop("options"), **entry)
@@ -262,8 +294,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None) -
         )
     if os.path.isfile(os.path.join(path, "generation_config.json")):  # eos ids, sampling defaults
         model.generation_config = transformers.GenerationConfig.from_pretrained(path)
-    floating = [t.dtype for t in state.values() if t.is_floating_point()]
-    return model.to(dtype or max(set(floating), key=floating.count)).eval()
+    return model.to(dtype).eval()
 
 
 def after_step_callback():

@@ -192,7 +192,7 @@ class MemoryLayer(nn.Module):
             self.usage.update(ids, weights.abs().sum(-1) if weights.dim() == 4 else weights, flat_mask)
         y = self.store(ids, weights, x)  # (T, d_v)
         y = self.value_dropout(y.to(x.dtype))
-        return self.readout(y, x, lead, state).reshape(*lead, dim)
+        return self.readout(y, x, lead, state, flat_mask).reshape(*lead, dim)
 
     def extra_repr(self) -> str:
         if "store" in self._modules:

@@ -140,10 +140,11 @@ class ValueStore(MemoryPart):
 
 
 class Readout(MemoryPart):
-    """Maps what the store read back to the model: forward(y (T, d_v), x (T, dim), lead, state) -> (T, dim).
+    """Maps what the store read back to the model: forward(y (T, d_v), x (T, dim), lead, state, mask) -> (T, dim).
 
     ``lead`` is the input's leading shape (e.g. (B, S)), for readouts that act along the sequence;
-    ``state`` a dict kept across incremental decoding calls (None when not decoding).
+    ``state`` a dict kept across incremental decoding calls (None when not decoding); ``mask`` (T,) bool or
+    None, True = real token: a readout acting along the sequence treats padding as the sequence's outside.
     """
 
 

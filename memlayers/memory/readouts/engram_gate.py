@@ -32,7 +32,9 @@ class EngramReadout(Readout):
 
     The sequences are the input's leading shape ``lead`` (..., S): each of its prod(lead[:-1]) rows is one
     sequence. With ``state`` (decoding) the conv's last (kernel - 1) * dilation inputs of each sequence are
-    kept, so feeding a sequence in pieces gives the output of one call on the whole of it.
+    kept, so feeding a sequence in pieces gives the output of one call on the whole of it. Padding (``mask``
+    False) enters the conv as zeros, like the positions before a sequence's start: a left-padded sequence's
+    real tokens get the output they get unpadded.
 
     W_k, W_v: Linear(in_dim, dim) with bias, weights N(0, in_dim^-1/2), zero biases; RMSNorms with gains.
     """
@@ -70,13 +72,19 @@ class EngramReadout(Readout):
         q = rms_norm(self.query_norm, x, acc)
         return torch.sigmoid(signed_sqrt((k * q).sum(-1, keepdim=True) / math.sqrt(self.dim)))
 
-    def short_conv(self, v: torch.Tensor, lead: tuple[int, ...], state: dict | None) -> torch.Tensor:
-        """v (T, dim) -> (T, dim): silu(causal depthwise conv of RMSNorm(v)) along each sequence of ``lead``."""
+    def short_conv(
+        self, v: torch.Tensor, lead: tuple[int, ...], state: dict | None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """v (T, dim) -> (T, dim): silu(causal depthwise conv of RMSNorm(v)) along each sequence of ``lead``;
+        mask (T,) bool or None: padding enters the conv as zeros."""
         seq = lead[-1] if len(lead) else 1
         rows = math.prod(lead[:-1]) if len(lead) else 1
         back = (self.conv.kernel_size[0] - 1) * self.conv.dilation[0]
         acc = torch.promote_types(v.dtype, torch.float32)
-        u = rms_norm(self.conv_norm, v, acc).to(v.dtype).view(rows, seq, self.dim).transpose(1, 2)  # (rows, dim, seq)
+        u = rms_norm(self.conv_norm, v, acc).to(v.dtype)
+        if mask is not None:
+            u = u * mask.unsqueeze(-1).to(u.dtype)
+        u = u.view(rows, seq, self.dim).transpose(1, 2)  # (rows, dim, seq)
         history = None if state is None else state.get("conv_history")
         if history is None:
             history = u.new_zeros(rows, self.dim, back)  # zero padding before the sequence's start
@@ -90,7 +98,9 @@ class EngramReadout(Readout):
         out = F.silu(self.conv(u))  # (rows, dim, seq)
         return out.transpose(1, 2).reshape(rows * seq, self.dim)
 
-    def forward(self, y: torch.Tensor, x: torch.Tensor, lead=None, state: dict | None = None) -> torch.Tensor:
+    def forward(
+        self, y: torch.Tensor, x: torch.Tensor, lead=None, state: dict | None = None, mask=None
+    ) -> torch.Tensor:
         lead = tuple(x.shape[:1]) if lead is None else tuple(lead)
         v = self.gate(y, x).to(x.dtype) * self.value_proj(y)
-        return v if self.conv is None else v + self.short_conv(v, lead, state)
+        return v if self.conv is None else v + self.short_conv(v, lead, state, mask)

@@ -32,7 +32,7 @@ class ProjectedReadout(Readout):
     def flops_per_token(self) -> int:
         return linear_flops(self.gate_proj, self.out_proj)
 
-    def forward(self, y: torch.Tensor, x: torch.Tensor, lead=None, state=None) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, x: torch.Tensor, lead=None, state=None, mask=None) -> torch.Tensor:
         if self.gate_proj is not None:
             y = y * F.silu(self.gate_proj(x))
         if self.out_proj is not None:
