@@ -29,7 +29,6 @@ Writes ``results.{json,md}`` and ``learning_vs_forgetting.png`` and prints the t
 
 import copy
 import json
-import math
 import os
 import sys
 import time
@@ -48,7 +47,7 @@ from ..finetune import Background, SparseMemoryFinetuning, record_background
 from ..model import Transformer
 from ..model.config import MemorySpec, ModelConfig
 from ..optim import build_optimizer
-from ..train import atomic_write
+from ..train import atomic_write, lr_multiplier
 
 ARMS = ("full", "lora", "memory", "sparse_memory")
 
@@ -182,8 +181,7 @@ def pretrain(task: ContinualTask, world: World, seed: int, run_dir: str, show: b
     tqdm = require("tqdm", "train").tqdm
     tic = time.perf_counter()
     for step in tqdm(range(task.pretrain_steps), desc=f"pretrain.seed{seed}", leave=False, disable=not show):
-        progress = max(0.0, (step - warmup) / max(1, task.pretrain_steps - warmup))
-        scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+        scale = lr_multiplier(step + 1, task.pretrain_steps, warmup, min_lr_ratio=0.1)  # the trainer's schedule
         for group, lr in zip(optimizer.param_groups, peak):
             group["lr"] = lr * scale
         x, y = stream.batch(step, task.batch_size)
