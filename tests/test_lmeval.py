@@ -85,6 +85,19 @@ def test_generate_until_decodes_greedily_and_stops_at_the_stop_string(run):
         assert cut == free[: free.find(stop)]
 
 
+def test_generation_in_batches_is_generation_one_request_at_a_time(run):
+    out, data = run
+    text = data.tokenizer.decode
+    contexts = [text(p.prompt[1:]) for p in data.probes("records")[:10]] + [text(data.documents[0][1:3])]
+    args = [(c, {"max_gen_toks": 3 + i % 2, "until": ["\n"]}) for i, c in enumerate(contexts)]
+    batched = MemlayersLM(str(out), batch_size="auto").generate_until(requests("generate_until", *args))
+    assert MemlayersLM(str(out), batch_size="auto:4").batch_size == 16
+    single = MemlayersLM(str(out), batch_size=1)
+    assert batched == [single.generate_until(requests("generate_until", a))[0] for a in args]
+    with pytest.raises(ValueError, match="batch_size must be a whole number >= 1 or 'auto', got 'fast'"):
+        MemlayersLM(str(out), batch_size="fast")
+
+
 def write_task(folder, data) -> None:
     text = data.tokenizer.decode
     rows = [{"prompt": text(p.prompt[1:]), "answer": text(p.answer)} for p in data.probes("records")[:12]]

@@ -16,7 +16,9 @@ world's word vocabulary, where a word outside it is an error naming it; text run
 * ``generate_until(context, {"until", "max_gen_toks", "temperature", ...})``: decoding with the KV cache
   (``Transformer.generate``; greedy unless ``do_sample`` with ``temperature`` > 0), cut at the first stop string.
 
-Scoring runs in batches of equal length (no padding); generation one request at a time. One process.
+Scoring runs in batches of equal length (no padding); so does generation: requests with prompts of one length
+and the same length and temperature decode together (greedy: the tokens of one request at a time; sampled: other
+draws). ``batch_size="auto"`` (lm-eval's ``--batch_size auto``) is the default 16: nothing is probed. One process.
 """
 
 from .._extras import require
@@ -35,7 +37,8 @@ from ..generate_cli import encode_prompt  # noqa: E402
 @register_model("memlayers")
 class MemlayersLM(LM):
     """checkpoint: a run directory, checkpoint file or exported .safetensors file; device; batch_size: rows per
-    forward; max_gen_toks: the default generation length when a request gives none."""
+    forward (or "auto", "auto:N": the default); max_gen_toks: the default generation length when a request gives
+    none."""
 
     def __init__(self, checkpoint: str, device: str = "cpu", batch_size: int | str = 16, max_gen_toks: int = 64):
         super().__init__()
@@ -46,8 +49,10 @@ class MemlayersLM(LM):
         self.config, self.model, _ = load_checkpoint(checkpoint, device=self._device)
         self.model.eval()
         self.tokenizer = build_tokenizer(self.config.data)
+        if str(batch_size).split(":")[0] == "auto":
+            batch_size = 16
         if not str(batch_size).isdigit() or int(batch_size) < 1:
-            raise ValueError(f"MemlayersLM: batch_size must be a whole number >= 1 (no 'auto'), got {batch_size!r}")
+            raise ValueError(f"MemlayersLM: batch_size must be a whole number >= 1 or 'auto', got {batch_size!r}")
         self.batch_size, self.max_gen_toks = int(batch_size), int(max_gen_toks)
         self.max_length = self.model.config.max_seq_len
 
@@ -103,24 +108,26 @@ class MemlayersLM(LM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        results = []
-        for context, kwargs in (r.args for r in requests):
+        results: list = [None] * len(requests)
+        groups: dict = {}  # (prompt length, max_new, temperature) -> [(request index, prompt, stop strings)]
+        for i, (context, kwargs) in enumerate(r.args for r in requests):
             kwargs = dict(kwargs or {})
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
             prompt = encode_prompt(self.tokenizer, context)[-self.max_length :]
-            x = torch.tensor([prompt], device=self._device)
-            new = self.model.generate(x, max_new, temperature=temperature, eos_id=self.tokenizer.eos_id)[
-                0, len(prompt) :
-            ]
-            new = new.tolist()
-            if self.tokenizer.eos_id in new:
-                new = new[: new.index(self.tokenizer.eos_id)]
-            text = self.tokenizer.decode(new)
-            cut = [text.find(stop) for stop in until if stop and stop in text]
-            results.append(text[: min(cut)] if cut else text)
+            groups.setdefault((len(prompt), max_new, temperature), []).append((i, prompt, until))
+        eos = self.tokenizer.eos_id
+        for (length, max_new, temperature), items in groups.items():
+            for start in range(0, len(items), self.batch_size):
+                chunk = items[start : start + self.batch_size]
+                x = torch.tensor([prompt for _, prompt, _ in chunk], device=self._device)
+                new = self.model.generate(x, max_new, temperature=temperature, eos_id=eos)[:, length:].tolist()
+                for (i, _, until), tokens in zip(chunk, new):
+                    text = self.tokenizer.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens)
+                    cut = [text.find(stop) for stop in until if stop and stop in text]
+                    results[i] = text[: min(cut)] if cut else text
         return results
 
 
