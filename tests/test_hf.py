@@ -17,6 +17,7 @@ from memlayers.integrations.hf import (  # noqa: E402
     aux_loss,
     from_pretrained,
     memory_layers,
+    memory_modules,
 )
 
 V = 97
@@ -233,6 +234,28 @@ def test_transformers_trainer_trains_the_memories(tmp_path):
     assert not torch.equal(memory_layers(model)[0][1].store.weight, before)
     restart = memory_layers(model)[0][1].addressing.restarts
     assert restart is not None and int(restart.steps) == 4  # after_step ran after every optimizer step
+
+
+def test_lora_adapters_train_beside_the_memories_then_merge_and_round_trip(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = with_memories("llama")
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert not any(p.requires_grad for m in memory_modules(lora) for p in m.parameters())  # peft froze them
+    for m in memory_modules(lora):
+        m.requires_grad_(True)
+    pool = model.memlayers_pools["values"]
+    assert memory_modules(lora)[-1] is model.memlayers_pools and memory_layers(lora)[0][1].store is pool
+    before, x = pool.weight.detach().clone(), batch()[0]
+    opt = build_optimizer(lora, lr=1e-2)
+    for _ in range(3):
+        loss = lora(input_ids=x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert not torch.equal(pool.weight, before)
+    merged = lora.merge_and_unload().eval()  # the adapters folded in: a plain transformers model with memories
+    merged.save_pretrained(tmp_path)
+    assert torch.allclose(from_pretrained(tmp_path)(input_ids=x).logits, merged(input_ids=x).logits, atol=1e-6)
 
 
 def test_bad_input(tmp_path):

@@ -94,6 +94,13 @@ def memory_layers(model: nn.Module) -> list[tuple[int, MemoryLayer]]:
     return [(i, layer.mlp.memory) for i, layer in enumerate(layers) if isinstance(layer.mlp, MemoryMLP)]
 
 
+def memory_modules(model: nn.Module) -> list[nn.Module]:
+    """The memory layers and the module of shared value pools ``add_memory_layers`` added, e.g. to train them
+    beside LoRA adapters: ``for m in memory_modules(peft_model): m.requires_grad_(True)`` (``peft`` freezes them)."""
+    pools = getattr(model, POOLS, None)
+    return [m for _, m in memory_layers(model)] + ([pools] if pools is not None else [])
+
+
 def aux_loss(model: nn.Module) -> torch.Tensor | None:
     """The sum of the memories' auxiliary losses from the model's last forward, or None when none has one: what
     the model adds to its training loss, to add yourself where the loss is computed outside the model."""
