@@ -158,6 +158,10 @@ def test_canonical_ids_hash_equal_tokens_alike():
         a.set_id_map(torch.arange(4))
     with pytest.raises(ValueError, match="no id_map"):
         small().addressing.set_id_map(torch.arange(5))
+    padded, mask = torch.tensor([-100, 1, 3, 4]), torch.tensor([False, True, True, True])  # padding's id: no token's
+    assert torch.equal(a(None, mask, padded)[0][1:], a(None, None, torch.tensor([1, 3, 4]))[0])
+    with pytest.raises(ValueError, match="token ids must be in"):
+        a(None, None, padded)  # unmasked, -100 is a bad id
 
 
 # ---- the store

@@ -204,12 +204,14 @@ def test_auxiliary_losses_join_the_training_loss():
     out = model(input_ids=x, labels=x)
     aux = memory_layers(model)[0][1].aux_loss().item()
     assert aux_loss(model).item() == aux and aux_loss(tiny("llama")) is None
-    assert aux > 0 and out.loss.item() == pytest.approx(next_token_ce(out.logits) + aux, rel=1e-5)
     n = int((x[:, 1:] != -100).sum())  # Trainer with gradient accumulation: this batch is half of the tokens
     half = model(input_ids=x, labels=x, num_items_in_batch=torch.tensor(2 * n))
     assert half.loss.item() == pytest.approx((next_token_ce(half.logits) + aux) / 2, rel=1e-5)
+    assert aux > 0 and out.loss.item() == pytest.approx(next_token_ce(out.logits) + aux, rel=1e-5)
     as_tuple = model(input_ids=x, labels=x, return_dict=False)
     assert isinstance(as_tuple, tuple) and as_tuple[0].item() == pytest.approx(out.loss.item(), rel=1e-6)
+    by_position = model(x, None, None, None, None, x, num_items_in_batch=torch.tensor(2 * n))  # labels 6th
+    assert by_position.loss.item() == pytest.approx(half.loss.item(), rel=1e-6)
     model.eval()  # no auxiliary loss in evaluation
     out = model(input_ids=x, labels=x)
     assert out.loss.item() == pytest.approx(next_token_ce(out.logits), rel=1e-5)
@@ -256,6 +258,23 @@ def test_lora_adapters_train_beside_the_memories_then_merge_and_round_trip(tmp_p
     merged = lora.merge_and_unload().eval()  # the adapters folded in: a plain transformers model with memories
     merged.save_pretrained(tmp_path)
     assert torch.allclose(from_pretrained(tmp_path)(input_ids=x).logits, merged(input_ids=x).logits, atol=1e-6)
+
+
+def test_a_bfloat16_model_reloads_exactly(tmp_path):
+    model = tiny("llama").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")  # as a user loads a bf16 model
+    add_memory_layers(model, layers="1", preset="memory_plus", **SMALL)
+    model.eval().save_pretrained(tmp_path / "with_memory")
+    again = from_pretrained(tmp_path / "with_memory")
+    x = batch()[0]
+    assert next(again.parameters()).dtype == torch.bfloat16
+    assert torch.equal(
+        again(input_ids=x).logits, model(input_ids=x).logits
+    )  # rotary buffers kept as transformers keeps them
+    assert next(from_pretrained(tmp_path / "with_memory", dtype="float32").parameters()).dtype == torch.float32
+    with pytest.raises(ValueError, match="'int8' is not a torch floating dtype"):
+        from_pretrained(tmp_path / "with_memory", dtype="int8")
 
 
 def test_bad_input(tmp_path):

@@ -422,3 +422,22 @@ def test_every_kind_runs_any_batch_and_declares_its_parts(name, lead):
     )
     assert layer.flops_per_token() > 0 and layer.reads_per_token() > 0
     assert layer.usage.num_slots == layer.addressing.num_slots
+
+
+def test_a_readout_written_before_the_mask_argument_still_runs():
+    from memlayers.memory.readouts.projected import ProjectedReadout
+
+    class OldReadout(ProjectedReadout):
+        def forward(self, y, x, lead=None, state=None):  # the interface before readouts took the padding mask
+            return super().forward(y, x, lead, state)
+
+    class OldConfig(MemoryConfig):
+        def make_readout(self):
+            return OldReadout(self.dim, self.value_dim, self.gated)
+
+    torch.manual_seed(0)
+    layer = MemoryLayer(OldConfig(dim=16, n_keys=4, heads=1, topk=2))
+    torch.manual_seed(0)
+    plain = MemoryLayer(MemoryConfig(dim=16, n_keys=4, heads=1, topk=2))
+    x, mask = torch.randn(2, 5, 16), torch.tensor([[True] * 5, [False, True, True, True, True]])
+    assert torch.equal(layer(x, mask=mask), plain(x, mask=mask))

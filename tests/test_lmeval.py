@@ -69,20 +69,44 @@ def test_long_contexts_are_cut_from_the_left_and_rolling_windows_cover_every_tok
     assert rolling_long < rolling < 0  # more tokens, each predicted once
 
 
+class BosAsEos:
+    """The run's tokenizer with bos as its end token (which the model never predicts), so that generation runs its
+    whole length (the run's own eos decoded as a word)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.eos_id = tokenizer, tokenizer.bos_id
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def decode(self, ids) -> str:  # the special ids too, which the tokenizer drops
+        return " ".join(self.tokenizer.decode([i]) or f"<{i}>" for i in ids)
+
+
+def lm_generating_text(out, **kwargs) -> MemlayersLM:
+    """The run's model with its weights randomised (the same each call: the briefly trained model says eos
+    after anything), generating past its eos."""
+    lm = MemlayersLM(str(out), **kwargs)
+    lm.tokenizer = BosAsEos(lm.tokenizer)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in lm.model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return lm
+
+
 def test_generate_until_decodes_greedily_and_stops_at_the_stop_string(run):
     out, data = run
-    lm = MemlayersLM(str(out))
+    lm = lm_generating_text(out)
     probe = data.probes("records")[0]
     context = data.tokenizer.decode(probe.prompt[1:])
     (free,) = lm.generate_until(requests("generate_until", (context, {"max_gen_toks": 4})))
     x = torch.tensor([probe.prompt])
-    new = lm.model.generate(x, 4, eos_id=data.tokenizer.eos_id)[0, x.shape[1] :].tolist()
-    eos = data.tokenizer.eos_id
-    assert free == data.tokenizer.decode(new[: new.index(eos)] if eos in new else new)
-    if free.split():
-        stop = free.split()[-1]
-        (cut,) = lm.generate_until(requests("generate_until", (context, {"max_gen_toks": 4, "until": [stop]})))
-        assert cut == free[: free.find(stop)]
+    new = lm.model.generate(x, 4, eos_id=lm.tokenizer.eos_id)[0, x.shape[1] :].tolist()
+    assert len(free.split()) == 4 and free == lm.tokenizer.decode(new)
+    stop = free.split()[1]
+    (cut,) = lm.generate_until(requests("generate_until", (context, {"max_gen_toks": 4, "until": [stop]})))
+    assert cut == free[: free.find(stop)] and stop not in cut
 
 
 def test_generation_in_batches_is_generation_one_request_at_a_time(run):
@@ -90,10 +114,13 @@ def test_generation_in_batches_is_generation_one_request_at_a_time(run):
     text = data.tokenizer.decode
     contexts = [text(p.prompt[1:]) for p in data.probes("records")[:10]] + [text(data.documents[0][1:3])]
     args = [(c, {"max_gen_toks": 3 + i % 2, "until": ["\n"]}) for i, c in enumerate(contexts)]
-    batched = MemlayersLM(str(out), batch_size="auto").generate_until(requests("generate_until", *args))
-    assert MemlayersLM(str(out), batch_size="auto:4").batch_size == 16
-    single = MemlayersLM(str(out), batch_size=1)
+    batched = lm_generating_text(out, batch_size="auto").generate_until(requests("generate_until", *args))
+    single = lm_generating_text(out, batch_size=1)
     assert batched == [single.generate_until(requests("generate_until", a))[0] for a in args]
+    assert [len(text.split()) for text in batched] == [3 + i % 2 for i in range(len(args))]  # in request order
+    assert len(set(batched)) > 2  # different texts: a mixed-up order would show
+    assert MemlayersLM(str(out), batch_size="auto:4").batch_size == 16
+    assert MemlayersLM(str(out), batch_size="auto", max_batch_size=4).batch_size == 4
     with pytest.raises(ValueError, match="batch_size must be a whole number >= 1 or 'auto', got 'fast'"):
         MemlayersLM(str(out), batch_size="fast")
 

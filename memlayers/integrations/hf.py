@@ -103,8 +103,13 @@ def memory_modules(model: nn.Module) -> list[nn.Module]:
 
 def aux_loss(model: nn.Module) -> torch.Tensor | None:
     """The sum of the memories' auxiliary losses from the model's last forward, or None when none has one: what
-    the model adds to its training loss, to add yourself where the loss is computed outside the model."""
-    losses = [a for _, m in memory_layers(model) if (a := m.aux_loss()) is not None]
+    the model adds to its training loss, to add yourself where the loss is computed outside the model (under
+    gradient accumulation the model scales it by the micro-batch's share of the tokens; do the same)."""
+    return _sum_aux(m for _, m in memory_layers(model))
+
+
+def _sum_aux(memories) -> torch.Tensor | None:
+    losses = [a for m in memories if (a := m.aux_loss()) is not None]
     return sum(losses) if losses else None
 
 
@@ -209,16 +214,26 @@ def _install_hooks(model: nn.Module, base: nn.Module, rel: str, path: str) -> No
             if w.seen is not None and ids is not None:
                 w.seen += ids.shape[-1]
 
+    signature = inspect.signature(model.forward)
+
+    def argument(name: str, args, kwargs):
+        """The model call's argument ``name``, given by keyword or by position (None if not given)."""
+        if name in kwargs or not args:
+            return kwargs.get(name)
+        try:
+            return signature.bind_partial(*args, **kwargs).arguments.get(name)
+        except TypeError:
+            return None
+
     def add_aux_loss(module, args, kwargs, output):
-        labels = kwargs.get("labels")
+        labels = argument("labels", args, kwargs)
         as_tuple = isinstance(output, tuple)  # return_dict=False: (loss, logits, ...) when labels are given
         loss = (output[0] if labels is not None and output else None) if as_tuple else getattr(output, "loss", None)
         if module.training and loss is not None:
-            mlps = [layer.mlp for layer in module.get_submodule(path)]  # not memory_layers: no module walk per step
-            aux = [a for m in mlps if isinstance(m, MemoryMLP) and (a := m.memory.aux_loss()) is not None]
-            if aux:
-                aux = sum(aux)
-                total = kwargs.get("num_items_in_batch")
+            layers = module.get_submodule(path)  # not memory_layers: no module walk per step
+            aux = _sum_aux(layer.mlp.memory for layer in layers if isinstance(layer.mlp, MemoryMLP))
+            if aux is not None:
+                total = argument("num_items_in_batch", args, kwargs)
                 if labels is not None and total is not None:  # the loss is a share of an accumulated batch's
                     aux = aux * (labels[..., 1:] != -100).sum() / total
                 if as_tuple:
@@ -228,7 +243,7 @@ def _install_hooks(model: nn.Module, base: nn.Module, rel: str, path: str) -> No
 
     def reorder_cache(self, cache, beam_idx: torch.Tensor):
         """Beam search's reordering of the sequences (``generate`` calls it when a model defines it): the
-        cache's, then every memory's decoding state's (all its tensors hold one row per sequence)."""
+        cache's, then every memory's decoding state's (its tensors hold one row per sequence, see ``Addressing``)."""
         own = inspect.getattr_static(type(self), "_reorder_cache", None)  # a method or staticmethod of its class
         if own is not None:  # (RAG, RecurrentGemma)
             cache = own.__get__(self, type(self))(cache, beam_idx)
@@ -237,7 +252,10 @@ def _install_hooks(model: nn.Module, base: nn.Module, rel: str, path: str) -> No
         for layer in self.get_submodule(path):
             w = layer.mlp
             if isinstance(w, MemoryMLP) and w.state:
-                w.state = {k: t.index_select(0, beam_idx.to(t.device)) for k, t in w.state.items()}
+                w.state = {
+                    k: t.index_select(0, beam_idx.to(t.device)) if isinstance(t, torch.Tensor) else t
+                    for k, t in w.state.items()
+                }
         return cache
 
     base.register_forward_pre_hook(set_context, with_kwargs=True)
@@ -246,13 +264,13 @@ def _install_hooks(model: nn.Module, base: nn.Module, rel: str, path: str) -> No
     model._memlayers_hooks = True
 
 
-def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> nn.Module:
     """The causal LM ``save_pretrained`` wrote to ``path`` after ``add_memory_layers``: built from its
     ``config.json`` (transformers' ``AutoModelForCausalLM.from_config``, in ``dtype``), its memory layers added
     again from the config's ``memlayers`` entry, then every weight loaded from the directory's safetensors files
     (one or sharded, memory-mapped) and checked, and its ``generation_config.json`` read: a weight missing (other
     than one tied to a loaded one) or left over is an error.
-    dtype: None = the checkpoint's floating dtype (the most common one).
+    dtype: a torch dtype or its name ("bfloat16"); None = the checkpoint's floating dtype (most of its bytes').
     """
     from .._extras import require
 
@@ -281,9 +299,17 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     state = {}
     for file in files:
         state.update(load_file(file))
-    floating = [t.dtype for t in state.values() if t.is_floating_point()]
-    dtype = dtype or (max(set(floating), key=floating.count) if floating else torch.float32)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)  # not the config's: no cast after
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype) or not getattr(torch, dtype).is_floating_point:
+            raise ValueError(f"from_pretrained: dtype {dtype!r} is not a torch floating dtype; use e.g. 'bfloat16'")
+        dtype = getattr(torch, dtype)
+    if dtype is None:
+        size: dict[torch.dtype, int] = {}
+        for t in state.values():
+            if t.is_floating_point():
+                size[t.dtype] = size.get(t.dtype, 0) + t.numel() * t.element_size()
+        dtype = max(size, key=size.get) if size else torch.float32
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)  # as transformers builds it: no cast
     for entry in entries:
         entry = dict(entry)
         add_memory_layers(model, **entry.pop("options"), **entry)
@@ -301,7 +327,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None) -
         )
     if os.path.isfile(os.path.join(path, "generation_config.json")):  # eos ids, sampling defaults
         model.generation_config = transformers.GenerationConfig.from_pretrained(path)
-    return model.to(dtype).eval()
+    return model.eval()
 
 
 def after_step_callback():

@@ -17,8 +17,9 @@ world's word vocabulary, where a word outside it is an error naming it; text run
   (``Transformer.generate``; greedy unless ``do_sample`` with ``temperature`` > 0), cut at the first stop string.
 
 Scoring runs in batches of equal length (no padding); so does generation: requests with prompts of one length
-and the same length and temperature decode together (greedy: the tokens of one request at a time; sampled: other
-draws). ``batch_size="auto"`` (lm-eval's ``--batch_size auto``) is the default 16: nothing is probed. One process.
+and the same length and temperature decode together (greedy: the tokens of one request at a time, up to float
+rounding in near-ties; sampled: other draws). ``batch_size="auto"`` (lm-eval's ``--batch_size auto``) is the
+default 16 (at most ``max_batch_size``): nothing is probed. One process.
 """
 
 from .._extras import require
@@ -37,10 +38,11 @@ from ..generate_cli import encode_prompt  # noqa: E402
 @register_model("memlayers")
 class MemlayersLM(LM):
     """checkpoint: a run directory, checkpoint file or exported .safetensors file; device; batch_size: rows per
-    forward (or "auto", "auto:N": the default); max_gen_toks: the default generation length when a request gives
-    none."""
+    forward (or "auto", "auto:N": the default, at most ``max_batch_size``); max_gen_toks: the default generation
+    length when a request gives none."""
 
-    def __init__(self, checkpoint: str, device: str = "cpu", batch_size: int | str = 16, max_gen_toks: int = 64):
+    def __init__(self, checkpoint: str, device: str = "cpu", batch_size: int | str = 16, max_gen_toks: int = 64,
+                 max_batch_size: int | None = None):  # fmt: skip
         super().__init__()
         from ..train import load_checkpoint
         from ..train.trainer import resolve_device
@@ -50,7 +52,7 @@ class MemlayersLM(LM):
         self.model.eval()
         self.tokenizer = build_tokenizer(self.config.data)
         if str(batch_size).split(":")[0] == "auto":
-            batch_size = 16
+            batch_size = min(16, int(max_batch_size or 16))
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"MemlayersLM: batch_size must be a whole number >= 1 or 'auto', got {batch_size!r}")
         self.batch_size, self.max_gen_toks = int(batch_size), int(max_gen_toks)

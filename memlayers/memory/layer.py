@@ -1,5 +1,7 @@
 """MemoryLayer: an addressing, a value store (own or a shared pool's) and a readout."""
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -44,6 +46,7 @@ class MemoryLayer(nn.Module):
             self.store = store
         self.value_dropout = nn.Dropout(c.value_dropout)
         self.readout = c.make_readout()
+        self._readout_masks = "mask" in inspect.signature(self.readout.forward).parameters  # (older readouts do not)
         a = self.addressing
         self.usage = (
             UsageTracker(a.grid, a.heads, window=c.usage_window, num_slots=a.num_slots) if c.track_usage else None
@@ -157,7 +160,7 @@ class MemoryLayer(nn.Module):
         (``memlayers.serving.offload_values``), address ``token_ids`` now, before the layer's input exists, and
         start bringing the rows they read to the device; return (ids, weights), to pass to the forward on these
         tokens as ``addressed`` (``state`` has then advanced already). Otherwise None. ``Transformer.forward``
-        calls this for every memory before its first block."""
+        calls this for every memory before its first block (no padding mask: its inputs have none)."""
         if not (self.addressing.ids_from_tokens and self.store.root().offloaded):
             return None
         ids, weights = self.addressing(None, None, token_ids, state)
@@ -174,7 +177,8 @@ class MemoryLayer(nn.Module):
     ) -> torch.Tensor:
         """x (..., dim) -> (..., dim).
 
-        mask (...) bool or None: padding, kept out of BatchNorm statistics and usage metrics.
+        mask (...) bool or None: padding, kept out of BatchNorm statistics and usage metrics; n-gram memories
+            treat it as outside the sequence (a left-padded sequence reads what it reads unpadded).
         token_ids (...) int64: the tokens at x's positions, for kinds addressed by token ids (engram).
         state: a dict kept across incremental decoding calls (x then holds the next positions of the
         same sequences), for kinds that look back along the sequence; None otherwise.
@@ -192,7 +196,8 @@ class MemoryLayer(nn.Module):
             self.usage.update(ids, weights.abs().sum(-1) if weights.dim() == 4 else weights, flat_mask)
         y = self.store(ids, weights, x)  # (T, d_v)
         y = self.value_dropout(y.to(x.dtype))
-        return self.readout(y, x, lead, state, flat_mask).reshape(*lead, dim)
+        masked = dict(mask=flat_mask) if self._readout_masks else {}
+        return self.readout(y, x, lead, state, **masked).reshape(*lead, dim)
 
     def extra_repr(self) -> str:
         if "store" in self._modules:

@@ -67,7 +67,8 @@ class Addressing(MemoryPart):
     forward(x (T, dim), mask (T,) bool or None, token_ids (...) int64 or None, state dict or None)
         -> ids (T, heads, topk) int64, weights (T, heads, topk) or (T, heads, topk, C).
         token_ids has the layer input's leading shape (e.g. (B, S), T = B*S) so that an addressing can look
-        back along the sequence; state is kept across incremental decoding calls (None otherwise).
+        back along the sequence; state is kept across incremental decoding calls (None otherwise). What a part
+        keeps in ``state`` holds one row per sequence along dim 0 (beam search reorders its tensors so).
     """
 
     needs_token_ids = False
@@ -143,8 +144,9 @@ class Readout(MemoryPart):
     """Maps what the store read back to the model: forward(y (T, d_v), x (T, dim), lead, state, mask) -> (T, dim).
 
     ``lead`` is the input's leading shape (e.g. (B, S)), for readouts that act along the sequence;
-    ``state`` a dict kept across incremental decoding calls (None when not decoding); ``mask`` (T,) bool or
-    None, True = real token: a readout acting along the sequence treats padding as the sequence's outside.
+    ``state`` a dict kept across incremental decoding calls (None when not decoding; its tensors one row per
+    sequence, as ``Addressing``'s); ``mask`` (T,) bool or None, True = real token: a readout acting along the
+    sequence treats padding as the sequence's outside. The layer passes ``mask`` only to a forward that takes it.
     """
 
 

@@ -94,7 +94,8 @@ class HashedNGrams(Addressing):
     forward(x (T, dim), mask, token_ids (..., S) with T = prod, state) -> ids (T, H, 1) int64, weights
     (T, H, 1) float32 ones (the readout concatenates the H rows). Hashing is integer work: flops 0.
     mask (T,) bool or None: padding (False) hashes as ``PAD_ID``, like the positions before a sequence's
-    start, so a left-padded sequence's real tokens read the rows they read unpadded.
+    start, so a left-padded sequence's real tokens read the rows they read unpadded (after a gap of padding
+    inside a sequence the n-grams start again, as at a sequence's start).
     state (decoding): holds each sequence's last max_n - 1 ids, so that feeding a sequence in pieces
     gives the ids of one call on the whole of it.
 
@@ -155,13 +156,16 @@ class HashedNGrams(Addressing):
         seq = token_ids.shape[-1] if token_ids.dim() else 1
         rows = math.prod(token_ids.shape[:-1]) if token_ids.dim() else 1
         ids = token_ids.reshape(rows, seq).long()
+        padding = None if mask is None else ~mask.reshape(rows, seq)
         if self.id_map is not None:
             V = self.id_map.shape[0]
+            if padding is not None:  # whatever padding holds (e.g. -100) is not looked up
+                ids = ids.masked_fill(padding, 0)
             if ids.device.type == "cpu" and ids.numel() and not bool(((ids >= 0) & (ids < V)).all()):  # no sync on GPUs
                 raise ValueError(f"HashedNGrams: token ids must be in [0, vocab_size={V}) with canonical ids")
             ids = self.id_map[ids]
-        if mask is not None:
-            ids = ids.masked_fill(~mask.reshape(rows, seq), PAD_ID)
+        if padding is not None:
+            ids = ids.masked_fill(padding, PAD_ID)
         back = self.max_n - 1
         history = None if state is None else state.get("ngram_history")
         if history is None:
