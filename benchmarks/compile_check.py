@@ -268,7 +268,7 @@ def _compile_one(i_arch: tuple[int, int]):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200, 80: A100)")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--dim", type=int, default=1024)

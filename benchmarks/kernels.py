@@ -256,7 +256,7 @@ def print_rows(rows, ceiling=None) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (T=2048, N=2^16, d=512)")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes, for a smoke test (the default on CPU)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",

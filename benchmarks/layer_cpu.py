@@ -256,7 +256,7 @@ def cpu_model() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-keys", type=int, nargs="+", default=[256, 512], help="sub-keys per half (N = n^2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed iterations per configuration (median)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")

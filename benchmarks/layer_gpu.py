@@ -618,7 +618,7 @@ def train_rows(b) -> list[Row]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: CUDA if available, else CPU (tiny sizes)")  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="tiny sizes, for a smoke test (always on CPU)")

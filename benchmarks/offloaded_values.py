@@ -67,7 +67,7 @@ def measure(args, fmt: str, where: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-keys", type=int, default=1024)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8, 64])

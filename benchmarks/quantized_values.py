@@ -63,7 +63,7 @@ def measure(run: str, fmt: str, batches: list[int], new_tokens: int, repeats: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", help="a memlayers compare output folder (runs/compare-cpu-tuned)")
     parser.add_argument("--arms", default="memory,memory_plus")
     parser.add_argument("--batches", default="1,8,64")

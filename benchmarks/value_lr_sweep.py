@@ -42,7 +42,7 @@ def lm_recall(optimizer: str, ratio: float, out: str) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default="demo,lm", help="comma-separated: demo, lm")
     p.add_argument("--out", default="runs/value-lr-sweep", help="where the lm runs go")
     a = p.parse_args()

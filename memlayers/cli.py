@@ -286,11 +286,12 @@ def _compare(args) -> int:
     from .compare import PRESETS, get_preset, run_compare
 
     if args.list:
+        width = max(map(len, PRESETS))
         for name in PRESETS:
-            preset = get_preset(name)
-            print(f"{name:<10} {preset.description}")
+            print(f"{name:<{width}}  {get_preset(name).description}")
         return 0
     preset = get_preset(args.preset)
+    _warn_gpu_preset_on_cpu(preset.name)
     arms = None if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()]
     tune = None
     if args.tune_lr:
@@ -307,8 +308,17 @@ def _compare(args) -> int:
     return 0
 
 
+def _warn_gpu_preset_on_cpu(preset: str) -> None:
+    import torch
+
+    if preset.startswith("gpu") and not torch.cuda.is_available():
+        print(f"warning: preset {preset!r} is sized for a GPU and this machine has none: it runs on the CPU, "
+              "many times slower (hours to days); the cpu presets are sized for a CPU", file=sys.stderr)  # fmt: skip
+
+
 def _experiment(args) -> int:
     names = lambda text: [a.strip() for a in text.split(",") if a.strip()]  # noqa: E731
+    _warn_gpu_preset_on_cpu(args.preset)
     out = args.out or f"runs/{args.name}-{args.preset}"
     arms = None if args.arms is None else names(args.arms)
     if args.name == "continual":

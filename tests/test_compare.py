@@ -85,6 +85,7 @@ def test_run_compare_writes_the_table_files_and_plots_and_reuses_finished_arms(t
     for name in ("results.json", "results.csv", "results.md", "loss.png", "recall_vs_flops.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "results.png").exists() is False
+    assert not (tmp_path / "recall_vs_tokens.png").exists()  # eval_every=0: only the final point, no curve
     printed = capsys.readouterr().out
     assert "memory_plus" in printed and "FLOPs/token" in printed
 

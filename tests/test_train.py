@@ -230,15 +230,16 @@ def test_jsonl_schema_and_result(reference):
     assert load_config(ref_dir / "config.yaml").train.value_lr_ratio == ref["config"]["train"]["value_lr_ratio"] == 10.0
 
 
-def test_finished_run_is_reused_not_retrained(reference, tmp_path):
+def test_finished_run_is_reused_not_retrained(reference, tmp_path, capsys):
     cfg, ref_dir, ref = reference(False)
     before = snapshot(ref_dir)
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished run was evaluated again")
 
-    again = train(cfg, ref_dir, evaluate=must_not_run)
+    again = train(cfg, ref_dir, evaluate=must_not_run, progress=True)
     assert again == json.loads(json.dumps(ref)) and snapshot(ref_dir) == before
+    assert f"finished already (step {ref['steps']}); its result is reused" in capsys.readouterr().err
     # runtime-only keys (progress bar, threads, tensorboard) may differ
     cfg = copy.deepcopy(cfg)
     cfg.train.progress, cfg.train.threads = True, 2

@@ -174,6 +174,9 @@ def write_plots(
     paths.append(_finish(fig, ax, os.path.join(out_dir, "loss.png")))
 
     for key, by_arm in (during or {}).items():
+        by_arm = {arm: seeds for arm, seeds in by_arm.items() if any(len(points) > 1 for points in seeds)}
+        if not by_arm:  # only the final evaluation (train.eval_every=0): no curve to draw
+            continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
         if _mean_curves(ax, by_arm):
             name, ylabel, title, ylim = DURING[key]

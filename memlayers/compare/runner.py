@@ -138,10 +138,10 @@ def run_compare(
         if tune_lr is not None:
             lrs = sweep_lrs(configs, out_dir, tune_lr, progress=progress)
             runs = {(arm, k): load_config(None, [f"train.lr={lrs[arm]!r}"], base=cfg) for (arm, k), cfg in runs.items()}
-        return _run_arms(preset, runs, out_dir, progress, seeds)
+        return _run_arms(preset, runs, out_dir, progress, seeds, overrides)
 
 
-def _run_arms(preset: CompareConfig, runs: dict, out_dir: str, progress: bool, seeds: int) -> list[dict]:
+def _run_arms(preset: CompareConfig, runs: dict, out_dir: str, progress: bool, seeds: int, overrides=()) -> list[dict]:
     start = time.perf_counter()
     results, failed = {}, {}
     for i, ((arm, k), cfg) in enumerate(sorted(runs.items(), key=lambda item: item[0][1])):
@@ -171,6 +171,8 @@ def _run_arms(preset: CompareConfig, runs: dict, out_dir: str, progress: bool, s
             by_arm.setdefault(arm, []).append(metric_curve(run_dir(out_dir, arm, k), key))
     write_plots(rows, curves.pop("loss"), out_dir, curves)
     print(f"\npreset {preset.name!r}: {preset.description}")
+    if overrides:
+        print(f"with every arm's overrides: {' '.join(overrides)}")
     if seeds > 1:
         print(f"mean ± standard deviation over {seeds} seeds (min and max in results.json)")
     print(format_table(rows))

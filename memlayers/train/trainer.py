@@ -201,6 +201,9 @@ def train(
 
             kind, saved = agree(prepare)
             if kind == "finished":
+                if show and os.environ.get("RANK", "0") == "0":
+                    print(f"{out_dir}: finished already (step {saved['steps']}); its result is reused (--force starts "
+                          "over, a larger train.steps extends it)", file=sys.stderr)  # fmt: skip
                 return saved
             if kind == "resume":
                 saved = checkpoint.get("saved") or read_checkpoint(out_dir / CHECKPOINT)
