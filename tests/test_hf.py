@@ -260,6 +260,25 @@ def test_lora_adapters_train_beside_the_memories_then_merge_and_round_trip(tmp_p
     assert torch.allclose(from_pretrained(tmp_path)(input_ids=x).logits, merged(input_ids=x).logits, atol=1e-6)
 
 
+def test_memories_are_built_in_the_model_dtype(monkeypatch):
+    from memlayers.memory.stores.value_table import ValueTable
+
+    born, init = [], ValueTable.__init__
+
+    def spy(self, *args, **kwargs):
+        born.append(torch.get_default_dtype())
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(ValueTable, "__init__", spy)
+    model = tiny("llama").to(torch.bfloat16)
+    add_memory_layers(model, layers="1,3", preset="memory_plus", pool="values", query_norm="whiten", **SMALL)
+    assert born == [torch.bfloat16] and torch.get_default_dtype() == torch.float32  # no float32 table, restored
+    layer = memory_layers(model)[0][1]
+    cast = type(layer)(layer.config, layer.store).to(torch.bfloat16)  # built in float32, then cast
+    assert {k: t.dtype for k, t in layer.state_dict().items()} == {k: t.dtype for k, t in cast.state_dict().items()}
+    assert {k: t.dtype for k, t in layer.named_buffers()} == {k: t.dtype for k, t in cast.named_buffers()}
+
+
 def test_a_bfloat16_model_reloads_exactly(tmp_path):
     model = tiny("llama").to(torch.bfloat16)
     model.save_pretrained(tmp_path / "base")

@@ -20,6 +20,7 @@ treat it as the outside of the sequence), the token ids (n-gram memories) and a 
 auxiliary losses to the loss.
 """
 
+import contextlib
 import inspect
 import json
 import os
@@ -155,12 +156,14 @@ def add_memory_layers(
     pools = getattr(model, POOLS)
     current, moved = dict(pools.items()), set()  # read_pool adds the pools it creates
     for i in blocks:
-        name, store = read_pool(spec, i, len(stack), mc, current)
+        with _default_dtype(dtype):  # born in the model's dtype: no float32 copy of a big table first
+            name, store = read_pool(spec, i, len(stack), mc, current)
+            memory = MemoryLayer(mc, store)
         device = next(stack[i].parameters(), embedding.weight).device  # the layer's (device_map may spread them)
         if name is not None and name not in pools and name not in moved:  # a new pool, placed with its first reader
             current[name].to(device=device, dtype=dtype)  # in place: the layers' references stay valid
             moved.add(name)
-        memory = MemoryLayer(mc, store).to(device=device, dtype=dtype)
+        memory = memory.to(device=device, dtype=dtype)  # (the parts keep their float32 statistics buffers)
         stack[i].mlp = MemoryMLP(memory, stack[i].mlp if spec.mode == "beside" else None)
     for name, store in current.items():
         if name not in pools:
@@ -172,6 +175,17 @@ def add_memory_layers(
     if config is not None:
         setattr(config, CONFIG_KEY, [*(getattr(config, CONFIG_KEY, None) or []), entry])
     return model
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """torch's default dtype set to ``dtype`` for the block (when it is a floating dtype), then restored."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if dtype.is_floating_point else before)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def _returns_tuple(mlp: nn.Module, dim: int, dtype: torch.dtype) -> bool:
