@@ -277,3 +277,13 @@ def test_scale_on_paper_prints_every_configuration():
         [sys.executable, str(BENCH / "scale_on_paper.py")], capture_output=True, text=True, timeout=120, check=True
     ).stdout
     assert out.count("## ") == 3 and out.count("| 512 |") >= 5  # three tables, to 512 GPUs
+
+
+def test_hf_load_memory_prints_its_table():
+    pytest.importorskip("transformers")
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "hf_load_memory.py"), "--layers", "2", "--dim", "64", "--n-keys", "32"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout  # fmt: skip
+    size, peak, ratio = (cell.strip() for cell in out.strip().splitlines()[-1].split("|")[1:-1])
+    assert size.endswith(" MiB") and peak.endswith(" MiB") and float(ratio.rstrip("x")) > 0
