@@ -286,6 +286,9 @@ def test_padding_is_the_outside_of_the_sequence():
     assert rel_err(out[1, 4:], alone[0]) < 1e-5 and rel_err(out[0], layer(x[:1], token_ids=tokens[:1])[0]) < 1e-5
     unmasked = layer(x, token_ids=tokens)  # without the mask the pads are tokens: the first real ones differ
     assert rel_err(unmasked[1, 4:6], alone[0, :2]) > 1e-2
+    garbage = x.clone()
+    garbage[1, :4] = float("nan")  # whatever the padding's hidden states hold stays out of the real tokens
+    assert rel_err(layer(garbage, mask=mask, token_ids=tokens)[1, 4:], alone[0]) < 1e-5
     state, pieces = {}, []
     for part in (slice(0, 5), slice(5, 6), slice(6, 9)):
         pieces.append(layer(x[:, part], mask=mask[:, part], token_ids=tokens[:, part], state=state))

@@ -83,7 +83,7 @@ class EngramReadout(Readout):
         acc = torch.promote_types(v.dtype, torch.float32)
         u = rms_norm(self.conv_norm, v, acc).to(v.dtype)
         if mask is not None:
-            u = u * mask.unsqueeze(-1).to(u.dtype)
+            u = u.masked_fill(~mask.unsqueeze(-1), 0.0)  # (not a product: padding's values may be non-finite)
         u = u.view(rows, seq, self.dim).transpose(1, 2)  # (rows, dim, seq)
         history = None if state is None else state.get("conv_history")
         if history is None:
