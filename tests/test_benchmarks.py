@@ -285,5 +285,5 @@ def test_hf_load_memory_prints_its_table():
         [sys.executable, str(BENCH / "hf_load_memory.py"), "--layers", "2", "--dim", "64", "--n-keys", "32"],
         capture_output=True, text=True, timeout=300, check=True,
     ).stdout  # fmt: skip
-    size, peak, ratio = (cell.strip() for cell in out.strip().splitlines()[-1].split("|")[1:-1])
-    assert size.endswith(" MiB") and peak.endswith(" MiB") and float(ratio.rstrip("x")) > 0
+    size, resident, anonymous = (cell.strip() for cell in out.strip().splitlines()[-1].split("|")[1:-1])
+    assert size.endswith(" MiB") and resident.endswith("x)") and anonymous.endswith("x)"), out

@@ -3,6 +3,7 @@ Qwen3, GPT-2; no downloads): training, padding masks, generation with and withou
 save_pretrained / from_pretrained round trips, transformers' Trainer, and bad input."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -296,6 +297,39 @@ def test_a_bfloat16_model_reloads_exactly(tmp_path):
         from_pretrained(tmp_path / "with_memory", dtype="int8")
 
 
+def test_a_mixture_of_experts_model_round_trips(tmp_path):
+    """Mixtral: transformers converts its experts when loading (and back when saving); a memory beside them."""
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    model = transformers.MixtralForCausalLM(config)
+    add_memory_layers(model, layers="1", preset="pkm", mode="beside", **SMALL)
+    model.eval().save_pretrained(tmp_path)
+    again = from_pretrained(tmp_path)
+    assert type(again) is transformers.MixtralForCausalLM and [i for i, _ in memory_layers(again)] == [1]
+    x = batch()[0]
+    assert torch.equal(again(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_buffers_kept_out_of_the_checkpoint_are_rebuilt(tmp_path):
+    model = tiny("llama")
+    add_memory_layers(model, layers="1", preset="engram", mode="beside", hash_heads=2, d_ngram=16, table_size=64)
+    add_memory_layers(model, layers="2", preset="memory_plus", **SMALL)
+    x, mask = batch()
+    model.train()(input_ids=x, attention_mask=mask, labels=x).loss.backward()  # usage statistics recorded
+    model.eval().save_pretrained(tmp_path)
+    again = from_pretrained(tmp_path)
+    fresh = dict(model.named_buffers())
+    for _, layer in memory_layers(model):
+        layer.usage.reset()  # statistics are not saved: a loaded model starts afresh
+    for name, buffer in again.named_buffers():
+        assert torch.equal(buffer, fresh[name]), name
+    tensors = [t for m in again.modules() for t in vars(m).values() if isinstance(t, torch.Tensor)]
+    assert not any(t.is_meta for t in [*again.parameters(), *again.buffers(), *tensors])
+    assert torch.equal(again(input_ids=x, attention_mask=mask).logits, model(input_ids=x, attention_mask=mask).logits)
+
+
 def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="found no list"):
         add_memory_layers(torch.nn.Linear(3, 3))
@@ -312,6 +346,11 @@ def test_bad_input(tmp_path):
         from_pretrained(tmp_path / "plain")
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         from_pretrained(tmp_path / "nothing")
+    entry = json.loads((tmp_path / "plain" / "config.json").read_text())
+    entry["memlayers"] = [dict(layers="1", preset="pkm", mode="beside", pool=None, share="all", options=SMALL)]
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(entry))  # memories the weights do not hold
+    with pytest.raises(ValueError, match="the weights do not match .*missing_keys"):
+        from_pretrained(tmp_path / "plain")
     assert isinstance(dict(model.named_modules())["model.layers.1.mlp"], MemoryMLP)
 
 

@@ -22,7 +22,6 @@ auxiliary losses to the loss.
 
 import contextlib
 import inspect
-import json
 import os
 import types
 
@@ -278,27 +277,22 @@ def _install_hooks(model: nn.Module, base: nn.Module, rel: str, path: str) -> No
     model._memlayers_hooks = True
 
 
-def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> nn.Module:
-    """The causal LM ``save_pretrained`` wrote to ``path`` after ``add_memory_layers``: built from its
-    ``config.json`` (transformers' ``AutoModelForCausalLM.from_config``, in ``dtype``), its memory layers added
-    again from the config's ``memlayers`` entry, then every weight loaded from the directory's safetensors files
-    (one or sharded, memory-mapped) and checked, and its ``generation_config.json`` read: a weight missing (other
-    than one tied to a loaded one) or left over is an error.
-    dtype: a torch dtype or its name ("bfloat16"); None = the checkpoint's floating dtype (most of its bytes').
+def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None, **kwargs) -> nn.Module:
+    """The causal LM ``save_pretrained`` wrote to ``path`` after ``add_memory_layers``, loaded by transformers'
+    own ``from_pretrained`` into its model class with the memory layers of the config's ``memlayers`` entry
+    added at construction: built on the meta device, every weight loaded once, converted as transformers converts
+    its class's checkpoints (MoE experts, renamed modules), ``generation_config.json`` read. A weight missing
+    (other than one tied to a loaded one), left over or of another shape is an error.
+    dtype: a torch dtype or its name ("bfloat16"); None = the checkpoint's (transformers' ``dtype="auto"``).
+    kwargs: more of transformers' ``from_pretrained`` arguments (tested: none but ``dtype``, on CPU).
     """
     from .._extras import require
 
     transformers = require("transformers", "hf")
-    load_file = require("safetensors.torch", "hf").load_file
+    require("safetensors", "hf")
 
     path = os.fspath(path)
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):  # sharded
-        with open(index) as f:
-            files = sorted({os.path.join(path, name) for name in json.load(f)["weight_map"].values()})
-    else:
-        files = [f for f in [os.path.join(path, "model.safetensors")] if os.path.isfile(f)]
-    if not os.path.isfile(os.path.join(path, "config.json")) or not files:
+    if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(
             f"{path!r} holds no config.json and model.safetensors; give the directory model.save_pretrained wrote"
         )
@@ -309,38 +303,36 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
             f"{path}/config.json has no {CONFIG_KEY!r} entry: the model has no memory layers; load it with "
             "transformers' AutoModelForCausalLM.from_pretrained"
         )
-    setattr(config, CONFIG_KEY, [])  # add_memory_layers records them again
-    state = {}
-    for file in files:
-        state.update(load_file(file))
-    if isinstance(dtype, str):
+    if isinstance(dtype, str) and dtype != "auto":
         if not isinstance(getattr(torch, dtype, None), torch.dtype) or not getattr(torch, dtype).is_floating_point:
             raise ValueError(f"from_pretrained: dtype {dtype!r} is not a torch floating dtype; use e.g. 'bfloat16'")
         dtype = getattr(torch, dtype)
-    if dtype is None:
-        size: dict[torch.dtype, int] = {}
-        for t in state.values():
-            if t.is_floating_point():
-                size[t.dtype] = size.get(t.dtype, 0) + t.numel() * t.element_size()
-        dtype = max(size, key=size.get) if size else torch.float32
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)  # as transformers builds it: no cast
-    for entry in entries:
-        entry = dict(entry)
-        add_memory_layers(model, **entry.pop("options"), **entry)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    held = model.state_dict(keep_vars=True)
-    names: dict[int, set] = {}
-    for key, tensor in held.items():
-        names.setdefault(id(tensor), set()).add(key)
-    missing = [k for k in missing if not names[id(held[k])] & state.keys()]  # tied to a loaded weight: fine
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: the weights do not match the model its config describes (missing {missing[:5]}, unexpected "
-            f"{list(unexpected)[:5]}); was it saved from a model changed after add_memory_layers, or from a model "
-            "whose transformers class converts its weights when loading (MoE models such as Mixtral: not supported)?"
+    base = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+
+    class WithMemories(base):  # the class transformers loads into: its model with the memories added
+        def __init__(self, config, *args, **kw):
+            super().__init__(config, *args, **kw)
+            setattr(config, CONFIG_KEY, [])  # add_memory_layers records them again
+            for entry in entries:
+                entry = dict(entry)
+                add_memory_layers(self, **entry.pop("options"), **entry)
+
+    WithMemories.__name__, WithMemories.__qualname__ = base.__name__, base.__qualname__
+    try:
+        model, info = WithMemories.from_pretrained(
+            path, config=config, dtype=dtype or "auto", output_loading_info=True, **kwargs
         )
-    if os.path.isfile(os.path.join(path, "generation_config.json")):  # eos ids, sampling defaults
-        model.generation_config = transformers.GenerationConfig.from_pretrained(path)
+    except OSError as e:  # no weights file, or an unreadable one
+        raise FileNotFoundError(f"{path}: {e}") from None
+    model.__class__ = base  # the subclass added nothing but the construction
+    for _, layer in memory_layers(model):
+        layer.reset_buffers()  # the buffers kept out of the checkpoint, which transformers leaves empty
+    bad = {k: info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+    if bad:
+        raise ValueError(
+            f"{path}: the weights do not match the model its config describes ({bad}); was it saved from a model "
+            "changed after add_memory_layers?"
+        )
     return model.eval()
 
 

@@ -32,6 +32,9 @@ class MemoryPart(nn.Module):
     after_step(optimizer): called after every optimizer step (e.g. to restart dead sub-keys and reset their
         optimizer state); default nothing.
     one_process_only: why the part cannot train on several processes (``parallelize`` refuses it), or None.
+    reset_buffers(): set the buffers kept out of ``state_dict`` to what the constructor makes (after the module
+        was built on the meta device and its saved tensors loaded: transformers' ``from_pretrained``); default
+        nothing.
     bind_tokenizer(decode): see below.
     """
 
@@ -47,6 +50,9 @@ class MemoryPart(nn.Module):
         return None
 
     def after_step(self, optimizer: torch.optim.Optimizer | None) -> None:
+        pass
+
+    def reset_buffers(self) -> None:
         pass
 
     def bind_tokenizer(self, decode) -> None:

@@ -114,14 +114,22 @@ class HashedNGrams(Addressing):
             )
         self.max_n, self.hash_heads, self.table_size, self.seed = max_n, hash_heads, table_size, seed
         self.heads, self.topk, self.grid = (max_n - 1) * hash_heads, 1, None
-        primes = next_primes(table_size, self.heads)
-        self.num_slots = sum(primes)
+        self._primes = next_primes(table_size, self.heads)
+        self.num_slots = sum(self._primes)
         self.register_buffer("multipliers", draw_multipliers(seed, max_n, hash_heads).view(self.heads, max_n))
-        self.register_buffer("primes", torch.tensor(primes, dtype=torch.int64), persistent=False)
-        offsets = torch.tensor([0, *primes[:-1]], dtype=torch.int64).cumsum(0)
-        self.register_buffer("offsets", offsets, persistent=False)
+        self.register_buffer("primes", torch.empty(self.heads, dtype=torch.int64), persistent=False)
+        self.register_buffer("offsets", torch.empty(self.heads, dtype=torch.int64), persistent=False)
+        self.reset_buffers()
         id_map = None if vocab_size is None else torch.arange(vocab_size, dtype=torch.int64)
         self.register_buffer("id_map", id_map)
+
+    def reset_buffers(self) -> None:
+        """primes (H,): the heads' table sizes; offsets (H,): where each head's table starts."""
+        if self.primes.is_meta:
+            return
+        with torch.no_grad():
+            self.primes.copy_(torch.tensor(self._primes))
+            self.offsets.copy_(torch.tensor([0, *self._primes[:-1]]).cumsum(0))
 
     def _require_id_map(self) -> torch.Tensor:
         if self.id_map is None:
