@@ -330,6 +330,34 @@ def test_buffers_kept_out_of_the_checkpoint_are_rebuilt(tmp_path):
     assert torch.equal(again(input_ids=x, attention_mask=mask).logits, model(input_ids=x, attention_mask=mask).logits)
 
 
+KINDS = {
+    "peer": dict(preset="peer", pool="experts", layers="1,3", n_keys=8, heads=2, topk=4),
+    "ultramem": dict(preset="ultramem", layers="1", n_keys=8, heads=2, topk=4),
+    "ultramem_v2": dict(
+        preset="ultramem_v2", pool="v2", share="ring:0.5", layers="all", mode="beside", n_keys=8, topk=4
+    ),
+    "memory_whiten_restart": dict(preset="memory", layers="2", query_norm="whiten", key_restart=0.1, **SMALL),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_kind_round_trips(kind, tmp_path):
+    model = tiny("qwen3")
+    add_memory_layers(model, **KINDS[kind])
+    x, mask = batch()
+    opt = build_optimizer(model, lr=1e-2)
+    model.train()(input_ids=x, attention_mask=mask, labels=x).loss.backward()
+    opt.step()
+    for _, layer in memory_layers(model):
+        layer.after_step(opt)
+    model.eval().save_pretrained(tmp_path)
+    again = from_pretrained(tmp_path)
+    assert list(again.state_dict()) == list(model.state_dict())
+    tensors = [t for m in again.modules() for t in vars(m).values() if isinstance(t, torch.Tensor)]
+    assert not any(t.is_meta for t in [*again.parameters(), *again.buffers(), *tensors])
+    assert torch.equal(again(input_ids=x, attention_mask=mask).logits, model(input_ids=x, attention_mask=mask).logits)
+
+
 def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="found no list"):
         add_memory_layers(torch.nn.Linear(3, 3))
