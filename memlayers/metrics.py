@@ -139,6 +139,8 @@ class UsageTracker(nn.Module):
         self._tokens.zero_()
         self._window_accesses.zero_()
 
+    reset_buffers = reset  # (what loading into a model built on the meta device asks: see MemoryPart)
+
     _STATE_BUFFERS = ("counts", "mass", "subkey_counts", "last_seen", "_step", "_tokens", "_window_accesses")
 
     def tracker_state(self) -> dict:

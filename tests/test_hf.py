@@ -312,6 +312,21 @@ def test_a_mixture_of_experts_model_round_trips(tmp_path):
     assert torch.equal(again(input_ids=x).logits, model(input_ids=x).logits)
 
 
+def test_a_head_transformers_renames_when_loading_round_trips(tmp_path):
+    """GPT-NeoX: its output head is `embed_out` on disk, `lm_head` in the model (a conversion keyed on the class)."""
+    torch.manual_seed(0)
+    config = transformers.GPTNeoXConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
+    model = transformers.GPTNeoXForCausalLM(config)
+    add_memory_layers(model, layers="1", preset="pkm", **SMALL)
+    model.eval().save_pretrained(tmp_path)
+    again = from_pretrained(tmp_path, use_cache=False)  # a config field passed on, as transformers takes it
+    assert type(again) is transformers.GPTNeoXForCausalLM and again.config.use_cache is False
+    x = batch()[0]
+    assert torch.equal(again(input_ids=x).logits, model(input_ids=x).logits)
+    assert next(from_pretrained(tmp_path, torch_dtype=torch.bfloat16).parameters()).dtype == torch.bfloat16
+
+
 def test_buffers_kept_out_of_the_checkpoint_are_rebuilt(tmp_path):
     model = tiny("llama")
     add_memory_layers(model, layers="1", preset="engram", mode="beside", hash_heads=2, d_ngram=16, table_size=64)
@@ -374,6 +389,18 @@ def test_bad_input(tmp_path):
         from_pretrained(tmp_path / "plain")
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         from_pretrained(tmp_path / "nothing")
+
+    class Saved(transformers.LlamaForCausalLM):  # a class of the user's: loaded as the causal LM of its config
+        pass
+
+    mine = Saved(tiny("llama").config)
+    add_memory_layers(mine, layers="1", preset="pkm", **SMALL)
+    mine.save_pretrained(tmp_path / "mine")
+    assert type(from_pretrained(tmp_path / "mine")) is transformers.LlamaForCausalLM
+    for broken in (b"", b"not safetensors at all"):
+        (tmp_path / "mine" / "model.safetensors").write_bytes(broken)
+        with pytest.raises(ValueError, match="a weights file is unreadable"):
+            from_pretrained(tmp_path / "mine")
     entry = json.loads((tmp_path / "plain" / "config.json").read_text())
     entry["memlayers"] = [dict(layers="1", preset="pkm", mode="beside", pool=None, share="all", options=SMALL)]
     (tmp_path / "plain" / "config.json").write_text(json.dumps(entry))  # memories the weights do not hold
@@ -392,3 +419,23 @@ def test_gradient_checkpointing_recomputes_with_the_same_mask():
         model(input_ids=x, attention_mask=mask, labels=x).loss.backward()
         grads.append(model.memlayers_pools["values"].weight.grad)
     assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-8)
+
+
+def test_a_part_keeping_buffers_it_cannot_rebuild_is_refused_at_loading(tmp_path, monkeypatch):
+    from memlayers.memory.readouts.projected import ProjectedReadout
+
+    init = ProjectedReadout.__init__
+
+    def with_a_derived_buffer(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.register_buffer("scale", torch.ones(3), persistent=False)  # kept out of the checkpoint
+
+    monkeypatch.setattr(ProjectedReadout, "__init__", with_a_derived_buffer)
+    model = tiny("llama")
+    add_memory_layers(model, layers="1", preset="pkm", **SMALL)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(
+        ValueError,
+        match=r"layers.1.mlp.memory.readout \(ProjectedReadout\) .* \['scale'\] but has no reset_buffers\(\)",
+    ):
+        from_pretrained(tmp_path)

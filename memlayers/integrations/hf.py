@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..memory.layer import MemoryLayer
+from ..memory.parts import MemoryPart
 from ..model.config import MemorySpec, parse_placement
 from ..model.transformer import Pools, read_pool
 
@@ -279,17 +280,20 @@ def _install_hooks(model: nn.Module, base: nn.Module, rel: str, path: str) -> No
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None, **kwargs) -> nn.Module:
     """The causal LM ``save_pretrained`` wrote to ``path`` after ``add_memory_layers``, loaded by transformers'
-    own ``from_pretrained`` into its model class with the memory layers of the config's ``memlayers`` entry
-    added at construction: built on the meta device, every weight loaded once, converted as transformers converts
-    its class's checkpoints (MoE experts, renamed modules), ``generation_config.json`` read. A weight missing
-    (other than one tied to a loaded one), left over or of another shape is an error.
+    own ``from_pretrained`` into its class (``config.architectures``) with the memory layers of the config's
+    ``memlayers`` entry added at construction: built on the meta device, every weight mapped from the files
+    once, converted as transformers converts that class's checkpoints (MoE experts, renamed heads),
+    ``generation_config.json`` read, then the memories' buffers kept out of the checkpoint rebuilt (each module
+    holding some answers ``reset_buffers()``). A weight missing (other than one tied to a loaded one), left over
+    or of another shape is an error.
     dtype: a torch dtype or its name ("bfloat16"); None = the checkpoint's (transformers' ``dtype="auto"``).
-    kwargs: more of transformers' ``from_pretrained`` arguments (tested: none but ``dtype``, on CPU).
+    kwargs: more of transformers' ``from_pretrained`` arguments, config fields too (``use_cache=False``); tested
+    on CPU only.
     """
     from .._extras import require
 
     transformers = require("transformers", "hf")
-    require("safetensors", "hf")
+    safetensors = require("safetensors", "hf")
 
     path = os.fspath(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -297,43 +301,78 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
             f"{path!r} holds no config.json and model.safetensors; give the directory model.save_pretrained wrote"
         )
     config = transformers.AutoConfig.from_pretrained(path)
-    entries = getattr(config, CONFIG_KEY, None)
-    if not entries:
+    if not getattr(config, CONFIG_KEY, None):
         raise ValueError(
             f"{path}/config.json has no {CONFIG_KEY!r} entry: the model has no memory layers; load it with "
             "transformers' AutoModelForCausalLM.from_pretrained"
         )
+    dtype = dtype or kwargs.pop("torch_dtype", None) or "auto"  # (torch_dtype: transformers' older name)
     if isinstance(dtype, str) and dtype != "auto":
         if not isinstance(getattr(torch, dtype, None), torch.dtype) or not getattr(torch, dtype).is_floating_point:
             raise ValueError(f"from_pretrained: dtype {dtype!r} is not a torch floating dtype; use e.g. 'bfloat16'")
         dtype = getattr(torch, dtype)
-    base = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    base = _saved_class(transformers, config, path)
 
-    class WithMemories(base):  # the class transformers loads into: its model with the memories added
+    class WithMemories(base):  # what transformers loads into: its class, the memories added at construction
         def __init__(self, config, *args, **kw):
             super().__init__(config, *args, **kw)
+            entries = getattr(config, CONFIG_KEY)
             setattr(config, CONFIG_KEY, [])  # add_memory_layers records them again
             for entry in entries:
                 entry = dict(entry)
                 add_memory_layers(self, **entry.pop("options"), **entry)
 
-    WithMemories.__name__, WithMemories.__qualname__ = base.__name__, base.__qualname__
+    for attribute in ("__module__", "__name__", "__qualname__"):  # (transformers applies the conversions it
+        setattr(WithMemories, attribute, getattr(base, attribute))  # keys on a class to its own classes only)
+    kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, with the keys, rather than raised
     try:
-        model, info = WithMemories.from_pretrained(
-            path, config=config, dtype=dtype or "auto", output_loading_info=True, **kwargs
-        )
-    except OSError as e:  # no weights file, or an unreadable one
+        model, info = WithMemories.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
+    except OSError as e:  # no weights file
         raise FileNotFoundError(f"{path}: {e}") from None
+    except safetensors.SafetensorError as e:
+        raise ValueError(f"{path}: a weights file is unreadable ({e}); save the model again") from None
     model.__class__ = base  # the subclass added nothing but the construction
-    for _, layer in memory_layers(model):
-        layer.reset_buffers()  # the buffers kept out of the checkpoint, which transformers leaves empty
+    _rebuild_buffers(model)
     bad = {k: info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
     if bad:
         raise ValueError(
             f"{path}: the weights do not match the model its config describes ({bad}); was it saved from a model "
-            "changed after add_memory_layers?"
+            "changed after add_memory_layers, or by another version of transformers?"
         )
     return model.eval()
+
+
+def _saved_class(transformers, config, path: str) -> type:
+    """The transformers class the model was saved from (``config.architectures``), else the causal-LM class of
+    its config."""
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) and isinstance(config, cls.config_class):
+        return cls
+    cls = transformers.MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if cls is None:
+        raise ValueError(
+            f"{path}: transformers has no causal LM class for {type(config).__name__} (architectures {names}); "
+            "load it with that model's own code, then add_memory_layers and load_state_dict"
+        )
+    return cls
+
+
+def _rebuild_buffers(model: nn.Module) -> None:
+    """After transformers' loading, which leaves buffers kept out of ``state_dict`` uninitialised: every module
+    of the memories holding some rebuilds them with ``reset_buffers()``; one that cannot is an error."""
+    ours = {id(m) for top in memory_modules(model) for m in top.modules()}
+    for name, module in model.named_modules():
+        if id(module) not in ours or not module._non_persistent_buffers_set:
+            continue
+        reset = getattr(type(module), "reset_buffers", None)
+        if reset is None or reset is MemoryPart.reset_buffers:
+            raise ValueError(
+                f"from_pretrained: {name} ({type(module).__name__}) keeps buffers out of its state_dict "
+                f"{sorted(module._non_persistent_buffers_set)} but has no reset_buffers() to rebuild them after "
+                "loading; define it (see memlayers.memory.parts.MemoryPart)"
+            )
+        module.reset_buffers()
 
 
 def after_step_callback():

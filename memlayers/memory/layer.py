@@ -97,14 +97,6 @@ class MemoryLayer(nn.Module):
         losses = [loss for loss in losses if loss is not None]
         return sum(losses[1:], losses[0]) if losses else None
 
-    def reset_buffers(self) -> None:
-        """The parts' buffers kept out of ``state_dict`` as the constructor makes them, the usage statistics
-        cleared: after loading into a layer built on the meta device (transformers' ``from_pretrained``)."""
-        for part in self.parts():
-            part.reset_buffers()
-        if self.usage is not None:
-            self.usage.reset()
-
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Call after every optimizer step (the trainer does; a loop of your own must, or restarts never happen):
         the parts maintain themselves (dead sub-key restarts). A shared pool's store is left to its owner."""

@@ -32,9 +32,9 @@ class MemoryPart(nn.Module):
     after_step(optimizer): called after every optimizer step (e.g. to restart dead sub-keys and reset their
         optimizer state); default nothing.
     one_process_only: why the part cannot train on several processes (``parallelize`` refuses it), or None.
-    reset_buffers(): set the buffers kept out of ``state_dict`` to what the constructor makes (after the module
-        was built on the meta device and its saved tensors loaded: transformers' ``from_pretrained``); default
-        nothing.
+    reset_buffers(): set the buffers kept out of ``state_dict`` (``persistent=False``) to what the constructor
+        makes, after the module was built on the meta device and its saved tensors loaded (transformers'
+        ``from_pretrained``); a part keeping such buffers must define it. Default nothing.
     bind_tokenizer(decode): see below.
     """
 
