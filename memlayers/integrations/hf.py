@@ -332,13 +332,13 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     except safetensors.SafetensorError as e:
         raise ValueError(f"{path}: a weights file is unreadable ({e}); save the model again") from None
     model.__class__ = base  # the subclass added nothing but the construction
-    _rebuild_buffers(model)
     bad = {k: info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
     if bad:
         raise ValueError(
             f"{path}: the weights do not match the model its config describes ({bad}); was it saved from a model "
             "changed after add_memory_layers, or by another version of transformers?"
         )
+    _rebuild_buffers(model)
     return model.eval()
 
 
