@@ -259,6 +259,11 @@ def test_lora_adapters_train_beside_the_memories_then_merge_and_round_trip(tmp_p
     merged = lora.merge_and_unload().eval()  # the adapters folded in: a plain transformers model with memories
     merged.save_pretrained(tmp_path)
     assert torch.allclose(from_pretrained(tmp_path)(input_ids=x).logits, merged(input_ids=x).logits, atol=1e-6)
+    copies = peft.get_peft_model(
+        with_memories("llama"), peft.LoraConfig(target_modules=["q_proj"], modules_to_save=["memory"])
+    )
+    with pytest.raises(ValueError, match="modules_to_save.*unfreeze the memories"):
+        copies(input_ids=x)
 
 
 def test_memories_are_built_in_the_model_dtype(monkeypatch):

@@ -54,6 +54,12 @@ class MemoryMLP(nn.Module):
         self.mask = self.token_ids = self.state = self.seen = None
 
     def forward(self, h: torch.Tensor, *args, **kwargs):
+        if not isinstance(self.memory, MemoryLayer):
+            raise ValueError(
+                f"memory layer: it was wrapped in a {type(self.memory).__name__} (peft's modules_to_save?), which "
+                "trains a copy, and a copy reads its own copy of a shared pool; instead unfreeze the memories: "
+                "for m in memlayers.integrations.hf.memory_modules(model): m.requires_grad_(True)"
+            )
         batch, seq = h.shape[0], h.shape[-2]
         for name, t in (("attention_mask", self.mask), ("input_ids", self.token_ids)):
             if t is not None and (t.shape[0] != batch or t.shape[1] < seq):
